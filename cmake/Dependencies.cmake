@@ -1,0 +1,41 @@
+# Everything segany links against comes from the system (Debian/Ubuntu packages) or,
+# for cuSPARSELt, from PyPI's nvidia-cusparselt wheel. scripts/setup.sh installs them.
+find_package(OpenMP REQUIRED)
+find_package(PNG REQUIRED)
+find_package(JPEG REQUIRED)
+find_package(nlohmann_json 3 REQUIRED)
+find_package(CLI11 CONFIG QUIET)
+if(NOT CLI11_FOUND)
+  find_path(CLI11_INCLUDE_DIR CLI/CLI.hpp REQUIRED)
+  add_library(CLI11::CLI11 INTERFACE IMPORTED)
+  target_include_directories(CLI11::CLI11 INTERFACE ${CLI11_INCLUDE_DIR})
+endif()
+
+# OpenBLAS: its cblas.h lives in a variant-specific folder on Debian/Ubuntu.
+set(BLA_VENDOR OpenBLAS)
+find_package(BLAS REQUIRED)
+find_path(CBLAS_INCLUDE_DIR cblas.h
+  PATHS /usr/include/x86_64-linux-gnu/openblas-pthread /usr/include/x86_64-linux-gnu/openblas-openmp
+        /usr/include/openblas /usr/include/aarch64-linux-gnu/openblas-pthread
+  REQUIRED)
+
+# CUDA is optional: "AUTO" builds it when a toolkit is found.
+if(SEGANY_CUDA STREQUAL "AUTO")
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    set(SEGANY_CUDA ON)
+  else()
+    set(SEGANY_CUDA OFF)
+  endif()
+endif()
+if(SEGANY_CUDA)
+  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+    # sm_90a for Hopper's wgmma; sm_80 must keep compiling.
+    set(CMAKE_CUDA_ARCHITECTURES 80 90a)
+  endif()
+  enable_language(CUDA)
+  set(CMAKE_CUDA_STANDARD 20)
+  find_package(CUDAToolkit REQUIRED)
+endif()
+message(STATUS "segany: CUDA backend ${SEGANY_CUDA}")

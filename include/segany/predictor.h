@@ -1,0 +1,72 @@
+// Predictor: one image, many prompts. set_image() runs the image encoder once; predict() turns a
+// prompt (points, a box, a low-res mask) into masks at the image's size, in about a millisecond
+// on a GPU. Coordinates are pixels of the original image.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "segany/image.h"
+#include "segany/tensor.h"
+
+namespace segany {
+
+struct Point {
+  float x = 0, y = 0;
+  int label = 1;  // 1 foreground, 0 background
+};
+
+struct Box {
+  float x0 = 0, y0 = 0, x1 = 0, y1 = 0;
+};
+
+struct Prompt {
+  std::vector<Point> points;
+  std::optional<Box> box;
+  Tensor mask_input;  // optional float32 [1, 256, 256] low-res logits, e.g. a previous prediction
+  bool multimask = false;  // three masks for an ambiguous prompt instead of one
+};
+
+struct Masks {
+  Tensor masks;           // uint8 [M, H, W], 1 inside the mask
+  Tensor scores;          // float32 [M], predicted IoU
+  Tensor low_res_logits;  // float32 [M, 256, 256]
+  int count() const { return masks.defined() ? static_cast<int>(masks.dim(0)) : 0; }
+};
+
+struct PredictorOptions {
+  std::string device = "cpu";  // "cpu" or "cuda"
+  std::string config;          // config.json for checkpoints whose shapes don't say it all
+  int threads = 0;             // CPU threads; 0: all
+};
+
+class Predictor {
+ public:
+  explicit Predictor(const std::string& checkpoint, const PredictorOptions& options = {});
+  ~Predictor();
+  Predictor(Predictor&&) noexcept;
+  Predictor& operator=(Predictor&&) noexcept;
+
+  void set_image(const Image& image);
+  bool has_image() const;
+
+  Masks predict(const Prompt& prompt);
+  Masks predict(const std::vector<Point>& points, const std::optional<Box>& box = std::nullopt,
+                const Tensor& mask_input = Tensor(), bool multimask = false);
+  // Several prompt sets against the current image, decoded together where their shapes allow.
+  std::vector<Masks> predict_batch(const std::vector<Prompt>& prompts);
+
+  // float32 [1, C, 64, 64], as the original's get_image_embedding().
+  Tensor image_embedding() const;
+  std::string describe() const;  // the architecture
+  std::string arch() const;      // vit_b, vit_l, vit_h or custom
+  int64_t parameter_count() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace segany

@@ -1,0 +1,116 @@
+// The ops the SAM graph (model/) is written in. A backend implements them at the granularity
+// that fusion needs; the CPU backend is the fp32 reference and the CUDA backend its fast twin.
+//
+// Activations are Tensors on the backend's device, allocated by alloc() and reused across calls
+// (the model keeps one workspace per batch size). Layouts are channels-last throughout: an image
+// grid is [B, H, W, C], a token sequence [B, T, C]. Weights are prepared once at load into what
+// the backend runs fastest (transposed, bf16, fp8 with scales, 2:4 compressed); the model only
+// holds the opaque handles.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "segany/tensor.h"
+
+namespace segany {
+
+enum class Activation { None, ReLU, GELU };  // GELU is the exact (erf) one, as torch.nn.GELU
+
+// A linear layer y = x W^T + b prepared for one backend. The model never looks inside.
+class LinearWeights {
+ public:
+  virtual ~LinearWeights() = default;
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  bool has_bias = false;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  // ---- memory --------------------------------------------------------------------------------
+  // The dtype activations are kept in (float32 on the CPU, bf16 on the GPU).
+  virtual DType activation_dtype() const = 0;
+  // An activation buffer on the device, owned by the returned tensor. Not for the hot path:
+  // the model allocates its workspace once per batch size.
+  virtual Tensor alloc(const Shape& shape, DType dtype) = 0;
+  Tensor alloc(const Shape& shape) { return alloc(shape, activation_dtype()); }
+  // A parameter (norm weights, position tables, embeddings) copied to the device as float32.
+  virtual Tensor upload(const Tensor& host) = 0;
+  // Device -> host float32 copy (waits for the device).
+  virtual Tensor download(const Tensor& device_tensor) = 0;
+  // Host float32 -> existing device tensor of the same element count.
+  virtual void copy_from_host(const Tensor& host, Tensor& device_tensor) = 0;
+
+  // ---- weights -------------------------------------------------------------------------------
+  // `name` is the checkpoint name (e.g. "image_encoder.blocks.3.mlp.lin1") so that a backend may
+  // choose a format per layer (fp8, 2:4 sparse) without the model knowing.
+  // weight: host [out, in]; bias: host [out] or null.
+  virtual std::unique_ptr<LinearWeights> prepare_linear(const std::string& name, const Tensor& weight,
+                                                        const Tensor* bias) = 0;
+
+  // ---- ops -----------------------------------------------------------------------------------
+  // y[N, out] = act(x[N, in] W^T + b) (+ residual[N, out]). `residual` may be `y` itself.
+  // x and y may have any leading shape; the last dim is the feature dim.
+  virtual void linear(const Tensor& x, const LinearWeights& w, Tensor& y, Activation act = Activation::None,
+                      const Tensor* residual = nullptr) = 0;
+
+  // y = LayerNorm(x) over the last dim, statistics in fp32. y may alias x.
+  virtual void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y) = 0;
+
+  // LayerNorm then window partition: x [B, H, W, C] -> y [B * nWh * nWw, window*window, C], where the
+  // grid is zero-padded (after the norm, as SAM pads) to a multiple of `window` bottom and right.
+  virtual void layer_norm_window_partition(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps,
+                                           int window, Tensor& y) = 0;
+
+  // x [B, H, W, C] += unpartition(y [B * nWh * nWw, window*window, C]) with the padding cropped.
+  virtual void window_unpartition_add(const Tensor& y, int window, Tensor& x) = 0;
+
+  // Multi-head self-attention with SAM's decomposed relative position bias, over a grid of
+  // grid_h x grid_w tokens per sequence:
+  //   qkv [B, T=grid_h*grid_w, 3, heads, head_dim] (the qkv linear's output, viewed)
+  //   rel_pos_h [2*grid_h-1, head_dim], rel_pos_w [2*grid_w-1, head_dim]
+  //   out [B, T, heads*head_dim], heads concatenated as SAM does.
+  //   logits(q, k) = scale * q.k + q.Rh[qh - kh + grid_h - 1] + q.Rw[qw - kw + grid_w - 1]
+  virtual void attention_relpos(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads,
+                                int grid_h, int grid_w, Tensor& out) = 0;
+
+  // Plain multi-head attention on already projected q [B, Tq, D], k [B, Tk, D], v [B, Tk, D]
+  // (D = heads * head_dim): out [B, Tq, D] = softmax(q k^T / sqrt(head_dim)) v per head.
+  // Any of q, k, v may have batch 1 and is then shared by the whole batch (one image embedding
+  // read by every prompt); out has the largest batch.
+  virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Tensor& out) = 0;
+
+  // y = a + b elementwise, b repeated to a's size: b's shape is a trailing part of a's (a bias
+  // [C] on [B, T, C], an image [1, T, C] on every prompt [B, T, C]). y may alias a.
+  virtual void add(const Tensor& a, const Tensor& b, Tensor& y) = 0;
+  // dst[:, dst_begin + i, :] = src[:, src_begin + i, :] for i < count; src [B, Ts, C], dst [B, Td, C].
+  virtual void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, int count) = 0;
+  // x = act(x) in place.
+  virtual void activation(Tensor& x, Activation act) = 0;
+
+  // Space-to-depth: x [B, H, W, C] -> y [B, H/p, W/p, p*p*C], feature order (ky, kx, c).
+  // A stride-p pxp convolution is patchify + linear.
+  virtual void patchify(const Tensor& x, int p, Tensor& y) = 0;
+  // Depth-to-space, the inverse: x [B, H, W, p*p*C] -> y [B, H*p, W*p, C]. A stride-p pxp
+  // transposed convolution is linear + unpatchify.
+  virtual void unpatchify(const Tensor& x, int p, Tensor& y) = 0;
+  // im2col of a 3x3, padding 1 convolution: x [B, H, W, C] -> y [B, H, W, 9*C], order (ky, kx, c).
+  virtual void im2col3x3(const Tensor& x, Tensor& y) = 0;
+
+  // Batched y[b] = a[b] b[b]^T: a [B, M, K], b [B, N, K] -> y [B, M, N].
+  virtual void matmul_nt(const Tensor& a, const Tensor& b, Tensor& y) = 0;
+
+  // Waits for all queued work (no-op on the CPU).
+  virtual void synchronize() = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend(int threads = 0);  // 0: OpenMP's default
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);   // throws where CUDA is unavailable
+bool cuda_available();
+
+}  // namespace segany

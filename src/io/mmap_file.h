@@ -1,0 +1,39 @@
+// A whole file mapped read-only into memory. Checkpoint tensors are views into it, so the mapping is
+// shared: each view holds a shared_ptr to it (as its owner) and the file stays mapped while any
+// tensor from it is alive.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+namespace segany::io {
+
+class MmapFile {
+ public:
+  // Throws segany::Error naming the path and the system's reason when the file cannot be opened or
+  // mapped. An empty file maps to an empty span.
+  explicit MmapFile(const std::string& path);
+  // The usual way in: shared, so that tensor views can hold the mapping.
+  static std::shared_ptr<const MmapFile> open(const std::string& path) {
+    return std::make_shared<const MmapFile>(path);
+  }
+
+  ~MmapFile();
+  MmapFile(const MmapFile&) = delete;
+  MmapFile& operator=(const MmapFile&) = delete;
+
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  std::span<const uint8_t> bytes() const { return {data_, size_}; }
+  const std::string& path() const { return path_; }
+
+ private:
+  const uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+  std::string path_;
+};
+
+}  // namespace segany::io

@@ -1,0 +1,16 @@
+// A full-size SAM with random weights, for benchmarks and tests where real weights are missing.
+// Its masks are meaningless; its numerics are those of a trained model's order of magnitude
+// (unit-scale activations, no overflow in bf16), so it exercises every path honestly.
+#pragma once
+
+#include <cstdint>
+
+#include "io/tensor_map.h"
+#include "model/config.h"
+
+namespace segany {
+
+// Deterministic for a given (config, seed) on every platform.
+io::TensorMap random_sam_weights(const SamConfig& cfg, uint64_t seed = 0);
+
+}  // namespace segany
