@@ -11,13 +11,26 @@ if(NOT CLI11_FOUND)
   target_include_directories(CLI11::CLI11 INTERFACE ${CLI11_INCLUDE_DIR})
 endif()
 
-# OpenBLAS: its cblas.h lives in a variant-specific folder on Debian/Ubuntu.
-set(BLA_VENDOR OpenBLAS)
-find_package(BLAS REQUIRED)
+# OpenBLAS. Prefer its OpenMP build (Debian/Ubuntu: libopenblas-openmp-dev): it shares one thread
+# pool with our own OpenMP loops, where the pthreads build's spinning threads fight them for cores.
+# Both builds have the same soname, so the OpenMP one is reached through the RUNPATH.
+find_library(SEGANY_OPENBLAS_OPENMP openblas
+  PATHS /usr/lib/${CMAKE_LIBRARY_ARCHITECTURE}/openblas-openmp NO_DEFAULT_PATH)
+if(SEGANY_OPENBLAS_OPENMP)
+  add_library(BLAS::BLAS UNKNOWN IMPORTED)
+  set_target_properties(BLAS::BLAS PROPERTIES IMPORTED_LOCATION ${SEGANY_OPENBLAS_OPENMP})
+  set(SEGANY_BLAS_FLAVOUR "OpenBLAS (OpenMP) ${SEGANY_OPENBLAS_OPENMP}")
+else()
+  set(BLA_VENDOR OpenBLAS)
+  find_package(BLAS REQUIRED)
+  set(SEGANY_BLAS_FLAVOUR "OpenBLAS ${BLAS_LIBRARIES}")
+endif()
 find_path(CBLAS_INCLUDE_DIR cblas.h
-  PATHS /usr/include/x86_64-linux-gnu/openblas-pthread /usr/include/x86_64-linux-gnu/openblas-openmp
-        /usr/include/openblas /usr/include/aarch64-linux-gnu/openblas-pthread
+  PATHS /usr/include/${CMAKE_LIBRARY_ARCHITECTURE}/openblas-openmp /usr/include/${CMAKE_LIBRARY_ARCHITECTURE}/openblas-pthread
+        /usr/include/openblas
   REQUIRED)
+message(STATUS "segany: BLAS ${SEGANY_BLAS_FLAVOUR}")
+set(CMAKE_INSTALL_RPATH_USE_LINK_PATH ON)
 
 # CUDA is optional: "AUTO" builds it when a toolkit is found.
 if(SEGANY_CUDA STREQUAL "AUTO")

@@ -51,8 +51,9 @@ std::string shape_str(const Shape& s) {
 int64_t shape_numel(const Shape& s) {
   int64_t n = 1;
   for (int64_t d : s) {
-    check(d >= 0, "negative dimension in shape " + shape_str(s));
-    check(d == 0 || n <= INT64_MAX / d, "shape " + shape_str(s) + " overflows");
+    // Called on every numel(): build a message only on failure.
+    if (d < 0) throw Error("negative dimension in shape " + shape_str(s));
+    if (d != 0 && n > INT64_MAX / d) throw Error("shape " + shape_str(s) + " overflows");
     n *= d;
   }
   return n;
@@ -88,6 +89,14 @@ Tensor Tensor::wrap(void* data, Shape shape, DType dtype, std::shared_ptr<const 
 Tensor Tensor::view(Shape shape) const {
   check(shape_numel(shape) == numel(),
         "cannot view a tensor of shape " + shape_str(shape_) + " as " + shape_str(shape));
+  Tensor t = *this;
+  t.shape_ = std::move(shape);
+  return t;
+}
+
+Tensor Tensor::view_prefix(Shape shape) const {
+  check(shape_numel(shape) <= numel(),
+        "cannot view " + shape_str(shape) + " inside a tensor of shape " + shape_str(shape_));
   Tensor t = *this;
   t.shape_ = std::move(shape);
   return t;

@@ -1,1 +1,227 @@
+// The CPU backend's ops against naive loops written straight from their definitions (and from
+// the original's PyTorch code): the reference every faster backend is held to.
 #include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "backend/backend.h"
+#include "model/layers.h"
+
+namespace segany {
+namespace {
+
+Tensor randn(Shape s, uint32_t seed, float std = 1.0f) {
+  Tensor t = Tensor::empty(std::move(s));
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, std);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data_as<float>()[i] = d(g);
+  return t;
+}
+
+float max_diff(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.numel(), b.numel());
+  float m = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const float d = std::fabs(a.data_as<float>()[i] - b.data_as<float>()[i]);
+    if (!(d <= m)) m = d;
+  }
+  return m;
+}
+
+class CpuOps : public ::testing::Test {
+ protected:
+  std::unique_ptr<Backend> be = make_cpu_backend();
+};
+
+TEST_F(CpuOps, LinearEpilogues) {
+  const Tensor x = randn({2, 5, 7}, 1), w = randn({3, 7}, 2), b = randn({3}, 3), r = randn({2, 5, 3}, 4);
+  auto lw = be->prepare_linear("t", w, &b);
+  for (Activation act : {Activation::None, Activation::ReLU, Activation::GELU})
+    for (bool with_res : {false, true}) {
+      Tensor y = Tensor::empty({2, 5, 3}), ref = Tensor::empty({2, 5, 3});
+      be->linear(x, *lw, y, act, with_res ? &r : nullptr);
+      for (int i = 0; i < 10; ++i)
+        for (int o = 0; o < 3; ++o) {
+          double s = b.data_as<float>()[o];
+          for (int k = 0; k < 7; ++k) s += double(x.data_as<float>()[i * 7 + k]) * w.data_as<float>()[o * 7 + k];
+          if (act == Activation::ReLU) s = std::max(0.0, s);
+          if (act == Activation::GELU) s = 0.5 * s * (1 + std::erf(s / std::sqrt(2.0)));
+          ref.data_as<float>()[i * 3 + o] = float(s + (with_res ? r.data_as<float>()[i * 3 + o] : 0));
+        }
+      EXPECT_LE(max_diff(y, ref), 1e-5f) << int(act) << with_res;
+    }
+  // Residual accumulated in place.
+  Tensor y = r.clone();
+  be->linear(x, *lw, y, Activation::None, &y);
+  Tensor ref = Tensor::empty({2, 5, 3});
+  be->linear(x, *lw, ref, Activation::None, &r);
+  EXPECT_LE(max_diff(y, ref), 1e-6f);
+}
+
+TEST_F(CpuOps, LayerNormWindowPartitionAndBack) {
+  const int B = 2, H = 9, W = 11, C = 6, ws = 4;  // pads to 12 x 12: 9 windows
+  const Tensor x = randn({B, H, W, C}, 5), g = randn({C}, 6), bt = randn({C}, 7);
+  Tensor normed = Tensor::empty({B, H, W, C});
+  be->layer_norm(x, g, bt, 1e-6f, normed);
+  // Naive LayerNorm of one row.
+  for (int i = 0; i < B * H * W; ++i) {
+    double mean = 0, var = 0;
+    for (int c = 0; c < C; ++c) mean += x.data_as<float>()[i * C + c];
+    mean /= C;
+    for (int c = 0; c < C; ++c) var += std::pow(x.data_as<float>()[i * C + c] - mean, 2);
+    var /= C;
+    for (int c = 0; c < C; ++c) {
+      const double want = (x.data_as<float>()[i * C + c] - mean) / std::sqrt(var + 1e-6) * g.data_as<float>()[c] +
+                          bt.data_as<float>()[c];
+      ASSERT_NEAR(normed.data_as<float>()[i * C + c], want, 1e-5);
+    }
+  }
+  const int nh = 3, nw = 3;
+  Tensor win = Tensor::empty({B * nh * nw, ws * ws, C});
+  be->layer_norm_window_partition(x, g, bt, 1e-6f, ws, win);
+  for (int b = 0; b < B; ++b)
+    for (int r = 0; r < nh * ws; ++r)
+      for (int c = 0; c < nw * ws; ++c)
+        for (int k = 0; k < C; ++k) {
+          const float got = win.data_as<float>()[(((b * nh + r / ws) * nw + c / ws) * ws * ws + (r % ws) * ws + c % ws) * C + k];
+          const float want = (r < H && c < W) ? normed.data_as<float>()[((b * H + r) * W + c) * C + k] : 0.0f;
+          ASSERT_EQ(got, want) << b << " " << r << " " << c;
+        }
+  // Unpartition-add of the windows onto zeros gives back the normalised grid.
+  Tensor back = Tensor::zeros({B, H, W, C});
+  be->window_unpartition_add(win, ws, back);
+  EXPECT_EQ(max_diff(back, normed), 0.0f);
+}
+
+// logits = scale q.k + q.Rh[qh - kh + gh - 1] + q.Rw[qw - kw + gw - 1], as add_decomposed_rel_pos.
+TEST_F(CpuOps, AttentionRelPosMatchesDefinition) {
+  const int B = 2, heads = 3, D = 8, gh = 4, gw = 5, T = gh * gw;
+  const Tensor qkv = randn({B, T, 3 * heads * D}, 8), rh = randn({2 * gh - 1, D}, 9, 0.5f),
+               rw = randn({2 * gw - 1, D}, 10, 0.5f);
+  Tensor out = Tensor::empty({B, T, heads * D});
+  be->attention_relpos(qkv, rh, rw, heads, gh, gw, out);
+  const float* p = qkv.data_as<float>();
+  auto at = [&](int b, int t, int which, int h, int d) { return p[((b * T + t) * 3 + which) * heads * D + h * D + d]; };
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < T; ++i) {
+        std::vector<double> logit(T);
+        double mx = -1e30;
+        for (int j = 0; j < T; ++j) {
+          double s = 0, bh = 0, bw = 0;
+          for (int d = 0; d < D; ++d) {
+            s += double(at(b, i, 0, h, d)) * at(b, j, 1, h, d);
+            bh += double(at(b, i, 0, h, d)) * rh.data_as<float>()[(i / gw - j / gw + gh - 1) * D + d];
+            bw += double(at(b, i, 0, h, d)) * rw.data_as<float>()[(i % gw - j % gw + gw - 1) * D + d];
+          }
+          logit[j] = s / std::sqrt(double(D)) + bh + bw;
+          mx = std::max(mx, logit[j]);
+        }
+        double sum = 0;
+        for (double& l : logit) sum += (l = std::exp(l - mx));
+        for (int d = 0; d < D; ++d) {
+          double o = 0;
+          for (int j = 0; j < T; ++j) o += logit[j] / sum * at(b, j, 2, h, d);
+          ASSERT_NEAR(out.data_as<float>()[(b * T + i) * heads * D + h * D + d], o, 2e-5);
+        }
+      }
+}
+
+TEST_F(CpuOps, AttentionBroadcastsBatchOne) {
+  const Tensor q = randn({3, 4, 16}, 11), k = randn({1, 9, 16}, 12), v = randn({1, 9, 16}, 13);
+  Tensor out = Tensor::empty({3, 4, 16});
+  be->attention(q, k, v, 2, out);
+  for (int b = 0; b < 3; ++b) {
+    Tensor one = Tensor::empty({1, 4, 16});
+    be->attention(q.slice0(b, b + 1), k, v, 2, one);
+    EXPECT_EQ(max_diff(one, out.slice0(b, b + 1)), 0.0f);
+  }
+  // k and v per batch, q shared.
+  const Tensor kb = randn({3, 9, 16}, 14), vb = randn({3, 9, 16}, 15);
+  Tensor out2 = Tensor::empty({3, 4, 16});
+  be->attention(q.slice0(0, 1), kb, vb, 2, out2);
+  Tensor one = Tensor::empty({1, 4, 16});
+  be->attention(q.slice0(0, 1), kb.slice0(2, 3), vb.slice0(2, 3), 2, one);
+  EXPECT_EQ(max_diff(one, out2.slice0(2, 3)), 0.0f);
+}
+
+// patchify + linear == a stride-p convolution; linear + unpatchify == a stride-p transposed one.
+TEST_F(CpuOps, ConvolutionsAsLinearLayers) {
+  const int B = 2, H = 6, W = 4, Ci = 3, Co = 5, p = 2;
+  const Tensor x = randn({B, H, W, Ci}, 16), w = randn({Co, Ci, p, p}, 17), b = randn({Co}, 18);
+  Tensor patches = Tensor::empty({B, H / p, W / p, p * p * Ci}), y = Tensor::empty({B, H / p, W / p, Co});
+  be->patchify(x, p, patches);
+  auto lin = be->prepare_linear("conv", conv_weight_as_linear(w), &b);
+  be->linear(patches, *lin, y);
+  for (int n = 0; n < B; ++n)
+    for (int i = 0; i < H / p; ++i)
+      for (int j = 0; j < W / p; ++j)
+        for (int o = 0; o < Co; ++o) {
+          double s = b.data_as<float>()[o];
+          for (int c = 0; c < Ci; ++c)
+            for (int ky = 0; ky < p; ++ky)
+              for (int kx = 0; kx < p; ++kx)
+                s += double(w.data_as<float>()[((o * Ci + c) * p + ky) * p + kx]) *
+                     x.data_as<float>()[((n * H + i * p + ky) * W + j * p + kx) * Ci + c];
+          ASSERT_NEAR(y.data_as<float>()[((n * H / p + i) * W / p + j) * Co + o], s, 1e-5);
+        }
+  // Transposed: [B, 3, 2, Ci] -> [B, 6, 4, Co]
+  const Tensor xt = randn({B, H / p, W / p, Ci}, 19), wt = randn({Ci, Co, p, p}, 20);
+  Tensor lw, lb;
+  conv_transpose_as_linear(wt, b, lw, lb);
+  auto tl = be->prepare_linear("convT", lw, &lb);
+  Tensor mid = Tensor::empty({B, H / p, W / p, p * p * Co}), yt = Tensor::empty({B, H, W, Co});
+  be->linear(xt, *tl, mid);
+  be->unpatchify(mid, p, yt);
+  for (int n = 0; n < B; ++n)
+    for (int r = 0; r < H; ++r)
+      for (int c = 0; c < W; ++c)
+        for (int o = 0; o < Co; ++o) {
+          double s = b.data_as<float>()[o];
+          for (int k = 0; k < Ci; ++k)
+            s += double(xt.data_as<float>()[((n * H / p + r / p) * W / p + c / p) * Ci + k]) *
+                 wt.data_as<float>()[((k * Co + o) * p + r % p) * p + c % p];
+          ASSERT_NEAR(yt.data_as<float>()[((n * H + r) * W + c) * Co + o], s, 1e-5);
+        }
+}
+
+TEST_F(CpuOps, Conv3x3ViaIm2col) {
+  const int B = 1, H = 5, W = 4, Ci = 3, Co = 2;
+  const Tensor x = randn({B, H, W, Ci}, 21), w = randn({Co, Ci, 3, 3}, 22);
+  Tensor cols = Tensor::empty({B, H, W, 9 * Ci}), y = Tensor::empty({B, H, W, Co});
+  be->im2col3x3(x, cols);
+  auto lin = be->prepare_linear("conv3", conv_weight_as_linear(w), nullptr);
+  be->linear(cols, *lin, y);
+  for (int r = 0; r < H; ++r)
+    for (int c = 0; c < W; ++c)
+      for (int o = 0; o < Co; ++o) {
+        double s = 0;
+        for (int k = 0; k < Ci; ++k)
+          for (int ky = 0; ky < 3; ++ky)
+            for (int kx = 0; kx < 3; ++kx) {
+              const int rr = r + ky - 1, cc = c + kx - 1;
+              if (rr < 0 || rr >= H || cc < 0 || cc >= W) continue;
+              s += double(w.data_as<float>()[((o * Ci + k) * 3 + ky) * 3 + kx]) * x.data_as<float>()[(rr * W + cc) * Ci + k];
+            }
+        ASSERT_NEAR(y.data_as<float>()[(r * W + c) * Co + o], s, 1e-5);
+      }
+}
+
+TEST_F(CpuOps, AddBroadcastAndCopyTokens) {
+  const Tensor a = randn({3, 4, 5}, 23), b = randn({1, 4, 5}, 24), c = randn({5}, 25);
+  Tensor y = Tensor::empty({3, 4, 5});
+  be->add(a, b, y);
+  EXPECT_EQ(y.data_as<float>()[2 * 20 + 7], a.data_as<float>()[2 * 20 + 7] + b.data_as<float>()[7]);
+  be->add(a, c, y);
+  EXPECT_EQ(y.data_as<float>()[2 * 20 + 7], a.data_as<float>()[2 * 20 + 7] + c.data_as<float>()[2]);
+  EXPECT_THROW(be->add(a, randn({3}, 1), y), Error);
+  Tensor dst = Tensor::zeros({3, 6, 5});
+  be->copy_tokens(a, 1, dst, 4, 2);
+  EXPECT_EQ(dst.data_as<float>()[(2 * 6 + 5) * 5 + 3], a.data_as<float>()[(2 * 4 + 2) * 5 + 3]);
+  EXPECT_EQ(dst.data_as<float>()[(2 * 6 + 3) * 5 + 3], 0.0f);
+  EXPECT_THROW(be->copy_tokens(a, 3, dst, 0, 2), Error);
+}
+
+}  // namespace
+}  // namespace segany

@@ -18,8 +18,9 @@ struct Image {
 // Largest image accepted, in pixels (width * height); larger ones are refused before decoding.
 constexpr int64_t kMaxImagePixels = 16384LL * 16384LL;
 
-// Decodes a JPEG (EXIF orientation honoured, as PIL's exif_transpose) or PNG (8/16-bit, gray,
-// palette, alpha dropped) into RGB. Throws segany::Error naming the file and the problem.
+// Decodes a JPEG (gray, YCbCr, RGB, CMYK/YCCK) or PNG (8/16-bit, gray, palette, alpha dropped)
+// into RGB with PIL's pixel values, EXIF orientation applied as PIL's exif_transpose. Throws
+// segany::Error naming the file and the problem (unreadable, truncated, corrupt, too large).
 Image load_image(const std::string& path);
 Image decode_image(const uint8_t* data, size_t size, const std::string& name = "<memory>");
 

@@ -49,6 +49,9 @@ class Tensor {
 
   // Same memory, another shape of the same element count.
   Tensor view(Shape shape) const;
+  // The first shape_numel(shape) elements, viewed as `shape` (for buffers reused by several
+  // intermediates whose lifetimes do not overlap).
+  Tensor view_prefix(Shape shape) const;
   // Rows [begin, end) of the first dimension, sharing memory.
   Tensor slice0(int64_t begin, int64_t end) const;
   // Host copy converted to float32 (from F32/F16/BF16/F64/integers). CPU tensors only.

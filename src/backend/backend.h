@@ -8,6 +8,8 @@
 // holds the opaque handles.
 #pragma once
 
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -107,6 +109,16 @@ class Backend {
 
   // Waits for all queued work (no-op on the CPU).
   virtual void synchronize() = 0;
+
+  // Runs `body`, a fixed sequence of ops on buffers that stay put between calls. A backend may
+  // record it once per key and replay the recording afterwards (CUDA graphs); the CPU calls it.
+  virtual void run_graph(const std::string& key, const std::function<void()>& body) { body(); }
+
+  // Device time per op class ("gemm", "attention", "norm", "other") in ms, summed over the ops
+  // run since profiling was switched on. Profiling times each op, so it is for benchmarks only,
+  // and it disables graph replay while on. Backends that cannot measure return nothing.
+  virtual void set_profiling(bool on) {}
+  virtual std::map<std::string, double> profile() { return {}; }
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int threads = 0);  // 0: OpenMP's default

@@ -46,6 +46,10 @@ MmapFile::MmapFile(const std::string& path) : path_(path) {
   data_ = static_cast<const uint8_t*>(p);
 }
 
+void MmapFile::advise(Access access) const {
+  if (data_) ::madvise(const_cast<uint8_t*>(data_), size_, access == Access::Random ? MADV_RANDOM : MADV_NORMAL);
+}
+
 MmapFile::~MmapFile() {
   if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
 }

@@ -30,6 +30,12 @@ class MmapFile {
   std::span<const uint8_t> bytes() const { return {data_, size_}; }
   const std::string& path() const { return path_; }
 
+  // A hint for the kernel (madvise), which may ignore it. Random while only scattered headers are
+  // read: read-ahead is often several MB per fault, and 600 zip headers spread over a 2.5 GB
+  // checkpoint would otherwise pull in the whole file before the first tensor is used.
+  enum class Access { Normal, Random };
+  void advise(Access access) const;
+
  private:
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;

@@ -152,11 +152,9 @@ class Unpickler {
           break;
         }
         case 0x85: case 0x86: case 0x87: {  // TUPLE1..3
-          const size_t n = op - 0x84u;
-          if (stack_.size() < n + floor()) fail("TUPLE" + std::to_string(n) + " on a stack of fewer items");
           PickleValue* t = make(Kind::Tuple);
-          t->items.assign(stack_.end() - n, stack_.end());
-          stack_.resize(stack_.size() - n);
+          t->items.resize(op - 0x84u);
+          for (size_t i = t->items.size(); i-- > 0;) t->items[i] = pop();
           push(t);
           break;
         }

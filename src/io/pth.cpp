@@ -33,8 +33,11 @@ const PickleValue& state_dict_of(const PickleValue& root) {
 
 // torch tensors in a state_dict are contiguous; a strided view would need a copy and hints that the
 // file is not a plain state_dict. Dimensions of size 1 may carry any stride.
+// Called once the size is known to fit in the storage, so the running product cannot overflow.
 bool row_major(const Shape& size, const Shape& stride) {
   int64_t expected = 1;
+  for (int64_t d : size)
+    if (d == 0) return true;  // no elements: any stride describes them
   for (size_t i = size.size(); i-- > 0;) {
     if (size[i] != 1 && stride[i] != expected) return false;
     expected *= size[i];
@@ -47,6 +50,7 @@ bool row_major(const Shape& size, const Shape& stride) {
 TensorMap load_pth(const std::string& path) {
   const std::string source = "checkpoint " + path;
   std::shared_ptr<const MmapFile> file = MmapFile::open(path);
+  file->advise(MmapFile::Access::Random);  // until the tensors are found: only headers are read
   ZipReader zip(file->bytes(), source);
 
   // The root folder's name varies ("archive", "checkpoint", the file's stem): find it by its pickle.
@@ -79,17 +83,13 @@ TensorMap load_pth(const std::string& path) {
   out.source = path;
   for (const auto& [key, value] : state_dict_of(pickle.root()).dict) {
     if (key->kind != Kind::String)
-      throw Error(source + ": the state_dict has a " + std::string(pickle_kind_name(key->kind)) +
-                  " key; tensor names must be strings");
+      throw Error(source + ": the state_dict has a key of type " + pickle_kind_name(key->kind) +
+                  "; tensor names must be strings");
     const std::string& name = key->text;
     if (value->kind != Kind::Tensor)
-      throw Error(source + ": '" + name + "' is a " + pickle_kind_name(value->kind) + ", not a tensor");
+      throw Error(source + ": '" + name + "' is of type " + pickle_kind_name(value->kind) + ", not a tensor");
     const PickleValue& t = *value;
     const PickleValue& storage = *t.storage;
-
-    if (!row_major(t.size, t.stride))
-      throw Error(source + ": tensor '" + name + "' of size " + shape_str(t.size) + " has stride " +
-                  shape_str(t.stride) + "; only contiguous row-major tensors are supported");
 
     auto it = by_name.find(root + "data/" + storage.text);
     if (it == by_name.end())
@@ -110,6 +110,10 @@ TensorMap load_pth(const std::string& path) {
                   shape_str(t.size) + ", offset " + std::to_string(t.storage_offset) + ", " +
                   dtype_name(storage.dtype) + ")");
 
+    if (!row_major(t.size, t.stride))
+      throw Error(source + ": tensor '" + name + "' of size " + shape_str(t.size) + " has stride " +
+                  shape_str(t.stride) + "; only contiguous row-major tensors are supported");
+
     const uint8_t* p = bytes.data() + t.storage_offset * elem;
     if (reinterpret_cast<uintptr_t>(p) % elem == 0) {
       // The usual case: torch aligns storages at 64 bytes, so the tensor is the mapped bytes.
@@ -122,6 +126,7 @@ TensorMap load_pth(const std::string& path) {
       out.insert(name, std::move(copy));
     }
   }
+  file->advise(MmapFile::Access::Normal);  // whoever uses the weights next reads them in order
   return out;
 }
 

@@ -49,7 +49,9 @@ TensorMap load_safetensors(const std::string& path) {
   const uint64_t data_size = size - 8 - n;
   TensorMap out;
   out.source = path;
-  for (const auto& [name, info] : header.items()) {
+  for (const auto& item : header.items()) {
+    const std::string& name = item.key();
+    const Json& info = item.value();
     if (name == "__metadata__") continue;  // free-form strings; nothing here needs them
     auto bad = [&](const std::string& what) {
       return Error(source + ": tensor '" + name + "': " + what);
@@ -106,7 +108,9 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::set<std::string> seen;
   uint64_t offset = 0;
-  for (const auto& [name, t] : tensors) {
+  for (const auto& entry : tensors) {
+    const std::string& name = entry.first;
+    const Tensor& t = entry.second;
     auto bad = [&](const std::string& what) { return Error("saving " + path + ": tensor '" + name + "' " + what); };
     if (name == "__metadata__") throw bad("has a reserved name");
     if (!seen.insert(name).second) throw bad("appears twice");

@@ -57,26 +57,36 @@ ImageEncoder::Workspace& ImageEncoder::workspace(int64_t B) {
   const int64_t tokens = B * G * G;
   const int64_t window_tokens = B * nw * nw * cfg_.window_size * cfg_.window_size;  // padded grid
   const int64_t rows = std::max(tokens, window_tokens);
+  // Buffers whose lifetimes do not overlap share memory: the input lives in the qkv buffer (read
+  // once, before the first block), the patches and the neck's im2col in the MLP's hidden buffer,
+  // a windowed block's projection in the normalised-input buffer.
   Workspace ws;
-  ws.patches = be_.alloc({B, G, G, P * P * 3});
   ws.x = be_.alloc({B, G, G, C});
   ws.xn = be_.alloc({rows, C});
-  ws.qkv = be_.alloc({rows, 3 * C});
+  const int64_t input_numel = B * cfg_.img_size * cfg_.img_size * 3;
+  ws.qkv = be_.alloc({std::max(rows * 3 * C, input_numel), 1});
   ws.attn = be_.alloc({rows, C});
-  ws.proj = be_.alloc({rows, C});
-  ws.hidden = be_.alloc({tokens, C * cfg_.mlp_ratio});
+  ws.hidden = be_.alloc({std::max({tokens * C * cfg_.mlp_ratio, B * G * G * 9 * O, B * G * G * P * P * 3}), 1});
   ws.neck_a = be_.alloc({B, G, G, O});
-  ws.neck_cols = be_.alloc({B, G, G, 9 * O});
   ws.out = be_.alloc({B, G, G, O});
+  ws.input = ws.qkv.view_prefix({B, cfg_.img_size, cfg_.img_size, 3});
+  ws.patches = ws.hidden.view_prefix({B, G, G, P * P * 3});
+  ws.proj = ws.xn.view_prefix({rows, C});
+  ws.neck_cols = ws.hidden.view_prefix({B, G, G, 9 * O});
+  ws.qkv = ws.qkv.view_prefix({rows, 3 * C});
+  ws.hidden = ws.hidden.view_prefix({tokens, C * cfg_.mlp_ratio});
   return workspaces_.emplace(B, std::move(ws)).first->second;
 }
 
-const Tensor& ImageEncoder::forward(const Tensor& images) {
-  const int64_t B = images.dim(0), G = cfg_.grid(), C = cfg_.embed_dim, S = cfg_.img_size;
-  check(images.ndim() == 4 && images.dim(1) == S && images.dim(2) == S && images.dim(3) == 3,
-        "image encoder: input must be [B, " + std::to_string(S) + ", " + std::to_string(S) + ", 3], found " +
-            shape_str(images.shape()));
+const Tensor& ImageEncoder::forward(int64_t B) {
+  check(B > 0, "image encoder: batch must be positive");
   Workspace& ws = workspace(B);
+  be_.run_graph("image_encoder/batch=" + std::to_string(B), [&] { run(ws, B); });
+  return ws.out;
+}
+
+void ImageEncoder::run(Workspace& ws, int64_t B) {
+  const int64_t G = cfg_.grid();
   const int win = cfg_.window_size;
   const int64_t nw = (G + win - 1) / win;
   const int64_t wrows = B * nw * nw * win * win, grows = B * G * G;
@@ -86,7 +96,7 @@ const Tensor& ImageEncoder::forward(const Tensor& images) {
   Tensor xn_g = ws.xn.slice0(0, grows), qkv_g = ws.qkv.slice0(0, grows), attn_g = ws.attn.slice0(0, grows);
 
   // Patch embedding: a stride-16 16x16 convolution is space-to-depth + linear.
-  be_.patchify(images, cfg_.patch_size, ws.patches);
+  be_.patchify(ws.input, cfg_.patch_size, ws.patches);
   be_.linear(ws.patches, *patch_embed_, ws.x);
   be_.add(ws.x, pos_embed_, ws.x);
 
@@ -115,8 +125,6 @@ const Tensor& ImageEncoder::forward(const Tensor& images) {
   be_.im2col3x3(ws.neck_a, ws.neck_cols);
   be_.linear(ws.neck_cols, *neck_conv3_, ws.out);
   neck_norm3_(be_, ws.out, ws.out);
-  (void)C;
-  return ws.out;
 }
 
 }  // namespace segany

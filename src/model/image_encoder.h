@@ -15,10 +15,12 @@ class ImageEncoder {
  public:
   ImageEncoder(const ImageEncoderConfig& cfg, const io::TensorMap& w, Backend& be);
 
-  // images [B, img, img, 3] normalised and padded, channels-last, on the backend's device
+  // The input buffer for a batch of B images: [B, img, img, 3] normalised and padded, channels-last,
+  // on the backend's device. Fill it, then call forward(B).
+  Tensor& input(int64_t batch) { return workspace(batch).input; }
   // -> image embeddings [B, grid, grid, out_chans] (channels-last), valid until the next call
-  // with the same batch size.
-  const Tensor& forward(const Tensor& images);
+  // with the same batch size. The whole pass is one backend graph per batch size.
+  const Tensor& forward(int64_t batch);
 
   const ImageEncoderConfig& config() const { return cfg_; }
 
@@ -31,9 +33,10 @@ class ImageEncoder {
   };
   // Every activation of one forward pass, allocated once per batch size and reused by each block.
   struct Workspace {
-    Tensor patches, x, xn, qkv, attn, proj, hidden, neck_a, neck_cols, out;
+    Tensor input, patches, x, xn, qkv, attn, proj, hidden, neck_a, neck_cols, out;
   };
   Workspace& workspace(int64_t batch);
+  void run(Workspace& ws, int64_t batch);
 
   ImageEncoderConfig cfg_;
   Backend& be_;

@@ -146,9 +146,8 @@ void Predictor::set_image(const Image& image) {
   Backend& be = *im.backend;
   const int S = im.sam->config().image_encoder.img_size;
   Preprocessed pre = preprocess(image, S);
-  Tensor input = be.alloc({1, S, S, 3});
-  be.copy_from_host(pre.input, input);
-  const Tensor& emb = im.sam->image_encoder().forward(input);  // [1, G, G, C], reused by the next forward
+  be.copy_from_host(pre.input, im.sam->image_encoder().input(1));
+  const Tensor& emb = im.sam->image_encoder().forward(1);  // [1, G, G, C], reused by the next forward
   const int64_t G = emb.dim(1), C = emb.dim(3);
   im.embedding = be.alloc({1, G * G, C});
   be.copy_tokens(emb.view({1, G * G, C}), 0, im.embedding, 0, static_cast<int>(G * G));

@@ -146,7 +146,8 @@ Image resize_bilinear_pil(const Image& src, int out_w, int out_h) {
   const int row_first = vert.first.front();
   const int row_last = vert.first.back() + vert.count.back();
   if (!horizontal) return resample_vertical(src, vert, 0, out_h);
-  const Image temp = resample_horizontal(src, row_first, row_last - row_first, precompute_coeffs(src.width, out_w), out_w);
+  const ResampleCoeffs horiz = precompute_coeffs(src.width, out_w);
+  const Image temp = resample_horizontal(src, row_first, row_last - row_first, horiz, out_w);
   if (!vertical) return temp;
   return resample_vertical(temp, vert, row_first, out_h);
 }

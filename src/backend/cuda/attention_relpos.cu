@@ -1,1 +1,836 @@
-// placeholder: being written
+// Flash attention with SAM's decomposed relative position bias fused inside.
+//
+// What it computes is in attention_relpos.h. How:
+//
+// * Tensor cores through mma.sync.m16n8k16 (bf16 in, fp32 accumulate), fragments fed by ldmatrix
+//   (.trans for V), online softmax in fp32 in the log2 domain (scale * log2(e) folded into one FMA,
+//   exp2 on the MUFU), P rounded to bf16 for P V, O normalised once at the end. Runs on sm_80+.
+//
+// * The bias never exists as a T x T tensor. Each warp, before its key loop, multiplies its own
+//   query rows (already in registers as mma A fragments) by the whole rel_pos_h / rel_pos_w tables
+//   (B fragments read straight from global memory, 2*grid-1 rows): qRh[i, p] = q_i . rel_pos_h[p].
+//   rel_h[i, kr] = qRh[i, row(i) + grid_h - 1 - kr] is then a gather, done as a scatter from the mma
+//   accumulators into shared memory (pre-multiplied by log2 e). That prologue costs ~3% of the
+//   mma work on global attention and ~14% on 14 x 14 windows.
+//
+// * Key tiles follow the grid rows, so that inside a tile row(j) is fixed and col(j) is the column
+//   of the tile: bias = rel_h[i, kr] (one scalar per query row and tile) + rel_w[i, col] (the same
+//   for every tile). The row max is taken over s*scale + rel_w and rel_h added per row, so the bias
+//   costs one FMA per logit over plain flash attention.
+//     global (grid_w == 64): a key tile is one grid row of 64 keys; 128 queries per CTA, 4 warps of
+//       2 x m16 (each K/V fragment read from shared memory serves 32 queries); K/V double-buffered
+//       with cp.async; rel_h [128 x 64] and rel_w [128 x 64] fp32 in shared memory (padded rows).
+//     windows (grid <= 16, SAM 14 x 14): each grid row of keys is padded to 16 slots (one k16 step
+//       of P V); the padding columns get rel_w = -inf, which is the whole key mask. A CTA holds one
+//       (window, head): all its K and V in shared memory, loaded in per-tile cp.async groups that the
+//       first pass waits on one by one; its 4 warps take the ceil(T/16) = 13 query m16 tiles in turn
+//       (the warp that takes the odd one rotates with the CTA so that no SM sub-partition gets more).
+//       rel_w of a warp's 16 queries sits in 8 registers per thread.
+//   Padded queries read Q = 0 and are never written; padded keys see -inf (windows) or do not exist
+//   (global: T is a whole number of grid rows).
+//
+// * Kernel traits and a launch template per head dim (64: vit_b/l, 80: vit_h; 80 = 5 k16 steps of
+//   Q K^T and 10 n8 tiles of P V), in the style of flash-attention.
+//
+// Expected performance on an H100 (FLOPs counted as 4*B*heads*T^2*D, bias included in the time):
+// global ~250-300 TFLOP/s (flash-attention 2, also mma.sync, reaches ~300 without a bias on this
+// GPU; the bias adds ~1 FMA and half a shared load per logit); windows ~150-200 TFLOP/s (there the
+// read of qkv and the 14% prologue weigh). Beyond that (ANCHORS: 350 global) needs wgmma with a
+// producer warp and TMA, as flash-attention 3 does: the natural next step for the global kernel.
+#include "attention_relpos.h"
+
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+namespace segany::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---------------------------------------------------------------------------------------------
+// Warp-level primitives
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Waits until at most n (0..3) of this thread's groups are pending.
+__device__ __forceinline__ void cp_async_wait_upto(int n) {
+  switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    default: cp_async_wait<3>(); break;
+  }
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and register i gets
+// matrix i's fragment: lane l holds row l/4, columns 2(l%4), 2(l%4)+1 (.trans: the transpose's).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+// d += a b, m16n8k16, bf16 in, fp32 accumulate. With g = lane/4, t = lane%4:
+//   a (16x16 row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   b (16x8, k x n):     b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
+//   d (16x8):            d0,d1 = (g, 2t..2t+1), d2,d3 = (g+8, 2t..2t+1)
+// The lower half of a 32-bit register holds the lower column (or k) index.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// {lo, hi} -> bf16x2 with lo in the lower half (cvt puts its first source in the upper half).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {  // ex2(-inf) = +0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t ldg_u32(const bf16* p) {
+  return __ldg(reinterpret_cast<const unsigned int*>(p));
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pieces shared by both kernels
+// ---------------------------------------------------------------------------------------------
+
+// A fragments of the 16 query tokens [tok0, tok0 + 16) of one head, straight from global memory
+// (read once per warp, so no staging). Tokens >= T read as zero.
+template <int kChunks>
+__device__ __forceinline__ void load_q_frags(uint32_t (&qf)[kChunks][4], const bf16* q_head, size_t tok_stride,
+                                             int tok0, int T, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const int r0 = tok0 + g, r1 = tok0 + g + 8;
+  const bool v0 = r0 < T, v1 = r1 < T;
+  const bf16* p0 = q_head + static_cast<size_t>(v0 ? r0 : 0) * tok_stride + 2 * t;
+  const bf16* p1 = q_head + static_cast<size_t>(v1 ? r1 : 0) * tok_stride + 2 * t;
+#pragma unroll
+  for (int kc = 0; kc < kChunks; ++kc) {
+    qf[kc][0] = v0 ? ldg_u32(p0 + 16 * kc) : 0u;
+    qf[kc][1] = v1 ? ldg_u32(p1 + 16 * kc) : 0u;
+    qf[kc][2] = v0 ? ldg_u32(p0 + 16 * kc + 8) : 0u;
+    qf[kc][3] = v1 ? ldg_u32(p1 + 16 * kc + 8) : 0u;
+  }
+}
+
+// B fragments of rel_pos rows [n0, n0 + 8) (as the n dim) for every k16 chunk of the head dim.
+// Rows >= rows read as zero; fp32 tables are rounded to bf16 here.
+template <int kChunks>
+__device__ __forceinline__ void load_relpos_frags(uint32_t (&bf)[kChunks][2], const void* table, bool fp32,
+                                                  int rows, int n0, int lane) {
+  constexpr int D = kChunks * 16;
+  const int g = lane >> 2, t = lane & 3;
+  const int row = n0 + g;
+  if (row >= rows) {
+#pragma unroll
+    for (int kc = 0; kc < kChunks; ++kc) bf[kc][0] = bf[kc][1] = 0u;
+    return;
+  }
+  if (fp32) {
+    const float* r = static_cast<const float*>(table) + static_cast<size_t>(row) * D + 2 * t;
+#pragma unroll
+    for (int kc = 0; kc < kChunks; ++kc) {
+      const float2 x = __ldg(reinterpret_cast<const float2*>(r + 16 * kc));
+      const float2 y = __ldg(reinterpret_cast<const float2*>(r + 16 * kc + 8));
+      bf[kc][0] = pack_bf16x2(x.x, x.y);
+      bf[kc][1] = pack_bf16x2(y.x, y.y);
+    }
+  } else {
+    const bf16* r = static_cast<const bf16*>(table) + static_cast<size_t>(row) * D + 2 * t;
+#pragma unroll
+    for (int kc = 0; kc < kChunks; ++kc) {
+      bf[kc][0] = ldg_u32(r + 16 * kc);
+      bf[kc][1] = ldg_u32(r + 16 * kc + 8);
+    }
+  }
+}
+
+// The bias prologue: for each of the warp's m16 query tiles, q . table[p] for every table row p,
+// handed to sink(mt, hr, p, value) where the query is row g + 8*hr of tile mt (g = lane/4).
+template <int kChunks, int kMTiles, class Sink>
+__device__ __forceinline__ void rel_logits(const uint32_t (&qf)[kMTiles][kChunks][4], const void* table, bool fp32,
+                                           int rows, int lane, Sink&& sink) {
+  const int t = lane & 3;
+  const int n8_tiles = (rows + 7) / 8;
+#pragma unroll 4  // several tiles' loads in flight: the prologue is latency-bound
+  for (int nt = 0; nt < n8_tiles; ++nt) {
+    uint32_t bf[kChunks][2];
+    load_relpos_frags<kChunks>(bf, table, fp32, rows, nt * 8, lane);
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int kc = 0; kc < kChunks; ++kc) mma_16816(acc, qf[mt][kc], bf[kc][0], bf[kc][1]);
+      const int p = nt * 8 + 2 * t;
+      sink(mt, 0, p, acc[0]);
+      sink(mt, 0, p + 1, acc[1]);
+      sink(mt, 1, p, acc[2]);
+      sink(mt, 1, p + 1, acc[3]);
+    }
+  }
+}
+
+// Rescales the running output and sum of rows whose max grew; skipped when no row of the warp
+// grew (exact: the factor would be 1), which after the first few tiles is the common case.
+template <int kMTiles, int kDTiles>
+__device__ __forceinline__ void rescale_rows(float (&o)[kMTiles][kDTiles][4], float (&m_run)[kMTiles][2],
+                                             float (&l_run)[kMTiles][2], const float (&m_new)[kMTiles][2]) {
+  bool grow = false;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) grow |= (m_new[mt][0] > m_run[mt][0]) | (m_new[mt][1] > m_run[mt][1]);
+  if (!__any_sync(0xffffffffu, grow)) return;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const float corr = m_run[mt][hr] == -INFINITY ? 0.f : exp2_approx(m_run[mt][hr] - m_new[mt][hr]);
+      m_run[mt][hr] = m_new[mt][hr];
+      l_run[mt][hr] *= corr;
+#pragma unroll
+      for (int dn = 0; dn < kDTiles; ++dn) {
+        o[mt][dn][2 * hr] *= corr;
+        o[mt][dn][2 * hr + 1] *= corr;
+      }
+    }
+}
+
+// O += P V for one 16-key chunk: P from the logit accumulators s0 (keys 0..7) and s1 (keys 8..15)
+// of each m16 tile, V rows [16] at v (with this lane's ldmatrix offset applied).
+template <int kMTiles, int kDTiles>
+__device__ __forceinline__ void pv_chunk(float (&o)[kMTiles][kDTiles][4], const float (&s0)[kMTiles][4],
+                                         const float (&s1)[kMTiles][4], const bf16* v) {
+  uint32_t pa[kMTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    pa[mt][0] = pack_bf16x2(s0[mt][0], s0[mt][1]);
+    pa[mt][1] = pack_bf16x2(s0[mt][2], s0[mt][3]);
+    pa[mt][2] = pack_bf16x2(s1[mt][0], s1[mt][1]);
+    pa[mt][3] = pack_bf16x2(s1[mt][2], s1[mt][3]);
+  }
+#pragma unroll
+  for (int dp = 0; dp < kDTiles / 2; ++dp) {
+    uint32_t vb[4];  // b0, b1 of dim tile 2dp, then of 2dp+1
+    ldmatrix_x4_trans(vb, v + dp * 16);
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      mma_16816(o[mt][2 * dp], pa[mt], vb[0], vb[1]);
+      mma_16816(o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
+    }
+  }
+}
+
+// out[token, :] = o / l for rows g and g+8 of an m16 tile (tokens >= T skipped).
+template <int kDTiles>
+__device__ __forceinline__ void store_rows(const float (&o)[kDTiles][4], const float (&l_run)[2], bf16* out_head,
+                                           size_t out_stride, int tok0, int T, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const float inv = 1.f / quad_sum(l_run[hr]);
+    const int tok = tok0 + g + 8 * hr;
+    if (tok < T) {
+      bf16* dst = out_head + static_cast<size_t>(tok) * out_stride + 2 * t;
+#pragma unroll
+      for (int dn = 0; dn < kDTiles; ++dn)
+        *reinterpret_cast<uint32_t*>(dst + 8 * dn) = pack_bf16x2(o[dn][2 * hr] * inv, o[dn][2 * hr + 1] * inv);
+    }
+  }
+}
+
+// ldmatrix lane offsets (elements) into a [keys][stride] tile.
+// K, non-transposed: matrices (keys 0-7, dims 0-7), (keys 0-7, dims 8-15), (keys 8-15, dims 0-7),
+// (keys 8-15, dims 8-15) -> b0, b1 of key n8 tile 0, then of key tile 1, for one k16 chunk.
+__device__ __forceinline__ int k_lane_offset(int lane, int stride) {
+  return ((lane >> 4) * 8 + (lane & 7)) * stride + ((lane >> 3) & 1) * 8;
+}
+// V, transposed: matrices (keys 0-7, dims 0-7), (keys 8-15, dims 0-7), (keys 0-7, dims 8-15),
+// (keys 8-15, dims 8-15) -> b0, b1 of dim n8 tile 0, then of dim tile 1, for one 16-key chunk.
+__device__ __forceinline__ int v_lane_offset(int lane, int stride) {
+  return (((lane >> 3) & 1) * 8 + (lane & 7)) * stride + (lane >> 4) * 8;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Global attention: grid_w == 64, one key tile per grid row
+// ---------------------------------------------------------------------------------------------
+
+template <int kHeadDim>
+struct GlobalTraits {
+  static constexpr int kD = kHeadDim;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kMTiles = 2;                      // m16 tiles per warp
+  static constexpr int kBlockM = kWarps * kMTiles * 16;  // 128 queries per CTA
+  static constexpr int kBlockN = 64;                     // keys per tile: one grid row
+  static constexpr int kGridW = kBlockN;
+  static constexpr int kMaxGridH = 64;
+  static constexpr int kStages = 2;
+  static constexpr int kKeySplit = kD > 64 ? 2 : 1;  // softmax steps per key tile (registers)
+  static constexpr int kChunks = kD / 16;  // k16 steps of Q K^T
+  static constexpr int kDTiles = kD / 8;   // n8 tiles of O
+  // bf16 row stride of K/V in shared memory: an odd number of 16 B units, so the 8 rows an
+  // ldmatrix reads fall in distinct bank groups.
+  static constexpr int kStride = kD + 8;
+  static constexpr int kRelHStride = kMaxGridH + 1;  // floats; odd: the 8 rows read per tile hit 8 banks
+  // floats; 72 = 8 mod 32: a float2 read of rows g = 0..7, columns 2t (+8 nt) is conflict-free.
+  static constexpr int kRelWStride = kGridW + 8;
+  static constexpr int kCopiesPerRow = kD * 2 / 16;  // 16 B cp.async per K/V row
+  static constexpr size_t kTileElems = static_cast<size_t>(kBlockN) * kStride;
+  static constexpr size_t kSmemK = 0;
+  static constexpr size_t kSmemV = kSmemK + kStages * kTileElems * sizeof(bf16);
+  static constexpr size_t kSmemRelH = kSmemV + kStages * kTileElems * sizeof(bf16);
+  static constexpr size_t kSmemRelW = kSmemRelH + static_cast<size_t>(kBlockM) * kRelHStride * sizeof(float);
+  static constexpr size_t kSmemBytes = kSmemRelW + static_cast<size_t>(kBlockM) * kRelWStride * sizeof(float);
+  static_assert(kD % 16 == 0 && kDTiles % 2 == 0, "head dim must be a multiple of 16");
+  static_assert(kThreads == 2 * kBlockN && kCopiesPerRow % 2 == 0, "two threads copy each K/V row");
+  static_assert(kBlockN % (16 * kKeySplit) == 0, "softmax steps of whole k16 chunks");
+  static_assert(kSmemRelW % 16 == 0, "rel_w rows read as float2");
+};
+
+// This thread's share of one K/V tile into one pipeline stage: thread i copies half of key row
+// i / 2 (k_dst, v_dst and k_src already point there; V is v_minus_k elements after K in qkv), so
+// that every address is a base plus an immediate (registers are the global kernel's tight spot).
+template <class Tr>
+__device__ __forceinline__ void load_kv_tile_global(bf16* k_dst, bf16* v_dst, const bf16* k_src, int v_minus_k) {
+#pragma unroll
+  for (int i = 0; i < Tr::kCopiesPerRow / 2; ++i) {
+    cp_async_16(k_dst + 8 * i, k_src + 8 * i);
+    cp_async_16(v_dst + 8 * i, k_src + v_minus_k + 8 * i);
+  }
+}
+
+// grid (ceil(T / 128), heads, batch), 128 threads. Warp w owns queries [32w, 32w + 32) of the
+// CTA's 128 (two m16 tiles, both inside one 64-token grid row).
+template <int kHeadDim>
+__global__ void __launch_bounds__(GlobalTraits<kHeadDim>::kThreads, 2)
+    relpos_attention_global_kernel(const RelPosAttentionParams p, const float scale_log2) {
+  using Tr = GlobalTraits<kHeadDim>;
+  constexpr int D = Tr::kD, KC = Tr::kChunks, DT = Tr::kDTiles, MT = Tr::kMTiles, GW = Tr::kGridW;
+  constexpr int kStride = Tr::kStride;
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* k_smem = reinterpret_cast<bf16*>(smem + Tr::kSmemK);
+  bf16* v_smem = reinterpret_cast<bf16*>(smem + Tr::kSmemV);
+  float* relh_smem = reinterpret_cast<float*>(smem + Tr::kSmemRelH);  // [128][65]: rel_h[i][kr] * log2 e
+  float* relw_smem = reinterpret_cast<float*>(smem + Tr::kSmemRelW);  // [128][72]: rel_w[i][kc] * log2 e
+
+  const int gh = p.grid_h, T = gh * GW;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const size_t hd = static_cast<size_t>(p.heads) * D, tok_stride = 3 * hd;
+  const bf16* q_head = p.qkv + static_cast<size_t>(b) * T * tok_stride + static_cast<size_t>(h) * D;
+  const bf16* k_head = q_head + hd;
+  const int n_tiles = gh;
+
+  // Key tile 0 flies while the prologue runs.
+  const int copy_row = tid >> 1, copy_col = (tid & 1) * (Tr::kCopiesPerRow / 2) * 8;
+  bf16* const k_dst = k_smem + copy_row * kStride + copy_col;
+  bf16* const v_dst = v_smem + copy_row * kStride + copy_col;
+  const bf16* kv_src = k_head + copy_row * tok_stride + copy_col;
+  const size_t kv_src_step = Tr::kBlockN * tok_stride;  // one key tile further
+  load_kv_tile_global<Tr>(k_dst, v_dst, kv_src, static_cast<int>(hd));
+  cp_async_commit();
+
+  const int row0 = warp * MT * 16;                       // warp's first query within the CTA
+  const int tok_cta = blockIdx.x * Tr::kBlockM;          // CTA's first query token
+  uint32_t qf[MT][KC][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) load_q_frags<KC>(qf[mt], q_head, tok_stride, tok_cta + row0 + 16 * mt, T, lane);
+
+  // Bias prologue: scatter q . rel_pos[p] to rel_h[i][row(i) + gh - 1 - p] and
+  // rel_w[i][col(i) + 63 - p], keeping the entries that land inside the grid.
+  rel_logits<KC, MT>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int mt, int hr, int pi, float val) {
+    const int il = row0 + 16 * mt + g + 8 * hr;
+    const int tok = min(tok_cta + il, T - 1);
+    const int kr = tok / GW + gh - 1 - pi;
+    if (kr >= 0 && kr < gh) relh_smem[il * Tr::kRelHStride + kr] = val * kLog2e;
+  });
+  rel_logits<KC, MT>(qf, p.rel_pos_w, p.rel_pos_fp32, 2 * GW - 1, lane, [&](int mt, int hr, int pi, float val) {
+    const int il = row0 + 16 * mt + g + 8 * hr;
+    const int tok = min(tok_cta + il, T - 1);
+    const int kc = tok % GW + GW - 1 - pi;
+    if (kc >= 0 && kc < GW) relw_smem[il * Tr::kRelWStride + kc] = val * kLog2e;
+  });
+  __syncwarp();  // a warp reads back only its own rows
+
+  // This thread's rows are il = row0 + g + 16 mt + 8 hr: one base each, the rest immediates.
+  const float* relh_base = relh_smem + (row0 + g) * Tr::kRelHStride;
+  const float* relw_base = relw_smem + (row0 + g) * Tr::kRelWStride + 2 * t;
+
+  const int k_off = k_lane_offset(lane, kStride), v_off = v_lane_offset(lane, kStride);
+
+  float o[MT][DT][4];
+  float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int dn = 0; dn < DT; ++dn) o[mt][dn][0] = o[mt][dn][1] = o[mt][dn][2] = o[mt][dn][3] = 0.f;
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+  }
+
+#pragma unroll 1
+  for (int kt = 0; kt < n_tiles; ++kt) {
+    if (kt + 1 < n_tiles) {
+      kv_src += kv_src_step;
+      const int stage = ((kt + 1) & 1) * static_cast<int>(Tr::kTileElems);
+      load_kv_tile_global<Tr>(k_dst + stage, v_dst + stage, kv_src, static_cast<int>(hd));
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // tile kt has landed (for this thread) ...
+    __syncthreads();     // ... and for every thread
+    const bf16* kt_smem = k_smem + (kt & 1) * Tr::kTileElems + k_off;
+    const bf16* vt_smem = v_smem + (kt & 1) * Tr::kTileElems + v_off;
+
+    // The tile's keys in kSplit steps of kSubN (one online-softmax update each): for head dim 80 two
+    // steps of 32 keys, which keeps S at 32 registers and the kernel out of local memory.
+#pragma unroll
+    for (int sub = 0; sub < Tr::kKeySplit; ++sub) {
+      constexpr int kSubN = Tr::kBlockN / Tr::kKeySplit, kSubTiles = kSubN / 8;
+      const int key0 = sub * kSubN;  // first key of this step within the tile (= its first column)
+
+      // S = Q K^T: kSubTiles n8 tiles of keys per m16 tile.
+      float s[MT][kSubTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kSubTiles; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+        for (int np = 0; np < kSubTiles / 2; ++np) {
+          uint32_t kb[4];
+          ldmatrix_x4(kb, kt_smem + (key0 + np * 16) * kStride + kc * 16);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816(s[mt][2 * np], qf[mt][kc], kb[0], kb[1]);
+            mma_16816(s[mt][2 * np + 1], qf[mt][kc], kb[2], kb[3]);
+          }
+        }
+
+      // x = s * scale * log2e + rel_w (log2 domain); the row's logit max adds rel_h of this grid
+      // row. p = exp2(x + rel_h - m_new) = exp2(x - c) with c = m_new - rel_h. (After rescale_rows,
+      // m_run is m_new for every row: it grew, or m_new == m_run.)
+      float m_new[MT][2], c_row[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const float relh_now = relh_base[(16 * mt + 8 * hr) * Tr::kRelHStride + kt];
+          const float* relw_now = relw_base + (16 * mt + 8 * hr) * Tr::kRelWStride + key0;
+          float mx = -INFINITY;
+#pragma unroll
+          for (int nt = 0; nt < kSubTiles; ++nt) {
+            const float2 w = *reinterpret_cast<const float2*>(relw_now + 8 * nt);
+            const float x0 = fmaf(s[mt][nt][2 * hr], scale_log2, w.x);
+            const float x1 = fmaf(s[mt][nt][2 * hr + 1], scale_log2, w.y);
+            s[mt][nt][2 * hr] = x0;
+            s[mt][nt][2 * hr + 1] = x1;
+            mx = fmaxf(mx, fmaxf(x0, x1));
+          }
+          m_new[mt][hr] = fmaxf(m_run[mt][hr], quad_max(mx) + relh_now);
+          c_row[mt][hr] = m_new[mt][hr] - relh_now;
+        }
+      rescale_rows<MT, DT>(o, m_run, l_run, m_new);
+
+      // P = exp2(x - c), row sums kept per thread (reduced across the quad at the end).
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const float c = c_row[mt][hr];
+          float rs = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < kSubTiles; ++nt) {
+            const float p0 = exp2_approx(s[mt][nt][2 * hr] - c);
+            const float p1 = exp2_approx(s[mt][nt][2 * hr + 1] - c);
+            s[mt][nt][2 * hr] = p0;
+            s[mt][nt][2 * hr + 1] = p1;
+            rs += p0 + p1;
+          }
+          l_run[mt][hr] += rs;
+        }
+
+      // O += P V, 16 keys at a time.
+#pragma unroll
+      for (int kk = 0; kk < kSubTiles / 2; ++kk) {
+        float s0[MT][4], s1[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s0[mt][e] = s[mt][2 * kk][e];
+            s1[mt][e] = s[mt][2 * kk + 1][e];
+          }
+        pv_chunk<MT, DT>(o, s0, s1, vt_smem + (key0 + kk * 16) * kStride);
+      }
+    }
+    __syncthreads();  // stage kt & 1 is refilled by the next iteration's copies
+  }
+
+  bf16* out_head = p.out + static_cast<size_t>(b) * T * hd + static_cast<size_t>(h) * D;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) store_rows<DT>(o[mt], l_run[mt], out_head, hd, tok_cta + row0 + 16 * mt, T, lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Windowed attention: grid_h, grid_w <= 16, one CTA per (window, head)
+// ---------------------------------------------------------------------------------------------
+
+template <int kHeadDim>
+struct WindowTraits {
+  static constexpr int kD = kHeadDim;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kSlotsPerRow = 16;  // a grid row of keys padded to one k16 step of P V
+  static constexpr int kMaxGrid = 16;
+  static constexpr int kRowsPerTile = 4;   // key tile: 4 grid rows = 64 slots
+  static constexpr int kMaxTiles = (kMaxGrid + kRowsPerTile - 1) / kRowsPerTile;
+  static constexpr int kChunks = kD / 16;
+  static constexpr int kDTiles = kD / 8;
+  static constexpr int kStride = kD + 8;   // as in GlobalTraits
+  static constexpr int kRelStride = kMaxGrid + 1;  // per-warp [16][17] floats for rel_h, then rel_w
+  static constexpr int kCopiesPerRow = kD * 2 / 16;
+  static constexpr size_t kWarpRelFloats = 2 * 16 * kRelStride;
+  __host__ __device__ static size_t kv_elems(int grid_h) { return static_cast<size_t>(grid_h) * kSlotsPerRow * kStride; }
+  __host__ __device__ static size_t smem_bytes(int grid_h) {
+    return 2 * kv_elems(grid_h) * sizeof(bf16) + kWarps * kWarpRelFloats * sizeof(float);
+  }
+  static_assert(kD % 16 == 0 && kDTiles % 2 == 0, "head dim must be a multiple of 16");
+  static_assert(kMaxTiles <= 4, "cp_async_wait_upto takes at most 3 pending groups");
+};
+
+// One key tile of NR grid rows (16 slots each) against one m16 query tile.
+// relh0/relh1: rel_h * log2e of rows g and g+8 at this tile's first grid row.
+// relw[hr][j][e]: rel_w * log2e of row g + 8 hr at column 8j + 2t + e (-inf past grid_w).
+template <int NR, int KC, int DT, int kStride>
+__device__ __forceinline__ void window_tile(const bf16* kt_smem, const bf16* vt_smem, const uint32_t (&qf)[1][KC][4],
+                                            float (&o)[1][DT][4], float (&m_run)[1][2], float (&l_run)[1][2],
+                                            const float (&relw)[2][2][2], const float* relh0, const float* relh1,
+                                            float scale_log2) {
+  float s[2 * NR][4];
+#pragma unroll
+  for (int nt = 0; nt < 2 * NR; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+  for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+    for (int rr = 0; rr < NR; ++rr) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, kt_smem + rr * 16 * kStride + kc * 16);
+      mma_16816(s[2 * rr], qf[0][kc], kb[0], kb[1]);
+      mma_16816(s[2 * rr + 1], qf[0][kc], kb[2], kb[3]);
+    }
+
+  float relh[2][NR];
+#pragma unroll
+  for (int rr = 0; rr < NR; ++rr) {
+    relh[0][rr] = relh0[rr];
+    relh[1][rr] = relh1[rr];
+  }
+  float m_new[1][2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int rr = 0; rr < NR; ++rr) {
+      float mr = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float x = fmaf(s[2 * rr + j][2 * hr + e], scale_log2, relw[hr][j][e]);
+          s[2 * rr + j][2 * hr + e] = x;
+          mr = fmaxf(mr, x);
+        }
+      mx = fmaxf(mx, mr + relh[hr][rr]);
+    }
+    m_new[0][hr] = fmaxf(m_run[0][hr], quad_max(mx));
+  }
+  rescale_rows<1, DT>(o, m_run, l_run, m_new);
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float rs = 0.f;
+#pragma unroll
+    for (int rr = 0; rr < NR; ++rr) {
+      const float c = m_run[0][hr] - relh[hr][rr];
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pv = exp2_approx(s[2 * rr + j][2 * hr + e] - c);
+          s[2 * rr + j][2 * hr + e] = pv;
+          rs += pv;
+        }
+    }
+    l_run[0][hr] += rs;
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < NR; ++rr) {
+    float s0[1][4] = {{s[2 * rr][0], s[2 * rr][1], s[2 * rr][2], s[2 * rr][3]}};
+    float s1[1][4] = {{s[2 * rr + 1][0], s[2 * rr + 1][1], s[2 * rr + 1][2], s[2 * rr + 1][3]}};
+    pv_chunk<1, DT>(o, s0, s1, vt_smem + rr * 16 * kStride);
+  }
+}
+
+// grid (batch * heads), 128 threads. K/V slot of key (kr, kc) is kr * 16 + kc.
+template <int kHeadDim>
+__global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 2)
+    relpos_attention_window_kernel(const RelPosAttentionParams p, const float scale_log2) {
+  using Tr = WindowTraits<kHeadDim>;
+  constexpr int D = Tr::kD, KC = Tr::kChunks, DT = Tr::kDTiles, kStride = Tr::kStride;
+  constexpr int kSlots = Tr::kSlotsPerRow, kCopies = Tr::kCopiesPerRow;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int gh = p.grid_h, gw = p.grid_w, T = gh * gw;
+  bf16* k_smem = reinterpret_cast<bf16*>(smem);
+  bf16* v_smem = k_smem + Tr::kv_elems(gh);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  float* relh_warp = reinterpret_cast<float*>(v_smem + Tr::kv_elems(gh)) + warp * Tr::kWarpRelFloats;  // [16][17]
+  float* relw_warp = relh_warp + 16 * Tr::kRelStride;                                                   // [16][17]
+
+  const int b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
+  const size_t hd = static_cast<size_t>(p.heads) * D, tok_stride = 3 * hd;
+  const bf16* q_head = p.qkv + static_cast<size_t>(b) * T * tok_stride + static_cast<size_t>(h) * D;
+  const bf16* k_head = q_head + hd;
+  const bf16* v_head = q_head + 2 * hd;
+  const int n_tiles = (gh + Tr::kRowsPerTile - 1) / Tr::kRowsPerTile;
+
+  // Padding slots (columns gw..15 of each grid row) hold zeros: finite logits that rel_w = -inf
+  // masks, and V rows that add 0 * 0.
+  const int pad_cols = kSlots - gw;
+  for (int i = tid; i < gh * pad_cols * kCopies; i += Tr::kThreads) {
+    const int ch = i % kCopies, sl = i / kCopies;
+    const int slot = (sl / pad_cols) * kSlots + gw + sl % pad_cols;
+    *reinterpret_cast<uint4*>(k_smem + slot * kStride + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
+    *reinterpret_cast<uint4*>(v_smem + slot * kStride + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
+  }
+  // All of K and V, one cp.async group per key tile so the first pass can start on tile 0.
+  for (int tt = 0; tt < n_tiles; ++tt) {
+    const int kr0 = tt * Tr::kRowsPerTile;
+    const int n_tok = min(Tr::kRowsPerTile, gh - kr0) * gw;
+    for (int i = tid; i < n_tok * kCopies; i += Tr::kThreads) {
+      const int ch = i % kCopies, tl = i / kCopies;
+      const int kr = kr0 + tl / gw, kc = tl % gw;
+      const size_t src = static_cast<size_t>(kr * gw + kc) * tok_stride + ch * 8;
+      const int dst = (kr * kSlots + kc) * kStride + ch * 8;
+      cp_async_16(k_smem + dst, k_head + src);
+      cp_async_16(v_smem + dst, v_head + src);
+    }
+    cp_async_commit();
+  }
+
+  const int k_off = k_lane_offset(lane, kStride), v_off = v_lane_offset(lane, kStride);
+  bf16* out_head = p.out + static_cast<size_t>(b) * T * hd + static_cast<size_t>(h) * D;
+
+  // Query m16 tiles go round-robin to the warps, starting at a warp that rotates with the CTA.
+  // Round 0 runs on every warp (even one without a tile) since it holds the barriers that wait
+  // for K/V tile by tile.
+  const int n_units = (T + 15) / 16;
+  const int first = (warp - static_cast<int>(blockIdx.x & 3) + 4) & 3;
+  for (int u = first, round = 0; round == 0 || u < n_units; u += Tr::kWarps, ++round) {
+    const bool active = u < n_units;
+    const int tok0 = u * 16;
+    uint32_t qf[1][KC][4];
+    float relw[2][2][2];
+    if (active) {
+      load_q_frags<KC>(qf[0], q_head, tok_stride, tok0, T, lane);
+      __syncwarp();  // the previous tile's reads of relh_warp / relw_warp are done
+      rel_logits<KC, 1>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int, int hr, int pi, float val) {
+        const int il = g + 8 * hr;
+        const int tok = min(tok0 + il, T - 1);
+        const int kr = tok / gw + gh - 1 - pi;
+        if (kr >= 0 && kr < gh) relh_warp[il * Tr::kRelStride + kr] = val * kLog2e;
+      });
+      rel_logits<KC, 1>(qf, p.rel_pos_w, p.rel_pos_fp32, 2 * gw - 1, lane, [&](int, int hr, int pi, float val) {
+        const int il = g + 8 * hr;
+        const int tok = min(tok0 + il, T - 1);
+        const int kc = tok % gw + gw - 1 - pi;
+        if (kc >= 0 && kc < gw) relw_warp[il * Tr::kRelStride + kc] = val * kLog2e;
+      });
+      __syncwarp();
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int c = 8 * j + 2 * t + e;
+            relw[hr][j][e] = c < gw ? relw_warp[(g + 8 * hr) * Tr::kRelStride + c] : -INFINITY;
+          }
+    } else {
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) qf[0][kc][0] = qf[0][kc][1] = qf[0][kc][2] = qf[0][kc][3] = 0u;
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) relw[hr][0][0] = relw[hr][0][1] = relw[hr][1][0] = relw[hr][1][1] = 0.f;
+    }
+
+    float o[1][DT][4];
+    float m_run[1][2] = {{-INFINITY, -INFINITY}}, l_run[1][2] = {{0.f, 0.f}};
+#pragma unroll
+    for (int dn = 0; dn < DT; ++dn) o[0][dn][0] = o[0][dn][1] = o[0][dn][2] = o[0][dn][3] = 0.f;
+
+#pragma unroll 1
+    for (int tt = 0; tt < n_tiles; ++tt) {
+      if (round == 0) {
+        cp_async_wait_upto(n_tiles - 1 - tt);
+        __syncthreads();
+      }
+      if (!active) continue;
+      const int kr0 = tt * Tr::kRowsPerTile;
+      const bf16* kt_smem = k_smem + kr0 * kSlots * kStride + k_off;
+      const bf16* vt_smem = v_smem + kr0 * kSlots * kStride + v_off;
+      const float* relh0 = relh_warp + g * Tr::kRelStride + kr0;
+      const float* relh1 = relh0 + 8 * Tr::kRelStride;
+      switch (min(Tr::kRowsPerTile, gh - kr0)) {
+        case 4:
+          window_tile<4, KC, DT, kStride>(kt_smem, vt_smem, qf, o, m_run, l_run, relw, relh0, relh1, scale_log2);
+          break;
+        case 3:
+          window_tile<3, KC, DT, kStride>(kt_smem, vt_smem, qf, o, m_run, l_run, relw, relh0, relh1, scale_log2);
+          break;
+        case 2:
+          window_tile<2, KC, DT, kStride>(kt_smem, vt_smem, qf, o, m_run, l_run, relw, relh0, relh1, scale_log2);
+          break;
+        default:
+          window_tile<1, KC, DT, kStride>(kt_smem, vt_smem, qf, o, m_run, l_run, relw, relh0, relh1, scale_log2);
+          break;
+      }
+    }
+    if (active) store_rows<DT>(o[0], l_run[0], out_head, hd, tok0, T, lane);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch templates, one per head dim
+// ---------------------------------------------------------------------------------------------
+
+void check_launch(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("attention_relpos: ") + what + ": " + cudaGetErrorString(e));
+}
+
+constexpr int kMaxDevices = 64;
+
+// D^-0.5 * log2(e): the logit scale in the log2 domain the softmax runs in.
+float scale_log2_of(int head_dim) {
+  return static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim)));
+}
+
+// Raises a kernel's dynamic shared memory limit once per device (not a stream operation, but kept
+// out of the launch path so that graph capture only ever sees the launches).
+template <class Kernel>
+void raise_smem_limit_once(Kernel kernel, size_t bytes, std::once_flag (&flags)[kMaxDevices]) {
+  int device = 0;
+  check_launch(cudaGetDevice(&device), "cudaGetDevice");
+  auto raise = [&] {
+    check_launch(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+                 "cudaFuncSetAttribute");
+  };
+  if (device < 0 || device >= kMaxDevices) raise();
+  else std::call_once(flags[device], raise);
+}
+
+template <int kHeadDim>
+void launch_global(const RelPosAttentionParams& p, cudaStream_t stream) {
+  using Tr = GlobalTraits<kHeadDim>;
+  static std::once_flag smem_raised[kMaxDevices];
+  auto kernel = relpos_attention_global_kernel<kHeadDim>;
+  raise_smem_limit_once(kernel, Tr::kSmemBytes, smem_raised);
+  const int T = p.grid_h * p.grid_w;
+  const dim3 grid((T + Tr::kBlockM - 1) / Tr::kBlockM, p.heads, p.batch);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, scale_log2_of(kHeadDim));
+  check_launch(cudaGetLastError(), "global kernel launch");
+}
+
+template <int kHeadDim>
+void launch_window(const RelPosAttentionParams& p, cudaStream_t stream) {
+  using Tr = WindowTraits<kHeadDim>;
+  static std::once_flag smem_raised[kMaxDevices];
+  auto kernel = relpos_attention_window_kernel<kHeadDim>;
+  raise_smem_limit_once(kernel, Tr::smem_bytes(Tr::kMaxGrid), smem_raised);  // the largest grid's
+  const dim3 grid(static_cast<unsigned>(p.batch) * static_cast<unsigned>(p.heads));
+  kernel<<<grid, Tr::kThreads, Tr::smem_bytes(p.grid_h), stream>>>(p, scale_log2_of(kHeadDim));
+  check_launch(cudaGetLastError(), "window kernel launch");
+}
+
+bool is_window_grid(int gh, int gw) { return gh >= 1 && gw >= 1 && gh <= 16 && gw <= 16; }
+bool is_global_grid(int gh, int gw) { return gw == 64 && gh >= 1 && gh <= 64; }
+
+bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+}  // namespace
+
+bool attention_relpos_supported(int head_dim, int grid_h, int grid_w) {
+  return (head_dim == 64 || head_dim == 80) && (is_window_grid(grid_h, grid_w) || is_global_grid(grid_h, grid_w));
+}
+
+double attention_relpos_flops(const RelPosAttentionParams& p) {
+  const double T = static_cast<double>(p.grid_h) * p.grid_w;
+  return 4.0 * p.batch * p.heads * T * T * p.head_dim;
+}
+
+void attention_relpos(const RelPosAttentionParams& p, cudaStream_t stream) {
+  auto fail = [&](const std::string& why) {
+    throw std::invalid_argument("attention_relpos: " + why + " (batch " + std::to_string(p.batch) + ", heads " +
+                                std::to_string(p.heads) + ", head_dim " + std::to_string(p.head_dim) + ", grid " +
+                                std::to_string(p.grid_h) + "x" + std::to_string(p.grid_w) + ")");
+  };
+  if (!attention_relpos_supported(p.head_dim, p.grid_h, p.grid_w))
+    fail("unsupported shape: head_dim must be 64 or 80 and the grid at most 16x16 (windows) or Hx64 with H <= 64");
+  if (p.batch < 0 || p.heads <= 0) fail("bad batch or heads");
+  if (p.batch == 0) return;
+  if (!p.qkv || !p.out || !p.rel_pos_h || !p.rel_pos_w) fail("null pointer");
+  if (!aligned(p.qkv, 16)) fail("qkv must be 16-byte aligned");
+  if (!aligned(p.out, 4)) fail("out must be 4-byte aligned");
+  const size_t table_align = p.rel_pos_fp32 ? 8 : 4;
+  if (!aligned(p.rel_pos_h, table_align) || !aligned(p.rel_pos_w, table_align)) fail("rel_pos tables misaligned");
+
+  if (is_global_grid(p.grid_h, p.grid_w)) {
+    if (p.batch > 65535 || p.heads > 65535) fail("batch and heads must be below 65536 for global attention");
+    if (p.head_dim == 64) launch_global<64>(p, stream);
+    else launch_global<80>(p, stream);
+  } else {
+    if (static_cast<long long>(p.batch) * p.heads > 0x7fffffffLL) fail("batch * heads too large");
+    if (p.head_dim == 64) launch_window<64>(p, stream);
+    else launch_window<80>(p, stream);
+  }
+}
+
+}  // namespace segany::cuda

@@ -1,1 +1,464 @@
-// placeholder: being written
+// The CUDA backend: bf16 activations, fp32 accumulation and statistics, one stream, cuBLASLt
+// GEMMs with fused epilogues, flash attention with the rel-pos bias fused (attention_relpos.h),
+// and CUDA graphs for fixed sequences of ops (the image encoder).
+//
+// What a call costs on the hot path: ops only enqueue work on the backend's stream. They never
+// allocate (activations come from alloc(), made once per batch size by the model), never wait for
+// the device, and never convert weights (prepare_linear did, once). Copies to and from the host go
+// through one pinned staging buffer; download() is the one place that waits.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda/attention_relpos.h"
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/cuda_utils.h"
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/kernels.h"
+
+namespace segany {
+namespace {
+
+// RAII owners for the runtime's handles (no new/delete, nothing leaks when a constructor throws).
+struct StreamDeleter {
+  void operator()(cudaStream_t s) const { cudaStreamDestroy(s); }
+};
+struct EventDeleter {
+  void operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
+};
+struct GraphExecDeleter {
+  void operator()(cudaGraphExec_t g) const { cudaGraphExecDestroy(g); }
+};
+struct GraphDeleter {
+  void operator()(cudaGraph_t g) const { cudaGraphDestroy(g); }
+};
+struct PinnedDeleter {
+  void operator()(void* p) const { cudaFreeHost(p); }
+};
+using UniqueStream = std::unique_ptr<std::remove_pointer_t<cudaStream_t>, StreamDeleter>;
+using UniqueEvent = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDeleter>;
+using UniqueGraphExec = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, GraphExecDeleter>;
+using UniqueGraph = std::unique_ptr<std::remove_pointer_t<cudaGraph_t>, GraphDeleter>;
+using UniquePinned = std::unique_ptr<void, PinnedDeleter>;
+
+UniqueEvent make_event(unsigned flags) {
+  cudaEvent_t e = nullptr;
+  CUDA_CHECK(cudaEventCreateWithFlags(&e, flags));
+  return UniqueEvent(e);
+}
+
+// float -> bf16 bits, round to nearest even (NaN stays NaN): the host side of uploads.
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float bf16_value(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Op classes for profile().
+enum OpClass { kGemm, kAttention, kNorm, kOther, kOpClasses };
+constexpr std::array<const char*, kOpClasses> kOpClassNames{"gemm", "attention", "norm", "other"};
+
+void require_cuda(const Tensor& t, const char* what) {
+  check(t.defined() && t.device() == Device::CUDA, std::string("cuda backend: ") + what + " must be a GPU tensor");
+}
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, const CudaOptions& options) : options_(options) {
+    int count = 0;
+    CUDA_CHECK(cudaGetDeviceCount(&count));
+    check(device >= 0 && device < count,
+          "cuda backend: device " + std::to_string(device) + " requested, " + std::to_string(count) + " present");
+    CUDA_CHECK(cudaSetDevice(device));
+    cudaStream_t s = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    stream_.reset(s);
+    staging_done_ = make_event(cudaEventDisableTiming);
+    gemm_ = std::make_unique<cuda::GemmEngine>(stream_.get(), options_.gemm_workspace_bytes);
+  }
+
+  ~CudaBackend() override {
+    // Nothing queued may outlive the buffers and handles released below.
+    if (stream_) cudaStreamSynchronize(stream_.get());
+  }
+
+  cudaStream_t stream() const { return stream_.get(); }
+
+  Device device() const override { return Device::CUDA; }
+  std::string name() const override { return "cuda"; }
+
+  // ---- memory ----------------------------------------------------------------------------------
+
+  DType activation_dtype() const override { return DType::BF16; }
+
+  Tensor alloc(const Shape& shape, DType dtype) override {
+    const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
+    void* p = nullptr;
+    if (bytes > 0) CUDA_CHECK(cudaMalloc(&p, bytes));
+    std::shared_ptr<const void> owner(p, [](const void* q) {
+      if (q) cudaFree(const_cast<void*>(q));
+    });
+    return Tensor::wrap(p, shape, dtype, std::move(owner), Device::CUDA);
+  }
+
+  Tensor upload(const Tensor& host) override {
+    const Tensor h = host.to_f32();
+    Tensor d = alloc(h.shape(), DType::F32);
+    copy_from_host(h, d);
+    return d;
+  }
+
+  Tensor download(const Tensor& t) override {
+    if (t.device() == Device::CPU) return t.to_f32();
+    check(cuda::is_float_dtype(t.dtype()),
+          std::string("cuda download: cannot convert ") + dtype_name(t.dtype()) + " to float32");
+    Tensor out = Tensor::empty(t.shape(), DType::F32);
+    if (t.numel() == 0) return out;
+    void* s = staging(t.nbytes());
+    CUDA_CHECK(cudaMemcpyAsync(s, t.data(), t.nbytes(), cudaMemcpyDeviceToHost, stream_.get()));
+    CUDA_CHECK(cudaEventRecord(staging_done_.get(), stream_.get()));
+    CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+    float* o = out.data_as<float>();
+    const int64_t n = t.numel();
+    if (t.dtype() == DType::F32) {
+      std::memcpy(o, s, t.nbytes());
+    } else {
+      const auto* b = static_cast<const uint16_t*>(s);
+      for (int64_t i = 0; i < n; ++i) o[i] = bf16_value(b[i]);
+    }
+    return out;
+  }
+
+  // Not capturable (it fills the staging buffer on the host): uploads happen outside graphs.
+  void copy_from_host(const Tensor& host, Tensor& dst) override {
+    require_cuda(dst, "copy_from_host destination");
+    check(cuda::is_float_dtype(dst.dtype()),
+          std::string("cuda copy_from_host: destination must be bf16 or float32, found ") + dtype_name(dst.dtype()));
+    check(host.numel() == dst.numel(),
+          "copy_from_host: " + shape_str(host.shape()) + " into " + shape_str(dst.shape()));
+    const Tensor h = (host.device() == Device::CPU && host.dtype() == DType::F32) ? host : host.to_f32();
+    if (dst.numel() == 0) return;
+    void* s = staging(dst.nbytes());
+    const float* src = h.data_as<const float>();
+    if (dst.dtype() == DType::F32) {
+      std::memcpy(s, src, dst.nbytes());
+    } else {
+      auto* b = static_cast<uint16_t*>(s);
+      const int64_t n = dst.numel();
+      for (int64_t i = 0; i < n; ++i) b[i] = bf16_bits(src[i]);
+    }
+    CUDA_CHECK(cudaMemcpyAsync(dst.data(), s, dst.nbytes(), cudaMemcpyHostToDevice, stream_.get()));
+    CUDA_CHECK(cudaEventRecord(staging_done_.get(), stream_.get()));
+  }
+
+  // ---- weights ---------------------------------------------------------------------------------
+
+  std::unique_ptr<LinearWeights> prepare_linear(const std::string& name, const Tensor& weight,
+                                                const Tensor* bias) override {
+    check(weight.ndim() == 2, "linear '" + name + "': weight must be 2-d, found " + shape_str(weight.shape()));
+    if (options_.linear_format != cuda::LinearFormat::BF16)
+      throw Error(std::string("cuda backend: linear format ") + cuda::linear_format_name(options_.linear_format) +
+                  " is not implemented yet (layer '" + name + "')");
+    const int64_t N = weight.dim(0), K = weight.dim(1);
+    Tensor w = alloc({N, K}, DType::BF16);
+    copy_from_host(weight.to_f32(), w);
+    Tensor b16, b32;
+    if (bias) {
+      check(bias->numel() == N, "linear '" + name + "': bias has " + std::to_string(bias->numel()) + " values for " +
+                                    std::to_string(N) + " outputs");
+      const Tensor hb = bias->to_f32().view({N});
+      b16 = alloc({N}, DType::BF16);
+      copy_from_host(hb, b16);
+      b32 = alloc({N}, DType::F32);
+      copy_from_host(hb, b32);
+    }
+    return std::make_unique<cuda::Bf16Linear>(std::move(w), std::move(b16), std::move(b32));
+  }
+
+  // ---- ops -------------------------------------------------------------------------------------
+
+  void linear(const Tensor& x, const LinearWeights& lw, Tensor& y, Activation act, const Tensor* residual) override {
+    const auto* w = dynamic_cast<const cuda::CudaLinear*>(&lw);
+    check(w != nullptr, "cuda linear: the weights were not prepared by a CUDA backend");
+    timed(kGemm, [&] { w->run(*gemm_, x, y, act, residual); });
+  }
+
+  void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y) override {
+    timed(kNorm, [&] { cuda::layer_norm(x, gamma, beta, eps, y, stream()); });
+  }
+
+  void layer_norm_window_partition(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, int window,
+                                   Tensor& y) override {
+    timed(kNorm, [&] { cuda::layer_norm_window_partition(x, gamma, beta, eps, window, y, stream()); });
+  }
+
+  void window_unpartition_add(const Tensor& y, int window, Tensor& x) override {
+    timed(kNorm, [&] { cuda::window_unpartition_add(y, window, x, stream()); });
+  }
+
+  void attention_relpos(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads, int gh, int gw,
+                        Tensor& out) override {
+    require_cuda(qkv, "attention_relpos qkv");
+    require_cuda(out, "attention_relpos output");
+    require_cuda(rel_pos_h, "attention_relpos rel_pos_h");
+    require_cuda(rel_pos_w, "attention_relpos rel_pos_w");
+    const int64_t T = int64_t(gh) * gw;
+    check(heads > 0 && T > 0 && qkv.dim(-1) % (3 * heads) == 0,
+          "attention_relpos: qkv " + shape_str(qkv.shape()) + " for " + std::to_string(heads) + " heads");
+    const int64_t D = qkv.dim(-1) / (3 * heads);
+    const int64_t B = qkv.numel() / (T * qkv.dim(-1));
+    check(qkv.numel() == B * T * 3 * heads * D,
+          "attention_relpos: qkv " + shape_str(qkv.shape()) + " does not hold " + std::to_string(T) + " tokens of 3 x " +
+              std::to_string(heads) + " heads");
+    check(rel_pos_h.numel() == (2 * gh - 1) * D && rel_pos_w.numel() == (2 * gw - 1) * D,
+          "attention_relpos: rel_pos tables " + shape_str(rel_pos_h.shape()) + ", " + shape_str(rel_pos_w.shape()) +
+              " for a " + std::to_string(gh) + "x" + std::to_string(gw) + " grid of head dim " + std::to_string(D));
+    check(out.numel() == B * T * heads * D, "attention_relpos: output " + shape_str(out.shape()));
+    const bool tables_ok = rel_pos_h.dtype() == rel_pos_w.dtype() &&
+                           (rel_pos_h.dtype() == DType::F32 || rel_pos_h.dtype() == DType::BF16);
+    const bool flash = !options_.reference_attention && qkv.dtype() == DType::BF16 && out.dtype() == DType::BF16 &&
+                       tables_ok && reinterpret_cast<uintptr_t>(qkv.data()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(out.data()) % 16 == 0 && B <= INT32_MAX &&
+                       cuda::attention_relpos_supported(static_cast<int>(D), gh, gw);
+    timed(kAttention, [&] {
+      if (!flash) {
+        cuda::attention_relpos_reference(qkv, rel_pos_h, rel_pos_w, heads, gh, gw, out, stream());
+        return;
+      }
+      cuda::RelPosAttentionParams p;
+      p.qkv = static_cast<const __nv_bfloat16*>(qkv.data());
+      p.rel_pos_h = rel_pos_h.data();
+      p.rel_pos_w = rel_pos_w.data();
+      p.rel_pos_fp32 = rel_pos_h.dtype() == DType::F32;
+      p.out = static_cast<__nv_bfloat16*>(out.data());
+      p.batch = static_cast<int>(B);
+      p.heads = heads;
+      p.head_dim = static_cast<int>(D);
+      p.grid_h = gh;
+      p.grid_w = gw;
+      try {
+        cuda::attention_relpos(p, stream());
+      } catch (const Error&) {
+        throw;
+      } catch (const std::exception& e) {
+        throw Error(std::string("cuda attention_relpos: ") + e.what());
+      }
+    });
+  }
+
+  void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Tensor& out) override {
+    timed(kAttention, [&] { cuda::attention(q, k, v, heads, out, stream()); });
+  }
+
+  void add(const Tensor& a, const Tensor& b, Tensor& y) override {
+    timed(kOther, [&] { cuda::add(a, b, y, stream()); });
+  }
+
+  void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, int count) override {
+    timed(kOther, [&] { cuda::copy_tokens(src, src_begin, dst, dst_begin, count, stream()); });
+  }
+
+  void activation(Tensor& x, Activation act) override {
+    timed(kOther, [&] { cuda::activation(x, act, stream()); });
+  }
+
+  void patchify(const Tensor& x, int p, Tensor& y) override {
+    timed(kOther, [&] { cuda::patchify(x, p, y, stream()); });
+  }
+
+  void unpatchify(const Tensor& x, int p, Tensor& y) override {
+    timed(kOther, [&] { cuda::unpatchify(x, p, y, stream()); });
+  }
+
+  void im2col3x3(const Tensor& x, Tensor& y) override {
+    timed(kOther, [&] { cuda::im2col3x3(x, y, stream()); });
+  }
+
+  // y[b] = a[b] b[b]^T: the same engine as linear, with batch strides and no epilogue.
+  void matmul_nt(const Tensor& a, const Tensor& b, Tensor& y) override {
+    require_cuda(a, "matmul_nt a");
+    require_cuda(b, "matmul_nt b");
+    require_cuda(y, "matmul_nt output");
+    check(a.ndim() == 3 && b.ndim() == 3, "matmul_nt: " + shape_str(a.shape()) + " x " + shape_str(b.shape()) +
+                                              "^T: both must be [B, rows, K]");
+    const int64_t B = a.dim(0), M = a.dim(1), K = a.dim(2), N = b.dim(1);
+    check(b.dim(0) == B && b.dim(2) == K && y.numel() == B * M * N,
+          "matmul_nt: " + shape_str(a.shape()) + " x " + shape_str(b.shape()) + "^T -> " + shape_str(y.shape()));
+    check(a.dtype() == DType::BF16 && b.dtype() == DType::BF16 && cuda::is_float_dtype(y.dtype()),
+          std::string("cuda matmul_nt: inputs must be bf16 and the output bf16 or float32, found ") +
+              dtype_name(a.dtype()) + " x " + dtype_name(b.dtype()) + " -> " + dtype_name(y.dtype()));
+    cuda::GemmArgs g;
+    g.M = M, g.N = N, g.K = K, g.batch = B;
+    g.a = a.data(), g.a_type = DType::BF16, g.stride_a = M * K;
+    g.b = b.data(), g.b_type = DType::BF16, g.stride_b = N * K;
+    g.d = y.data(), g.d_type = y.dtype(), g.stride_d = M * N;
+    timed(kGemm, [&] { gemm_->run(g); });
+  }
+
+  void synchronize() override { CUDA_CHECK(cudaStreamSynchronize(stream_.get())); }
+
+  // ---- graphs ----------------------------------------------------------------------------------
+  //
+  // Call 1 runs the body eagerly: cuBLASLt plans are made (the heuristic runs on the host) and
+  // kernels load. Call 2 captures the body (thread-local mode: a stray cudaMalloc or sync in an
+  // op fails the capture with an error instead of hiding in it) and launches the graph; later
+  // calls launch it. Profiling runs the body eagerly so that each op can be timed.
+  void run_graph(const std::string& key, const std::function<void()>& body) override {
+    if (profiling_) {
+      body();
+      return;
+    }
+    GraphState& g = graphs_[key];
+    if (g.exec) {
+      CUDA_CHECK(cudaGraphLaunch(g.exec.get(), stream_.get()));
+      return;
+    }
+    if (g.calls++ == 0) {
+      body();
+      return;
+    }
+    CUDA_CHECK(cudaStreamBeginCapture(stream_.get(), cudaStreamCaptureModeThreadLocal));
+    try {
+      body();
+    } catch (const std::exception& e) {
+      cudaGraph_t broken = nullptr;
+      cudaStreamEndCapture(stream_.get(), &broken);
+      if (broken) cudaGraphDestroy(broken);
+      cudaGetLastError();  // the capture's failure is reported here, not at the next launch
+      throw Error("cuda run_graph('" + key + "'): capture failed: " + e.what());
+    }
+    cudaGraph_t graph = nullptr;
+    CUDA_CHECK(cudaStreamEndCapture(stream_.get(), &graph));
+    UniqueGraph owned(graph);
+    cudaGraphExec_t exec = nullptr;
+    CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    g.exec.reset(exec);
+    CUDA_CHECK(cudaGraphLaunch(exec, stream_.get()));
+  }
+
+  // ---- profiling -------------------------------------------------------------------------------
+
+  void set_profiling(bool on) override {
+    if (on && !profiling_) {
+      pending_.clear();
+      events_used_ = 0;
+      totals_.fill(0.0);
+    }
+    profiling_ = on;
+  }
+
+  std::map<std::string, double> profile() override {
+    if (!pending_.empty()) {
+      CUDA_CHECK(cudaEventSynchronize(pending_.back().end));
+      for (const Timed& t : pending_) {
+        float ms = 0.0f;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, t.start, t.end));
+        totals_[t.cls] += ms;
+      }
+      pending_.clear();
+      events_used_ = 0;  // every event has completed: the pool can be reused
+    }
+    std::map<std::string, double> out;
+    for (int c = 0; c < kOpClasses; ++c) out[kOpClassNames[c]] = totals_[c];
+    return out;
+  }
+
+ private:
+  struct GraphState {
+    int calls = 0;
+    UniqueGraphExec exec;
+  };
+  struct Timed {
+    OpClass cls;
+    cudaEvent_t start, end;
+  };
+
+  // Runs one op; with profiling on, between two events of the pool.
+  template <class F>
+  void timed(OpClass cls, F&& op) {
+    if (!profiling_) {
+      op();
+      return;
+    }
+    cudaEvent_t start = pooled_event();
+    CUDA_CHECK(cudaEventRecord(start, stream_.get()));
+    op();
+    cudaEvent_t end = pooled_event();
+    CUDA_CHECK(cudaEventRecord(end, stream_.get()));
+    pending_.push_back({cls, start, end});
+  }
+
+  cudaEvent_t pooled_event() {
+    if (events_used_ == event_pool_.size()) event_pool_.push_back(make_event(cudaEventDefault));
+    return event_pool_[events_used_++].get();
+  }
+
+  // The pinned staging buffer, at least `bytes` large, once the previous copy through it is done.
+  void* staging(size_t bytes) {
+    CUDA_CHECK(cudaEventSynchronize(staging_done_.get()));
+    if (bytes > staging_bytes_) {
+      staging_.reset();
+      staging_bytes_ = 0;
+      void* p = nullptr;
+      CUDA_CHECK(cudaHostAlloc(&p, bytes, cudaHostAllocDefault));
+      staging_.reset(p);
+      staging_bytes_ = bytes;
+    }
+    return staging_.get();
+  }
+
+  // Declaration order is destruction order reversed: the stream outlives everything using it.
+  CudaOptions options_;
+  UniqueStream stream_;
+  UniqueEvent staging_done_;
+  UniquePinned staging_;
+  size_t staging_bytes_ = 0;
+  std::unique_ptr<cuda::GemmEngine> gemm_;
+  std::map<std::string, GraphState> graphs_;
+  bool profiling_ = false;
+  std::vector<UniqueEvent> event_pool_;
+  size_t events_used_ = 0;
+  std::vector<Timed> pending_;
+  std::array<double, kOpClasses> totals_{};
+};
+
+}  // namespace
+
+bool cuda_available() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so that later calls start clean
+    return false;
+  }
+  return count > 0;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device, const CudaOptions& options) {
+  check(cuda_available(), "no CUDA device is available (cudaGetDeviceCount found none or failed)");
+  return std::make_unique<CudaBackend>(device, options);
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device) { return make_cuda_backend(device, CudaOptions{}); }
+
+cudaStream_t cuda_stream(Backend& backend) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  check(cuda != nullptr, "cuda_stream: backend '" + backend.name() + "' is not a CUDA backend");
+  return cuda->stream();
+}
+
+}  // namespace segany

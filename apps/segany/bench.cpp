@@ -1,0 +1,172 @@
+// segany bench: how fast the image encoder and the prompt path run on a backend, printed as one
+// JSON line. Random weights by default: speed does not depend on what the weights are, and no
+// download is needed. The model classes are driven directly, as the Predictor drives them, so that
+// the encoder is timed on a batch and without image decoding or resizing.
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "commands.h"
+#include "io/checkpoint.h"
+#include "model/config.h"
+#include "model/random_init.h"
+#include "model/sam.h"
+#include "segany/error.h"
+
+namespace segany::cli {
+namespace {
+
+struct BenchOptions {
+  std::string arch, config, checkpoint, device = "cpu";
+  int batch = 1, iters = 0, warmup = -1, threads = 0, prompts = 1;
+  bool profile = false;
+};
+
+// Milliseconds per call of f, averaged over `iters` calls after `warmup` untimed ones. f must
+// wait for the device itself (it ends in synchronize or a download).
+template <class F>
+double time_ms(int warmup, int iters, F&& f) {
+  for (int i = 0; i < warmup; ++i) f();
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < iters; ++i) f();
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() / iters;
+}
+
+double rounded3(double v) { return std::round(v * 1000.0) / 1000.0; }
+
+void run_bench(BenchOptions o) {
+  const bool cuda = o.device == "cuda";
+  if (o.iters <= 0) o.iters = cuda ? 20 : 3;
+  if (o.warmup < 0) o.warmup = cuda ? 3 : 1;
+
+  io::TensorMap weights;
+  SamConfig cfg;
+  if (!o.checkpoint.empty()) {
+    weights = io::load_checkpoint(o.checkpoint);
+    cfg = o.config.empty() ? SamConfig::infer(weights) : SamConfig::from_json_file(o.config);
+  } else {
+    cfg = o.config.empty() ? SamConfig::from_arch(o.arch) : SamConfig::from_json_file(o.config);
+    weights = random_sam_weights(cfg, 0);
+  }
+  std::unique_ptr<Backend> be = cuda ? make_cuda_backend(0) : make_cpu_backend(o.threads);
+  Sam sam(cfg, weights, *be);
+  weights = io::TensorMap();  // the backend holds its own prepared copy
+
+  // Encoder: a batch of normalised, padded images (unit-scale noise, as normalised pixels are).
+  const int64_t B = o.batch, S = cfg.image_encoder.img_size, G = cfg.image_encoder.grid();
+  Tensor host = Tensor::empty({B, S, S, 3});
+  std::mt19937 rng(0);
+  std::normal_distribution<float> normal;
+  for (int64_t i = 0; i < host.numel(); ++i) host.data_as<float>()[i] = normal(rng);
+  ImageEncoder& encoder = sam.image_encoder();
+  be->copy_from_host(host, encoder.input(B));
+  const Tensor* encoded = nullptr;  // [B, G, G, C], valid until the next forward
+  const double encoder_ms = time_ms(o.warmup, o.iters, [&] {
+    encoded = &encoder.forward(B);
+    be->synchronize();
+  });
+  // Where the encoder's time goes, from one more pass with per-op timing (which slows it down).
+  std::map<std::string, double> profile;
+  if (o.profile) {
+    be->set_profiling(true);
+    encoded = &encoder.forward(B);
+    be->synchronize();
+    profile = be->profile();
+    be->set_profiling(false);
+  }
+
+  // Prompt path for `prompts` one-point prompts decoded together against the first image, as the
+  // Predictor runs it per click: sparse embedding, upload, mask decoder, results back to the host.
+  const int64_t C = encoded->dim(3);
+  Tensor embedding = be->alloc({1, G * G, C});
+  be->copy_tokens(encoded->slice0(0, 1).view({1, G * G, C}), 0, embedding, 0, static_cast<int>(G * G));
+  PromptSet click;
+  click.points = {S / 2.0f, S / 2.0f};
+  click.labels = {1};
+  const std::vector<const PromptSet*> sets(o.prompts, &click);
+  Tensor sparse = be->alloc({static_cast<int64_t>(o.prompts), click.sparse_tokens(), C});
+  PromptEncoder& pe = sam.prompt_encoder();
+  // The decoder takes milliseconds where the encoder takes seconds: ten times the iterations.
+  const double decoder_ms = time_ms(std::max(o.warmup, 1), 10 * o.iters, [&] {
+    be->copy_from_host(pe.embed_sparse(sets), sparse);
+    const MaskDecoder::Output out = sam.mask_decoder().forward(embedding, pe.image_pe(), sparse, pe.no_mask_embed());
+    be->download(out.low_res_logits);
+    be->download(out.iou);
+  });
+
+  const double per_image = encoder_ms / static_cast<double>(B);
+  nlohmann::ordered_json j;
+  j["arch"] = cfg.arch;
+  j["device"] = o.device;
+  j["threads"] = cuda ? o.threads : (o.threads > 0 ? o.threads : omp_get_max_threads());
+  j["batch"] = B;
+  j["encoder_ms_per_image"] = rounded3(per_image);
+  j["encoder_img_per_s"] = rounded3(1000.0 / per_image);
+  j["decoder_ms_per_prompt"] = rounded3(decoder_ms / o.prompts);
+  j["params"] = sam.parameter_count();
+  j["prompts"] = o.prompts;
+  j["iters"] = o.iters;
+  j["warmup"] = o.warmup;
+  j["backend"] = be->name();
+  j["weights"] = o.checkpoint.empty() ? "random" : o.checkpoint;
+  if (o.profile) {
+    nlohmann::ordered_json& p = j["encoder_profile_ms"];
+    p = nlohmann::ordered_json::object();  // empty where the backend cannot measure
+    for (const auto& [op, ms] : profile) p[op] = rounded3(ms / static_cast<double>(B));
+  }
+  std::cout << j.dump() << std::endl;
+}
+
+}  // namespace
+
+Command add_bench(CLI::App& parent) {
+  auto o = std::make_shared<BenchOptions>();
+  CLI::App* app = parent.add_subcommand(
+      "bench",
+      "Time the image encoder (per image, on a batch of random inputs) and the prompt path (prompt encoder + mask "
+      "decoder for one-point prompts, results copied to the host). Random weights unless --checkpoint. Prints one "
+      "JSON line.");
+  CLI::Option* arch = app->add_option("--arch", o->arch, "architecture")->check(CLI::IsMember({"vit_b", "vit_l", "vit_h"}));
+  CLI::Option* config = app->add_option("--config", o->config, "config.json with the architecture, instead of --arch")
+                            ->check(CLI::ExistingFile);
+  CLI::Option* checkpoint =
+      app->add_option("--checkpoint", o->checkpoint, "time this checkpoint's weights instead of random ones")
+          ->check(CLI::ExistingFile);
+  arch->excludes(config);
+  arch->excludes(checkpoint);
+  app->add_option("--device", o->device, "cpu, or cuda (needs a CUDA build and a GPU)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  app->add_option("--batch", o->batch, "images per encoder call")->check(CLI::PositiveNumber)->capture_default_str();
+  app->add_option("--iters", o->iters, "timed encoder calls (default 3 on cpu, 20 on cuda; the decoder runs 10x as many)")
+      ->check(CLI::PositiveNumber);
+  app->add_option("--warmup", o->warmup, "untimed calls first (default 1 on cpu, 3 on cuda)")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--threads", o->threads, "CPU threads; 0: all cores")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--prompts", o->prompts, "one-point prompts decoded together per decoder call")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app->add_flag("--profile",
+                o->profile, "add encoder_profile_ms: the encoder's time per image by op class, from one extra pass "
+                            "(backends that cannot measure give {})");
+  app->callback([arch, config, checkpoint] {
+    if (arch->count() == 0 && config->count() == 0 && checkpoint->count() == 0)
+      throw CLI::RequiredError("--arch, --config or --checkpoint");
+  });
+  return {app, [o] { run_bench(*o); }};
+}
+
+}  // namespace segany::cli

@@ -1,0 +1,34 @@
+// The CUDA backend's extras beyond backend.h: its options, and its stream for callers that
+// enqueue their own work next to the model's (the pipeline's uploads and pre/post-processing).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <memory>
+
+#include "backend/backend.h"
+#include "backend/cuda/gemm.h"
+
+namespace segany {
+
+struct CudaOptions {
+  // How prepare_linear stores weights. Only BF16 is implemented; FP8_E4M3 and Sparse24 are
+  // refused with a message until their CudaLinear subclasses exist.
+  cuda::LinearFormat linear_format = cuda::LinearFormat::BF16;
+  size_t gemm_workspace_bytes = size_t(32) << 20;  // cuBLASLt's workspace, allocated once
+  // Run attention_relpos through the plain reference kernel (kernels.h) even where the flash
+  // kernel takes the shape: for A/B checks of the flash kernel inside the whole model.
+  bool reference_attention = false;
+};
+
+std::unique_ptr<Backend> make_cuda_backend(int device, const CudaOptions& options);
+
+// The device is made current on the calling thread at construction; a thread that drives a
+// backend of another device must cudaSetDevice first.
+//
+// The backend's one stream (non-blocking): every op, copy and graph launch goes there.
+// Throws segany::Error if `backend` is not a CUDA backend.
+cudaStream_t cuda_stream(Backend& backend);
+
+}  // namespace segany

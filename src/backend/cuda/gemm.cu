@@ -1,0 +1,218 @@
+// cuBLASLt products and the bf16 linear layer (see gemm.h for the row-/column-major mapping).
+//
+// Epilogues: bias, ReLU + bias, GELU + bias, fused by cuBLASLt into the product. Its GELU is the
+// tanh approximation 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))), while SAM (and the CPU twin) use
+// the exact erf form; the two differ by at most ~5e-4 in absolute value (near |x| ~ 2), under a
+// tenth of bf16's rounding step at those magnitudes, so the fused epilogue is kept. The residual
+// is cuBLASLt's C operand with beta = 1 (C may be D: the in-place residual of the transformer).
+#include <string>
+
+#include "backend/cuda/cuda_utils.h"
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/kernels.h"
+
+namespace segany::cuda {
+
+const char* linear_format_name(LinearFormat f) {
+  switch (f) {
+    case LinearFormat::BF16: return "bf16";
+    case LinearFormat::FP8_E4M3: return "fp8_e4m3";
+    case LinearFormat::Sparse24: return "sparse24";
+  }
+  return "?";
+}
+
+// Descriptors and the chosen algorithm of one shape, destroyed with the engine.
+struct GemmEngine::Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  Plan() = default;
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+  ~Plan() {
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+GemmEngine::GemmEngine(cudaStream_t stream, size_t workspace_bytes) : stream_(stream), workspace_bytes_(workspace_bytes) {
+  CUBLAS_CHECK(cublasLtCreate(&handle_));
+  if (workspace_bytes_ > 0) {
+    const cudaError_t err = cudaMalloc(&workspace_, workspace_bytes_);
+    if (err != cudaSuccess) {
+      cublasLtDestroy(handle_);
+      throw_cuda_error(err, "cudaMalloc(gemm workspace)", __FILE__, __LINE__);
+    }
+  }
+}
+
+GemmEngine::~GemmEngine() {
+  plans_.clear();
+  if (workspace_) cudaFree(workspace_);
+  if (handle_) cublasLtDestroy(handle_);
+}
+
+namespace {
+
+cublasLtEpilogue_t epilogue_for(Activation act, bool bias) {
+  switch (act) {
+    case Activation::None: return bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    case Activation::ReLU: return bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
+    case Activation::GELU: return bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+  }
+  return CUBLASLT_EPILOGUE_DEFAULT;
+}
+
+std::string describe(const GemmArgs& g) {
+  return "M=" + std::to_string(g.M) + " N=" + std::to_string(g.N) + " K=" + std::to_string(g.K) +
+         " batch=" + std::to_string(g.batch) + " A " + dtype_name(g.a_type) + " B " + dtype_name(g.b_type) + " D " +
+         dtype_name(g.d_type) + (g.bias ? " +bias" : "") + (g.c ? " +residual" : "") +
+         (g.act == Activation::GELU ? " gelu" : g.act == Activation::ReLU ? " relu" : "");
+}
+
+void set_layout_batch(cublasLtMatrixLayout_t l, int64_t batch, int64_t stride) {
+  if (batch <= 1) return;
+  const int32_t count = static_cast<int32_t>(batch);
+  CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+  CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+}
+
+}  // namespace
+
+GemmEngine::Plan& GemmEngine::plan(const Key& key, const GemmArgs& g) {
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return *it->second;
+
+  auto p = std::make_unique<Plan>();
+  const cudaDataType_t ta = cuda_dtype(g.a_type), tb = cuda_dtype(g.b_type), td = cuda_dtype(g.d_type);
+  CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  // cuBLASLt's A is our weight B [N, K] row-major = [K, N] column-major, transposed; its B is our
+  // activation A [M, K] row-major = [K, M] column-major, as is; its D is [N, M] column-major.
+  const cublasOperation_t trans_w = CUBLAS_OP_T, trans_x = CUBLAS_OP_N;
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_w, sizeof(trans_w)));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_x, sizeof(trans_x)));
+  p->epilogue = epilogue_for(g.act, g.bias != nullptr);
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &p->epilogue, sizeof(p->epilogue)));
+  if (g.bias) {
+    const int32_t bias_type = td;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                sizeof(bias_type)));
+    // The heuristic reads the bias pointer's alignment; run() sets the pointer of each call.
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
+  }
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, tb, g.K, g.N, g.K));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, ta, g.K, g.M, g.K));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->c, td, g.N, g.M, g.N));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->d, td, g.N, g.M, g.N));
+  set_layout_batch(p->a, g.batch, g.stride_b);
+  set_layout_batch(p->b, g.batch, g.stride_a);
+  set_layout_batch(p->c, g.batch, g.stride_d);
+  set_layout_batch(p->d, g.batch, g.stride_d);
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st = [&] {
+    const uint64_t ws = workspace_bytes_;
+    const uint32_t align_w = static_cast<uint32_t>(pointer_alignment(g.b)),
+                   align_x = static_cast<uint32_t>(pointer_alignment(g.a)),
+                   align_c = static_cast<uint32_t>(pointer_alignment(g.c ? g.c : g.d)),
+                   align_d = static_cast<uint32_t>(pointer_alignment(g.d));
+    cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_w, sizeof(align_w));
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_x, sizeof(align_x));
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c));
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d));
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulAlgoGetHeuristic(handle_, p->desc, p->a, p->b, p->c, p->d, pref, 1, &result, &found);
+    return s;
+  }();
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (st != CUBLAS_STATUS_SUCCESS) throw_cublas_error(st, ("cublasLtMatmulAlgoGetHeuristic for " + describe(g)).c_str(), __FILE__, __LINE__);
+  check(found > 0, "cuBLASLt has no algorithm for the product " + describe(g));
+  p->algo = result.algo;
+  return *plans_.emplace(key, std::move(p)).first->second;
+}
+
+void GemmEngine::run(const GemmArgs& g) {
+  if (g.M == 0 || g.N == 0 || g.batch == 0) return;
+  check(g.K > 0, "gemm: K must be positive (" + describe(g) + ")");
+  check(g.M <= INT32_MAX && g.N <= INT32_MAX && g.K <= INT32_MAX, "gemm: dimensions beyond 32 bits: " + describe(g));
+  const Key key{g.M,
+                g.N,
+                g.K,
+                g.batch,
+                g.stride_a,
+                g.stride_b,
+                g.stride_d,
+                static_cast<int>(g.a_type),
+                static_cast<int>(g.b_type),
+                static_cast<int>(g.d_type),
+                static_cast<int>(g.act),
+                g.bias != nullptr,
+                g.c != nullptr,
+                pointer_alignment(g.a),
+                pointer_alignment(g.b),
+                pointer_alignment(g.c ? g.c : g.d),
+                pointer_alignment(g.d)};
+  Plan& p = plan(key, g);
+  if (g.bias)
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
+  const float alpha = 1.0f, beta = g.c ? 1.0f : 0.0f;
+  CUBLAS_CHECK(cublasLtMatmul(handle_, p.desc, &alpha, g.b, p.a, g.a, p.b, &beta, g.c ? g.c : g.d, p.c, g.d, p.d,
+                              &p.algo, workspace_, workspace_bytes_, stream_));
+}
+
+// ---- linear layers ------------------------------------------------------------------------------
+
+Bf16Linear::Bf16Linear(Tensor weight_bf16, Tensor bias_bf16, Tensor bias_f32)
+    : weight_(std::move(weight_bf16)), bias_bf16_(std::move(bias_bf16)), bias_f32_(std::move(bias_f32)) {
+  out_features = weight_.dim(0);
+  in_features = weight_.dim(1);
+  has_bias = bias_bf16_.defined();
+}
+
+void Bf16Linear::run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation act, const Tensor* residual) const {
+  const int64_t K = in_features, N = out_features;
+  check(x.device() == Device::CUDA && x.dtype() == DType::BF16,
+        std::string("cuda linear: input must be bf16 on the GPU, found ") + dtype_name(x.dtype()) +
+            (x.device() == Device::CUDA ? "" : " on the host"));
+  check(y.device() == Device::CUDA && (y.dtype() == DType::BF16 || y.dtype() == DType::F32),
+        std::string("cuda linear: output must be bf16 or float32 on the GPU, found ") + dtype_name(y.dtype()));
+  const int64_t M = x.dim(-1) == 0 ? 0 : x.numel() / x.dim(-1);
+  check(x.dim(-1) == K && y.dim(-1) == N && y.numel() == M * N,
+        "cuda linear: input " + shape_str(x.shape()) + ", output " + shape_str(y.shape()) + " for weight [" +
+            std::to_string(N) + ", " + std::to_string(K) + "]");
+  const bool residual_in_y = residual && residual->data() == y.data();
+  check(!(residual && act != Activation::None && residual_in_y),
+        "cuda linear: an activated output cannot accumulate into its residual in place");
+  if (residual)
+    check(residual->device() == Device::CUDA && residual->dtype() == y.dtype() && residual->numel() == y.numel(),
+          "cuda linear: residual " + shape_str(residual->shape()) + " " + dtype_name(residual->dtype()) +
+              " does not match the output " + shape_str(y.shape()) + " " + dtype_name(y.dtype()));
+
+  GemmArgs g;
+  g.M = M, g.N = N, g.K = K;
+  g.a = x.data(), g.a_type = DType::BF16;
+  g.b = weight_.data(), g.b_type = DType::BF16;
+  g.d = y.data(), g.d_type = y.dtype();
+  g.bias = has_bias ? (y.dtype() == DType::F32 ? bias_f32_.data() : bias_bf16_.data()) : nullptr;
+  g.act = act;
+  // act(xW + b) + r: cuBLASLt would add C before the activation, so an activated layer with a
+  // residual (the model has none) takes a second pass.
+  if (residual && act == Activation::None) g.c = residual->data();
+  gemm.run(g);
+  if (residual && act != Activation::None) cuda::add(y, *residual, y, gemm.stream());
+}
+
+}  // namespace segany::cuda

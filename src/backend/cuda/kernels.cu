@@ -1,0 +1,778 @@
+// Memory-bound kernels of the CUDA backend (norms, window (un)partition, elementwise, layout
+// changes) and a plain, exact attention kernel for the mask decoder. Each is the twin of the CPU
+// backend's op of the same name (src/backend/cpu/cpu_backend.cpp); tests/test_cuda.cpp holds them
+// to it.
+//
+// Elements are bf16 or fp32 on both sides (templates over the input and output types); all
+// arithmetic is fp32. Where the sizes and pointers allow, a thread moves 8 elements with 16-byte
+// accesses (one uint4 of bf16, two float4 of fp32); otherwise one element at a time.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "backend/cuda/cuda_utils.h"
+#include "backend/cuda/kernels.h"
+
+namespace segany::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+// ---- element access ----------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(bf16 v) { return __bfloat162float(v); }
+template <class T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float v) { return __float2bfloat16_rn(v); }
+
+// V consecutive elements to/from fp32 registers. V == 8 needs 16-byte aligned addresses.
+template <int V>
+__device__ __forceinline__ void load_vec(const bf16* p, float (&v)[V]) {
+  if constexpr (V == 8) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = __bfloat162float(p[i]);
+  }
+}
+template <int V>
+__device__ __forceinline__ void load_vec(const float* p, float (&v)[V]) {
+  if constexpr (V == 8) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = p[i];
+  }
+}
+template <int V>
+__device__ __forceinline__ void store_vec(bf16* p, const float (&v)[V]) {
+  if constexpr (V == 8) {
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) p[i] = __float2bfloat16_rn(v[i]);
+  }
+}
+template <int V>
+__device__ __forceinline__ void store_vec(float* p, const float (&v)[V]) {
+  if constexpr (V == 8) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) p[i] = v[i];
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f)); }
+
+// ---- host-side dispatch ------------------------------------------------------------------------
+
+void require_device(const Tensor& t, const char* op, const char* what) {
+  check(t.defined() && t.device() == Device::CUDA && is_float_dtype(t.dtype()),
+        std::string("cuda ") + op + ": " + what + " must be a bf16 or float32 tensor on the GPU, found " +
+            (t.defined() ? std::string(dtype_name(t.dtype())) + (t.device() == Device::CUDA ? " on the GPU" : " on the host")
+                         : std::string("nothing")));
+}
+
+void require_f32_param(const Tensor& t, int64_t n, const char* op, const char* what) {
+  check(t.defined() && t.device() == Device::CUDA && t.dtype() == DType::F32 && t.numel() == n,
+        std::string("cuda ") + op + ": " + what + " must be float32 [" + std::to_string(n) + "] on the GPU, found " +
+            (t.defined() ? std::string(dtype_name(t.dtype())) + " " + shape_str(t.shape()) : std::string("nothing")));
+}
+
+// Calls f(T{}) with T the C++ element type of dtype t (float or bf16).
+template <class F>
+void with_type(DType t, F&& f) {
+  if (t == DType::F32)
+    f(float{});
+  else if (t == DType::BF16)
+    f(bf16{});
+  else
+    throw Error(std::string("cuda backend: unsupported element type ") + dtype_name(t));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// A grid-stride launch shape for `work` independent items of `threads` threads each.
+unsigned blocks_for(int64_t work, int threads) {
+  const int64_t b = (work + threads - 1) / threads;
+  return static_cast<unsigned>(std::clamp<int64_t>(b, 1, 1 << 20));
+}
+
+constexpr int kThreads = 256;
+
+// ---- runs: copy (or add) contiguous runs of elements from one layout to another -----------------
+//
+// patchify, unpatchify, im2col, window unpartition and copy_tokens all move runs of `len`
+// contiguous elements; a map says where run r comes from (-1: zeros) and where it goes.
+
+template <class Map, class TS, class TD, int V, bool kAdd>
+__global__ void run_copy_kernel(const TS* src, TD* dst, Map map, int64_t runs, int64_t len) {
+  const int64_t chunks = len / V, total = runs * chunks;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t run = i / chunks, e = (i - run * chunks) * V;
+    int64_t s, d;
+    map(run, s, d);
+    float v[V];
+    if (s >= 0) {
+      load_vec<V>(src + s + e, v);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] = 0.0f;
+    }
+    if constexpr (kAdd) {
+      float o[V];
+      load_vec<V>(dst + d + e, o);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] += o[k];
+    }
+    store_vec<V>(dst + d + e, v);
+  }
+}
+
+// `vec_ok`: every run offset the map produces is a multiple of 8 elements (and len too).
+template <bool kAdd, class Map>
+void launch_runs(const Tensor& src, Tensor& dst, const Map& map, int64_t runs, int64_t len, bool vec_ok,
+                 cudaStream_t stream, const char* what) {
+  if (runs * len == 0) return;
+  const bool v8 = vec_ok && len % 8 == 0 && aligned16(src.data()) && aligned16(dst.data());
+  with_type(src.dtype(), [&](auto ts) {
+    with_type(dst.dtype(), [&](auto td) {
+      using TS = decltype(ts);
+      using TD = decltype(td);
+      const auto* s = static_cast<const TS*>(src.data());
+      auto* d = static_cast<TD*>(dst.data());
+      if (v8)
+        run_copy_kernel<Map, TS, TD, 8, kAdd><<<blocks_for(runs * len / 8, kThreads), kThreads, 0, stream>>>(s, d, map, runs, len);
+      else
+        run_copy_kernel<Map, TS, TD, 1, kAdd><<<blocks_for(runs * len, kThreads), kThreads, 0, stream>>>(s, d, map, runs, len);
+    });
+  });
+  CUDA_CHECK_LAUNCH(what);
+}
+
+// run = ((b*Ho + i)*Wo + j)*p + ky over y, len p*C.
+struct PatchifyMap {
+  int64_t H, W, C, Ho, Wo, p;
+  __device__ void operator()(int64_t run, int64_t& s, int64_t& d) const {
+    int64_t t = run;
+    const int64_t ky = t % p; t /= p;
+    const int64_t j = t % Wo; t /= Wo;
+    const int64_t i = t % Ho;
+    const int64_t b = t / Ho;
+    s = ((b * H + i * p + ky) * W + j * p) * C;
+    d = run * p * C;
+  }
+};
+
+// run = ((b*H + i)*W + j)*p + ky over x, len p*C.
+struct UnpatchifyMap {
+  int64_t H, W, C, p;
+  __device__ void operator()(int64_t run, int64_t& s, int64_t& d) const {
+    int64_t t = run;
+    const int64_t ky = t % p; t /= p;
+    const int64_t j = t % W; t /= W;
+    const int64_t i = t % H;
+    const int64_t b = t / H;
+    s = run * p * C;
+    d = ((b * H * p + i * p + ky) * W * p + j * p) * C;
+  }
+};
+
+// run = ((b*H + i)*W + j)*9 + ky*3 + kx over y, len C.
+struct Im2colMap {
+  int64_t H, W, C;
+  __device__ void operator()(int64_t run, int64_t& s, int64_t& d) const {
+    int64_t t = run;
+    const int k = static_cast<int>(t % 9); t /= 9;
+    const int64_t j = t % W; t /= W;
+    const int64_t i = t % H;
+    const int64_t b = t / H;
+    const int64_t r = i + k / 3 - 1, c = j + k % 3 - 1;
+    s = (r < 0 || r >= H || c < 0 || c >= W) ? -1 : ((b * H + r) * W + c) * C;
+    d = run * C;
+  }
+};
+
+// run = (b*H + r)*W + c over x, len C; the source is the token of the window holding (r, c).
+struct UnpartitionMap {
+  int64_t H, W, C, ws, nh, nw;
+  __device__ void operator()(int64_t run, int64_t& s, int64_t& d) const {
+    const int64_t c = run % W, t = run / W;
+    const int64_t r = t % H, b = t / H;
+    const int64_t win = (b * nh + r / ws) * nw + c / ws, tok = (r % ws) * ws + c % ws;
+    s = (win * ws * ws + tok) * C;
+    d = run * C;
+  }
+};
+
+// run = b, len count*C.
+struct TokensMap {
+  int64_t Ts, Td, sb, db, C;
+  __device__ void operator()(int64_t run, int64_t& s, int64_t& d) const {
+    s = (run * Ts + sb) * C;
+    d = (run * Td + db) * C;
+  }
+};
+
+// ---- elementwise ------------------------------------------------------------------------------
+
+template <class TA, class TB, class TY, int V>
+__global__ void add_kernel(const TA* a, const TB* b, TY* y, int64_t n, int64_t nb) {
+  for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * V; i < n; i += int64_t(gridDim.x) * blockDim.x * V) {
+    float va[V], vb[V];
+    load_vec<V>(a + i, va);
+    load_vec<V>(b + i % nb, vb);
+#pragma unroll
+    for (int k = 0; k < V; ++k) va[k] += vb[k];
+    store_vec<V>(y + i, va);
+  }
+}
+
+template <class T, int V>
+__global__ void activation_kernel(T* x, int64_t n, bool gelu) {
+  for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * V; i < n; i += int64_t(gridDim.x) * blockDim.x * V) {
+    float v[V];
+    load_vec<V>(x + i, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] = gelu ? gelu_erf(v[k]) : fmaxf(v[k], 0.0f);
+    store_vec<V>(x + i, v);
+  }
+}
+
+// ---- LayerNorm: one warp per output row ---------------------------------------------------------
+
+// Output row -> input row, or -1 for a row of the window padding (zeros).
+struct RowMap {
+  int64_t H = 0, W = 0, ws = 0, nh = 0, nw = 0;
+  bool windowed = false;
+  __device__ int64_t operator()(int64_t row) const {
+    if (!windowed) return row;
+    const int64_t win = row / (ws * ws), tok = row % (ws * ws);
+    const int64_t b = win / (nh * nw), w = win % (nh * nw);
+    const int64_t r = (w / nw) * ws + tok / ws, c = (w % nw) * ws + tok % ws;
+    return (r < H && c < W) ? (b * H + r) * W + c : -1;
+  }
+};
+
+// C % 8 == 0 and C <= 256 * VPT: each lane holds VPT vectors of 8 in registers, statistics by two
+// passes over the registers (mean, then the centred sum of squares), all fp32.
+template <int VPT, class TX, class TY>
+__global__ void layer_norm_vec_kernel(const TX* x, const float* gamma, const float* beta, TY* y, int64_t rows, int C,
+                                      float eps, RowMap map) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int nvec = C / 8;
+  TY* yr = y + row * C;
+  const int64_t src = map(row);
+  if (src < 0) {
+    const float z[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int v = lane; v < nvec; v += 32) store_vec<8>(yr + v * 8, z);
+    return;
+  }
+  const TX* xr = x + src * C;
+  float v[VPT][8];
+  float sum = 0.0f;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int vi = lane + 32 * k;
+    if (vi < nvec) {
+      load_vec<8>(xr + vi * 8, v[k]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum += v[k][j];
+    }
+  }
+  const float mean = warp_sum(sum) / C;
+  float sq = 0.0f;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    if (lane + 32 * k < nvec) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float d = v[k][j] - mean;
+        sq += d * d;
+      }
+    }
+  }
+  const float rstd = rsqrtf(warp_sum(sq) / C + eps);
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int vi = lane + 32 * k;
+    if (vi < nvec) {
+      float g[8], b[8], o[8];
+      load_vec<8>(gamma + vi * 8, g);
+      load_vec<8>(beta + vi * 8, b);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) o[j] = (v[k][j] - mean) * rstd * g[j] + b[j];
+      store_vec<8>(yr + vi * 8, o);
+    }
+  }
+}
+
+// Any C and alignment: three passes over the row in memory (it stays in L1).
+template <class TX, class TY>
+__global__ void layer_norm_any_kernel(const TX* x, const float* gamma, const float* beta, TY* y, int64_t rows, int C,
+                                      float eps, RowMap map) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  TY* yr = y + row * C;
+  const int64_t src = map(row);
+  if (src < 0) {
+    for (int k = lane; k < C; k += 32) yr[k] = from_float<TY>(0.0f);
+    return;
+  }
+  const TX* xr = x + src * C;
+  float sum = 0.0f;
+  for (int k = lane; k < C; k += 32) sum += to_float(xr[k]);
+  const float mean = warp_sum(sum) / C;
+  float sq = 0.0f;
+  for (int k = lane; k < C; k += 32) {
+    const float d = to_float(xr[k]) - mean;
+    sq += d * d;
+  }
+  const float rstd = rsqrtf(warp_sum(sq) / C + eps);
+  for (int k = lane; k < C; k += 32) yr[k] = from_float<TY>((to_float(xr[k]) - mean) * rstd * gamma[k] + beta[k]);
+}
+
+template <int VPT, class TX, class TY>
+void launch_layer_norm_vec(const TX* x, const float* g, const float* b, TY* y, int64_t rows, int C, float eps,
+                           const RowMap& map, unsigned blocks, cudaStream_t stream) {
+  layer_norm_vec_kernel<VPT, TX, TY><<<blocks, kThreads, 0, stream>>>(x, g, b, y, rows, C, eps, map);
+}
+
+void launch_layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, int64_t rows,
+                       int C, const RowMap& map, cudaStream_t stream) {
+  if (rows == 0 || C == 0) return;
+  const unsigned blocks = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
+  const int vpt = (C / 8 + 31) / 32;
+  const bool vec = C % 8 == 0 && vpt <= 8 && aligned16(x.data()) && aligned16(y.data()) && aligned16(gamma.data()) &&
+                   aligned16(beta.data());
+  with_type(x.dtype(), [&](auto tx) {
+    with_type(y.dtype(), [&](auto ty) {
+      using TX = decltype(tx);
+      using TY = decltype(ty);
+      const auto* xs = static_cast<const TX*>(x.data());
+      auto* ys = static_cast<TY*>(y.data());
+      const auto* g = gamma.data_as<const float>();
+      const auto* b = beta.data_as<const float>();
+      if (!vec) {
+        layer_norm_any_kernel<TX, TY><<<blocks, kThreads, 0, stream>>>(xs, g, b, ys, rows, C, eps, map);
+        return;
+      }
+      switch (vpt) {
+        case 1: launch_layer_norm_vec<1>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
+        case 2: launch_layer_norm_vec<2>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
+        case 3: launch_layer_norm_vec<3>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
+        case 4: launch_layer_norm_vec<4>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
+        case 5: launch_layer_norm_vec<5>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
+        case 6: launch_layer_norm_vec<6>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
+        case 7: launch_layer_norm_vec<7>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
+        default: launch_layer_norm_vec<8>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
+      }
+    });
+  });
+  CUDA_CHECK_LAUNCH("layer_norm kernel");
+}
+
+// ---- attention: exact, simple ------------------------------------------------------------------
+//
+// Block: 4 warps x 4 queries = 16 queries of one (batch, head). Keys and values pass through
+// shared memory in tiles of 32, one key per lane for the scores; each lane then owns head dims
+// lane, lane+32, ... of the output. Softmax online in fp32 (running max and sum per query).
+// With rel-pos, the prologue forms q . rel_pos_h[row(q) - kr + gh - 1] for every key row kr and
+// likewise for columns (gh + gw dot products per query), so the T x T bias is never stored.
+
+constexpr int kAttnWarps = 4, kAttnQueriesPerWarp = 4, kAttnQueries = kAttnWarps * kAttnQueriesPerWarp, kAttnKeys = 32;
+
+struct AttnParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  int64_t q_batch, k_batch, v_batch, o_batch;  // element strides between sequences (0: shared)
+  int64_t q_row, k_row, v_row, o_row;          // between tokens
+  int Tq, Tk, head_dim;                        // head h starts at h * head_dim in each row
+  float scale;
+  const float* rel_h;  // [2*grid_h-1, head_dim], null without rel-pos
+  const float* rel_w;  // [2*grid_w-1, head_dim]
+  int grid_h, grid_w;
+};
+
+size_t attention_smem_bytes(int hd, int gh, int gw, bool relpos) {
+  size_t floats = size_t(kAttnQueries) * hd + size_t(kAttnKeys) * (hd + 1) + size_t(kAttnKeys) * hd +
+                  size_t(kAttnWarps) * kAttnQueriesPerWarp * kAttnKeys;
+  if (relpos) floats += size_t(kAttnQueries) * (gh + gw);
+  return floats * sizeof(float);
+}
+
+template <class TI, class TO, int kChunks>  // kChunks = ceil(head_dim / 32)
+__global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(AttnParams p) {
+  extern __shared__ float smem[];
+  const int hd = p.head_dim;
+  float* q_s = smem;                                     // [16][hd]
+  float* k_s = q_s + kAttnQueries * hd;                  // [32][hd + 1]
+  float* v_s = k_s + kAttnKeys * (hd + 1);               // [32][hd]
+  float* p_s = v_s + kAttnKeys * hd;                     // [4 warps][4][32]
+  float* bias_s = p_s + kAttnWarps * kAttnQueriesPerWarp * kAttnKeys;  // [16][gh + gw]
+  const bool relpos = p.rel_h != nullptr;
+  const int nb = p.grid_h + p.grid_w;
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int q0 = blockIdx.x * kAttnQueries, h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const TI* qg = static_cast<const TI*>(p.q) + b * p.q_batch + int64_t(h) * hd;
+  const TI* kg = static_cast<const TI*>(p.k) + b * p.k_batch + int64_t(h) * hd;
+  const TI* vg = static_cast<const TI*>(p.v) + b * p.v_batch + int64_t(h) * hd;
+
+  for (int i = tid; i < kAttnQueries * hd; i += blockDim.x) {
+    const int qi = i / hd, d = i % hd, t = q0 + qi;
+    q_s[i] = t < p.Tq ? to_float(qg[int64_t(t) * p.q_row + d]) : 0.0f;
+  }
+  __syncthreads();
+  if (relpos) {
+    for (int i = tid; i < kAttnQueries * nb; i += blockDim.x) {
+      const int qi = i / nb, r = i % nb, t = min(q0 + qi, p.Tq - 1);
+      const int qr = t / p.grid_w, qc = t % p.grid_w;
+      const float* table = r < p.grid_h ? p.rel_h + int64_t(qr - r + p.grid_h - 1) * hd
+                                        : p.rel_w + int64_t(qc - (r - p.grid_h) + p.grid_w - 1) * hd;
+      float dot = 0.0f;
+      for (int d = 0; d < hd; ++d) dot += q_s[qi * hd + d] * table[d];
+      bias_s[i] = dot;
+    }
+  }
+
+  float m[kAttnQueriesPerWarp], l[kAttnQueriesPerWarp], o[kAttnQueriesPerWarp][kChunks];
+#pragma unroll
+  for (int n = 0; n < kAttnQueriesPerWarp; ++n) {
+    m[n] = -INFINITY;
+    l[n] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) o[n][c] = 0.0f;
+  }
+  float* pw = p_s + warp * kAttnQueriesPerWarp * kAttnKeys;
+
+  for (int j0 = 0; j0 < p.Tk; j0 += kAttnKeys) {
+    __syncthreads();  // the previous tile is consumed (and the prologue done)
+    for (int i = tid; i < kAttnKeys * hd; i += blockDim.x) {
+      const int j = i / hd, d = i % hd, key = j0 + j;
+      const bool ok = key < p.Tk;
+      k_s[j * (hd + 1) + d] = ok ? to_float(kg[int64_t(key) * p.k_row + d]) : 0.0f;
+      v_s[j * hd + d] = ok ? to_float(vg[int64_t(key) * p.v_row + d]) : 0.0f;
+    }
+    __syncthreads();
+    const int key = j0 + lane;
+    const bool valid = key < p.Tk;
+#pragma unroll
+    for (int n = 0; n < kAttnQueriesPerWarp; ++n) {
+      const int qi = warp * kAttnQueriesPerWarp + n;
+      float s = 0.0f;
+      for (int d = 0; d < hd; ++d) s += q_s[qi * hd + d] * k_s[lane * (hd + 1) + d];
+      s *= p.scale;
+      if (relpos && valid) s += bias_s[qi * nb + key / p.grid_w] + bias_s[qi * nb + p.grid_h + key % p.grid_w];
+      if (!valid) s = -INFINITY;
+      const float m_new = fmaxf(m[n], warp_max(s));
+      const float corr = expf(m[n] - m_new);
+      const float pj = valid ? expf(s - m_new) : 0.0f;
+      l[n] = l[n] * corr + warp_sum(pj);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) o[n][c] *= corr;
+      m[n] = m_new;
+      pw[n * kAttnKeys + lane] = pj;
+    }
+    __syncwarp();
+    const int nk = min(kAttnKeys, p.Tk - j0);
+    for (int j = 0; j < nk; ++j) {
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const int d = lane + 32 * c;
+        const float vv = d < hd ? v_s[j * hd + d] : 0.0f;
+#pragma unroll
+        for (int n = 0; n < kAttnQueriesPerWarp; ++n) o[n][c] += pw[n * kAttnKeys + j] * vv;
+      }
+    }
+    __syncwarp();
+  }
+
+  TO* og = static_cast<TO*>(p.out) + b * p.o_batch + int64_t(h) * hd;
+#pragma unroll
+  for (int n = 0; n < kAttnQueriesPerWarp; ++n) {
+    const int t = q0 + warp * kAttnQueriesPerWarp + n;
+    if (t >= p.Tq) continue;
+    const float inv = 1.0f / l[n];
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const int d = lane + 32 * c;
+      if (d < hd) og[int64_t(t) * p.o_row + d] = from_float<TO>(o[n][c] * inv);
+    }
+  }
+}
+
+template <class TI, class TO, int kChunks>
+void launch_attention_typed(const AttnParams& p, int heads, int64_t batch, size_t smem, cudaStream_t stream) {
+  auto kernel = attention_kernel<TI, TO, kChunks>;
+  // Above 48 KiB a kernel must opt in to more dynamic shared memory; once per instantiation.
+  static const cudaError_t opt_in =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
+  CUDA_CHECK(opt_in);
+  const dim3 grid(static_cast<unsigned>((p.Tq + kAttnQueries - 1) / kAttnQueries), static_cast<unsigned>(heads),
+                  static_cast<unsigned>(batch));
+  kernel<<<grid, kAttnWarps * 32, smem, stream>>>(p);
+}
+
+void launch_attention(const AttnParams& p, DType in, DType out, int heads, int64_t batch, cudaStream_t stream) {
+  check(p.head_dim > 0 && p.head_dim <= 128, "cuda attention: head dim " + std::to_string(p.head_dim) +
+                                                  " is outside what the kernel takes (1..128)");
+  check(batch <= 65535 && heads <= 65535, "cuda attention: batch " + std::to_string(batch) + " or heads " +
+                                              std::to_string(heads) + " exceeds the grid's limit of 65535");
+  if (p.Tq == 0 || batch == 0) return;
+  check(p.Tk > 0, "cuda attention: no keys");
+  const size_t smem = attention_smem_bytes(p.head_dim, p.grid_h, p.grid_w, p.rel_h != nullptr);
+  check(smem <= 96 * 1024, "cuda attention: a " + std::to_string(p.grid_h) + "x" + std::to_string(p.grid_w) +
+                               " rel-pos grid needs more shared memory than the kernel has");
+  const int chunks = (p.head_dim + 31) / 32;
+  with_type(in, [&](auto ti) {
+    with_type(out, [&](auto to) {
+      using TI = decltype(ti);
+      using TO = decltype(to);
+      switch (chunks) {
+        case 1: launch_attention_typed<TI, TO, 1>(p, heads, batch, smem, stream); break;
+        case 2: launch_attention_typed<TI, TO, 2>(p, heads, batch, smem, stream); break;
+        case 3: launch_attention_typed<TI, TO, 3>(p, heads, batch, smem, stream); break;
+        default: launch_attention_typed<TI, TO, 4>(p, heads, batch, smem, stream); break;
+      }
+    });
+  });
+  CUDA_CHECK_LAUNCH("attention kernel");
+}
+
+}  // namespace
+
+// ---- the ops ------------------------------------------------------------------------------------
+
+void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, cudaStream_t stream) {
+  require_device(x, "layer_norm", "input");
+  require_device(y, "layer_norm", "output");
+  const int64_t C = x.dim(-1);
+  check(y.numel() == x.numel() && C > 0, "cuda layer_norm: input " + shape_str(x.shape()) + ", output " +
+                                             shape_str(y.shape()));
+  require_f32_param(gamma, C, "layer_norm", "weight");
+  require_f32_param(beta, C, "layer_norm", "bias");
+  launch_layer_norm(x, gamma, beta, eps, y, x.numel() / C, static_cast<int>(C), RowMap{}, stream);
+}
+
+void layer_norm_window_partition(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, int ws,
+                                 Tensor& y, cudaStream_t stream) {
+  require_device(x, "layer_norm_window_partition", "input");
+  require_device(y, "layer_norm_window_partition", "output");
+  check(x.ndim() == 4 && ws > 0, "cuda layer_norm_window_partition: input must be [B, H, W, C], found " +
+                                     shape_str(x.shape()));
+  const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
+  const int64_t nh = (H + ws - 1) / ws, nw = (W + ws - 1) / ws;
+  check(y.numel() == B * nh * nw * ws * ws * C,
+        "cuda layer_norm_window_partition: output " + shape_str(y.shape()) + " for input " + shape_str(x.shape()));
+  require_f32_param(gamma, C, "layer_norm_window_partition", "weight");
+  require_f32_param(beta, C, "layer_norm_window_partition", "bias");
+  RowMap map{H, W, ws, nh, nw, true};
+  launch_layer_norm(x, gamma, beta, eps, y, B * nh * nw * ws * ws, static_cast<int>(C), map, stream);
+}
+
+void window_unpartition_add(const Tensor& y, int ws, Tensor& x, cudaStream_t stream) {
+  require_device(y, "window_unpartition_add", "windows");
+  require_device(x, "window_unpartition_add", "grid");
+  check(x.ndim() == 4 && ws > 0, "cuda window_unpartition_add: grid must be [B, H, W, C], found " + shape_str(x.shape()));
+  const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
+  const int64_t nh = (H + ws - 1) / ws, nw = (W + ws - 1) / ws;
+  check(y.numel() == B * nh * nw * ws * ws * C,
+        "cuda window_unpartition_add: windows " + shape_str(y.shape()) + " for grid " + shape_str(x.shape()));
+  launch_runs<true>(y, x, UnpartitionMap{H, W, C, ws, nh, nw}, B * H * W, C, C % 8 == 0, stream,
+                    "window_unpartition_add kernel");
+}
+
+void add(const Tensor& a, const Tensor& b, Tensor& y, cudaStream_t stream) {
+  require_device(a, "add", "a");
+  require_device(b, "add", "b");
+  require_device(y, "add", "output");
+  const int64_t n = a.numel(), nb = b.numel();
+  check(y.numel() == n && nb > 0 && n % nb == 0 && b.dim(-1) == a.dim(-1),
+        "cuda add: " + shape_str(a.shape()) + " + " + shape_str(b.shape()) + " -> " + shape_str(y.shape()));
+  if (n == 0) return;
+  const bool v8 = nb % 8 == 0 && aligned16(a.data()) && aligned16(b.data()) && aligned16(y.data());
+  with_type(a.dtype(), [&](auto ta) {
+    with_type(b.dtype(), [&](auto tb) {
+      with_type(y.dtype(), [&](auto ty) {
+        using TA = decltype(ta);
+        using TB = decltype(tb);
+        using TY = decltype(ty);
+        const auto* as = static_cast<const TA*>(a.data());
+        const auto* bs = static_cast<const TB*>(b.data());
+        auto* ys = static_cast<TY*>(y.data());
+        if (v8)
+          add_kernel<TA, TB, TY, 8><<<blocks_for(n / 8, kThreads), kThreads, 0, stream>>>(as, bs, ys, n, nb);
+        else
+          add_kernel<TA, TB, TY, 1><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(as, bs, ys, n, nb);
+      });
+    });
+  });
+  CUDA_CHECK_LAUNCH("add kernel");
+}
+
+void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, int count, cudaStream_t stream) {
+  require_device(src, "copy_tokens", "source");
+  require_device(dst, "copy_tokens", "destination");
+  check(src.ndim() == 3 && dst.ndim() == 3, "cuda copy_tokens: " + shape_str(src.shape()) + " into " +
+                                                shape_str(dst.shape()) + ": both must be [B, T, C]");
+  const int64_t B = src.dim(0), Ts = src.dim(1), Td = dst.dim(1), C = src.dim(2);
+  check(dst.dim(0) == B && dst.dim(2) == C && src_begin >= 0 && dst_begin >= 0 && count >= 0 &&
+            src_begin + count <= Ts && dst_begin + count <= Td,
+        "cuda copy_tokens: " + shape_str(src.shape()) + "[" + std::to_string(src_begin) + "+" + std::to_string(count) +
+            "] into " + shape_str(dst.shape()) + "[" + std::to_string(dst_begin) + "]");
+  if (B == 0 || count == 0 || C == 0) return;
+  if (src.dtype() == dst.dtype()) {  // a strided copy: one row of count*C elements per sequence
+    const size_t es = dtype_size(src.dtype());
+    CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(dst.data()) + dst_begin * C * es, Td * C * es,
+                                 static_cast<const char*>(src.data()) + src_begin * C * es, Ts * C * es, count * C * es,
+                                 B, cudaMemcpyDeviceToDevice, stream));
+    return;
+  }
+  launch_runs<false>(src, dst, TokensMap{Ts, Td, src_begin, dst_begin, C}, B, count * C, C % 8 == 0, stream,
+                     "copy_tokens kernel");
+}
+
+void activation(Tensor& x, Activation act, cudaStream_t stream) {
+  require_device(x, "activation", "tensor");
+  if (act == Activation::None || x.numel() == 0) return;
+  const int64_t n = x.numel();
+  const bool gelu = act == Activation::GELU;
+  const bool v8 = n % 8 == 0 && aligned16(x.data());
+  with_type(x.dtype(), [&](auto tx) {
+    using T = decltype(tx);
+    auto* p = static_cast<T*>(x.data());
+    if (v8)
+      activation_kernel<T, 8><<<blocks_for(n / 8, kThreads), kThreads, 0, stream>>>(p, n, gelu);
+    else
+      activation_kernel<T, 1><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(p, n, gelu);
+  });
+  CUDA_CHECK_LAUNCH("activation kernel");
+}
+
+void patchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream) {
+  require_device(x, "patchify", "input");
+  require_device(y, "patchify", "output");
+  check(x.ndim() == 4 && p > 0, "cuda patchify: input must be [B, H, W, C], found " + shape_str(x.shape()));
+  const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3), Ho = H / p, Wo = W / p;
+  check(H % p == 0 && W % p == 0 && y.numel() == x.numel(),
+        "cuda patchify: " + shape_str(x.shape()) + " by " + std::to_string(p) + " into " + shape_str(y.shape()));
+  launch_runs<false>(x, y, PatchifyMap{H, W, C, Ho, Wo, p}, B * Ho * Wo * p, p * C, (p * C) % 8 == 0, stream,
+                     "patchify kernel");
+}
+
+void unpatchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream) {
+  require_device(x, "unpatchify", "input");
+  require_device(y, "unpatchify", "output");
+  check(x.ndim() == 4 && p > 0, "cuda unpatchify: input must be [B, H, W, p*p*C], found " + shape_str(x.shape()));
+  const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3) / (int64_t(p) * p);
+  check(x.dim(3) == C * p * p && y.numel() == x.numel(),
+        "cuda unpatchify: " + shape_str(x.shape()) + " by " + std::to_string(p) + " into " + shape_str(y.shape()));
+  launch_runs<false>(x, y, UnpatchifyMap{H, W, C, p}, B * H * W * p, p * C, (p * C) % 8 == 0, stream,
+                     "unpatchify kernel");
+}
+
+void im2col3x3(const Tensor& x, Tensor& y, cudaStream_t stream) {
+  require_device(x, "im2col3x3", "input");
+  require_device(y, "im2col3x3", "output");
+  check(x.ndim() == 4 && y.numel() == 9 * x.numel(),
+        "cuda im2col3x3: " + shape_str(x.shape()) + " into " + shape_str(y.shape()));
+  const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
+  launch_runs<false>(x, y, Im2colMap{H, W, C}, B * H * W * 9, C, C % 8 == 0, stream, "im2col3x3 kernel");
+}
+
+void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Tensor& out, cudaStream_t stream) {
+  require_device(q, "attention", "q");
+  require_device(k, "attention", "k");
+  require_device(v, "attention", "v");
+  require_device(out, "attention", "output");
+  check(q.ndim() == 3 && k.ndim() == 3 && v.ndim() == 3 && heads > 0,
+        "cuda attention: q, k, v must be [B, T, D], found " + shape_str(q.shape()) + ", " + shape_str(k.shape()) + ", " +
+            shape_str(v.shape()));
+  const int64_t Bq = q.dim(0), Bk = k.dim(0), Bv = v.dim(0), B = std::max({Bq, Bk, Bv});
+  const int64_t Tq = q.dim(1), D = q.dim(2), Tk = k.dim(1);
+  auto ok_batch = [B](int64_t b) { return b == B || b == 1; };
+  check(D % heads == 0 && k.dim(2) == D && v.dim(2) == D && v.dim(1) == Tk && ok_batch(Bq) && ok_batch(Bk) &&
+            ok_batch(Bv) && out.numel() == B * Tq * D,
+        "cuda attention: q " + shape_str(q.shape()) + ", k " + shape_str(k.shape()) + ", v " + shape_str(v.shape()) +
+            " -> " + shape_str(out.shape()));
+  check(k.dtype() == q.dtype() && v.dtype() == q.dtype(), "cuda attention: q, k and v must share a dtype");
+  const int64_t hd = D / heads;
+  AttnParams p{};
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.out = out.data();
+  p.q_batch = Bq == 1 ? 0 : Tq * D, p.k_batch = Bk == 1 ? 0 : Tk * D, p.v_batch = Bv == 1 ? 0 : Tk * D;
+  p.o_batch = Tq * D;
+  p.q_row = p.k_row = p.v_row = p.o_row = D;
+  p.Tq = static_cast<int>(Tq), p.Tk = static_cast<int>(Tk), p.head_dim = static_cast<int>(hd);
+  p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  launch_attention(p, q.dtype(), out.dtype(), heads, B, stream);
+}
+
+void attention_relpos_reference(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads, int gh,
+                                int gw, Tensor& out, cudaStream_t stream) {
+  require_device(qkv, "attention_relpos", "qkv");
+  require_device(out, "attention_relpos", "output");
+  const int64_t T = int64_t(gh) * gw;
+  check(heads > 0 && T > 0 && qkv.dim(-1) % (3 * heads) == 0,
+        "cuda attention_relpos: qkv " + shape_str(qkv.shape()) + " for " + std::to_string(heads) + " heads");
+  const int64_t D = qkv.dim(-1) / (3 * heads);
+  const int64_t B = qkv.numel() / (T * qkv.dim(-1));
+  check(qkv.numel() == B * T * 3 * heads * D,
+        "cuda attention_relpos: qkv " + shape_str(qkv.shape()) + " does not hold " + std::to_string(T) + " tokens of 3 x " +
+            std::to_string(heads) + " heads");
+  require_f32_param(rel_pos_h, (2 * gh - 1) * D, "attention_relpos", "rel_pos_h");
+  require_f32_param(rel_pos_w, (2 * gw - 1) * D, "attention_relpos", "rel_pos_w");
+  check(out.numel() == B * T * heads * D, "cuda attention_relpos: output " + shape_str(out.shape()));
+  const size_t es = dtype_size(qkv.dtype());
+  const int64_t HD = heads * D;
+  AttnParams p{};
+  p.q = qkv.data();
+  p.k = static_cast<const char*>(qkv.data()) + HD * es;
+  p.v = static_cast<const char*>(qkv.data()) + 2 * HD * es;
+  p.out = out.data();
+  p.q_batch = p.k_batch = p.v_batch = T * 3 * HD;
+  p.o_batch = T * HD;
+  p.q_row = p.k_row = p.v_row = 3 * HD;
+  p.o_row = HD;
+  p.Tq = p.Tk = static_cast<int>(T), p.head_dim = static_cast<int>(D);
+  p.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  p.rel_h = rel_pos_h.data_as<const float>(), p.rel_w = rel_pos_w.data_as<const float>();
+  p.grid_h = gh, p.grid_w = gw;
+  launch_attention(p, qkv.dtype(), out.dtype(), heads, B, stream);
+}
+
+}  // namespace segany::cuda

@@ -1,0 +1,50 @@
+// The CUDA backend's own kernels (everything but the GEMMs and the flash attention with rel-pos),
+// each the twin of the CPU backend's op of the same name: same shapes, same semantics. They take
+// bf16 or fp32 activations (any mix of the two between input and output), norm parameters and
+// rel-pos tables in fp32, compute in fp32, and enqueue on `stream` without allocating or
+// synchronising, so that they can be captured in a CUDA graph. Shapes are checked here and a
+// mismatch throws segany::Error.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "backend/backend.h"
+
+namespace segany::cuda {
+
+// y = LayerNorm(x) over the last dim (y may alias x). gamma, beta: fp32 [C].
+void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, cudaStream_t stream);
+
+// x [B, H, W, C] -> LayerNorm -> zero-pad to multiples of `window` -> y [B*nh*nw, window^2, C].
+void layer_norm_window_partition(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, int window,
+                                 Tensor& y, cudaStream_t stream);
+
+// x [B, H, W, C] += unpartition(y [B*nh*nw, window^2, C]), the padding dropped.
+void window_unpartition_add(const Tensor& y, int window, Tensor& x, cudaStream_t stream);
+
+// y = a + b with b repeated over a (b's numel divides a's, same last dim). y may alias a.
+void add(const Tensor& a, const Tensor& b, Tensor& y, cudaStream_t stream);
+
+// dst[:, dst_begin + i, :] = src[:, src_begin + i, :], converting dtypes where they differ.
+void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, int count, cudaStream_t stream);
+
+// x = act(x) in place (GELU: exact erf form).
+void activation(Tensor& x, Activation act, cudaStream_t stream);
+
+// Space-to-depth, depth-to-space and 3x3 im2col, channels-last, feature order (ky, kx, c).
+void patchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream);
+void unpatchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream);
+void im2col3x3(const Tensor& x, Tensor& y, cudaStream_t stream);
+
+// Plain multi-head attention, q [Bq, Tq, D], k [Bk, Tk, D], v [Bv, Tk, D] (a batch of 1 is
+// shared), out [B, Tq, D]. One block per (query tile of 16, head, batch), keys in tiles of 32 with
+// an online fp32 softmax: simple and exact rather than fast (head_dim <= 128).
+void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Tensor& out, cudaStream_t stream);
+
+// The same kernel with SAM's decomposed relative position bias, for the shapes the flash kernel
+// (attention_relpos.h) does not take: qkv [B, T, 3, heads, hd], rel_pos_h [2*gh-1, hd] and
+// rel_pos_w [2*gw-1, hd] in fp32, out [B, T, heads*hd].
+void attention_relpos_reference(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads,
+                                int grid_h, int grid_w, Tensor& out, cudaStream_t stream);
+
+}  // namespace segany::cuda
