@@ -1,1 +1,480 @@
+// The CUDA backend's ops against their CPU twins, on the shapes of the official configs (vit_b:
+// C 768, 12 heads; vit_l: 1024, 16; vit_h: 1280, 16; head dims 64 and 80) and the decoder's.
+//
+// Both backends get the same inputs, rounded to bf16 first, so that the comparison measures the
+// op and not the rounding of its inputs. The CPU runs in fp32; the GPU keeps activations in bf16
+// and accumulates in fp32. The bound on the relative error ||gpu - cpu|| / ||cpu|| is 1e-2: the
+// GPU's output is rounded to bf16 (8 bits of mantissa: up to 2^-9 = 0.2% per element, about 0.1%
+// in norm), and an op that keeps bf16 intermediates (the attention's probabilities, a residual
+// added to a bf16 output) rounds once or twice more, each a few 1e-3 at worst; fp32 accumulation
+// over K <= 5120 adds ~1e-6. A wrong index, a missed element or a wrong scale gives errors of
+// order one. Outputs are poisoned with NaN before each GPU run, so an unwritten element fails.
+// Every test skips where there is no CUDA device.
 #include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace segany {
+namespace {
+
+// ---- inputs and comparisons --------------------------------------------------------------------
+
+// splitmix64: fast and reproducible, so that the large inputs (42M values) cost little.
+struct Rng {
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 1) {}
+  uint64_t next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  float uniform() { return static_cast<float>(next() >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f; }  // [-1, 1)
+};
+
+// Uniform values of standard deviation `stddev` around `mean`, rounded to bf16.
+Tensor random_bf16(const Shape& shape, uint64_t seed, float stddev = 1.0f, float mean = 0.0f) {
+  Tensor t = Tensor::empty(shape);
+  Rng rng(seed);
+  float* p = t.data_as<float>();
+  const float a = stddev * std::sqrt(3.0f);
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = bf16_to_f32(f32_to_bf16(mean + a * rng.uniform()));
+  return t;
+}
+
+struct Diff {
+  double rel = 0;      // ||got - want|| / ||want||
+  double max_abs = 0;  // max |got - want|
+  double max_ref = 0;  // max |want|
+};
+
+Diff compare(const Tensor& got, const Tensor& want) {
+  EXPECT_EQ(got.numel(), want.numel());
+  Diff d;
+  double num = 0, den = 0;
+  const float* g = got.data_as<const float>();
+  const float* w = want.data_as<const float>();
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    const double e = double(g[i]) - double(w[i]);
+    num += e * e;
+    den += double(w[i]) * w[i];
+    const double ae = std::fabs(e);
+    if (!(ae <= d.max_abs)) d.max_abs = ae;  // NaN sticks
+    d.max_ref = std::max(d.max_ref, std::fabs(double(w[i])));
+  }
+  d.rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  return d;
+}
+
+std::string show(const Diff& d) {
+  return "rel " + std::to_string(d.rel) + ", max abs " + std::to_string(d.max_abs) + " (max |ref| " +
+         std::to_string(d.max_ref) + ")";
+}
+
+// Relative L2 error <= rel, and every element within abs_frac of the reference's largest value.
+#define EXPECT_CLOSE(got, want, rel_bound, abs_frac)                                             \
+  do {                                                                                           \
+    const Diff d_ = compare(got, want);                                                          \
+    EXPECT_LE(d_.rel, rel_bound) << show(d_);                                                    \
+    EXPECT_LE(d_.max_abs, (abs_frac) * d_.max_ref + 1e-6) << show(d_);                           \
+    std::printf("    %-48s %s\n", ::testing::UnitTest::GetInstance()->current_test_info()->name(), show(d_).c_str()); \
+  } while (0)
+
+struct Vit {
+  const char* name;
+  int C, heads;
+  int head_dim() const { return C / heads; }
+};
+constexpr Vit kVits[] = {{"vit_b", 768, 12}, {"vit_l", 1024, 16}, {"vit_h", 1280, 16}};
+
+class CudaOps : public ::testing::Test {
+ public:
+  void SetUp() override {
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+    gpu = make_cuda_backend(0);
+    cpu = make_cpu_backend();
+  }
+
+  // The host tensor on the GPU as `dtype` (bf16 by default).
+  Tensor dev(const Tensor& host, DType dtype = DType::BF16) {
+    Tensor d = gpu->alloc(host.shape(), dtype);
+    gpu->copy_from_host(host, d);
+    return d;
+  }
+  // A GPU buffer filled with NaN: whatever an op leaves unwritten shows in the comparison.
+  Tensor poisoned(const Shape& shape, DType dtype = DType::BF16) {
+    Tensor h = Tensor::empty(shape);
+    std::fill_n(h.data_as<float>(), h.numel(), std::numeric_limits<float>::quiet_NaN());
+    return dev(h, dtype);
+  }
+  Tensor host(const Tensor& d) { return gpu->download(d); }
+
+  std::unique_ptr<Backend> gpu, cpu;
+};
+
+// ---- linear ------------------------------------------------------------------------------------
+
+struct LinearCase {
+  int64_t M, K, N;
+  bool bias;
+  Activation act;
+  bool residual_in_place;
+  DType out = DType::BF16;
+};
+
+void run_linear_case(Backend& gpu, Backend& cpu, const LinearCase& c, uint64_t seed) {
+  const Tensor x = random_bf16({c.M, c.K}, seed);
+  const Tensor w = random_bf16({c.N, c.K}, seed + 1, 1.0f / std::sqrt(float(c.K)));
+  const Tensor b = random_bf16({c.N}, seed + 2, 0.5f);
+  const Tensor r = random_bf16({c.M, c.N}, seed + 3);
+  auto wc = cpu.prepare_linear("test", w, c.bias ? &b : nullptr);
+  auto wg = gpu.prepare_linear("test", w, c.bias ? &b : nullptr);
+  Tensor want = Tensor::empty({c.M, c.N});
+  cpu.linear(x, *wc, want, c.act, c.residual_in_place ? &r : nullptr);
+
+  Tensor xg = gpu.alloc(x.shape());
+  gpu.copy_from_host(x, xg);
+  Tensor yg = gpu.alloc({c.M, c.N}, c.out);
+  if (c.residual_in_place) {
+    gpu.copy_from_host(r, yg);
+    gpu.linear(xg, *wg, yg, c.act, &yg);
+  } else {
+    Tensor nan = Tensor::empty({c.M, c.N});
+    std::fill_n(nan.data_as<float>(), nan.numel(), std::numeric_limits<float>::quiet_NaN());
+    gpu.copy_from_host(nan, yg);
+    gpu.linear(xg, *wg, yg, c.act, nullptr);
+  }
+  const Tensor got = gpu.download(yg);
+  // cuBLASLt's GELU is the tanh form (|difference to erf| < 5e-4): inside both bounds.
+  EXPECT_CLOSE(got, want, 1e-2, 2e-2);
+}
+
+TEST_F(CudaOps, LinearEncoderShapes) {
+  const int64_t M = 2 * 4096;  // two images of 64 x 64 tokens
+  uint64_t seed = 100;
+  for (const Vit& v : kVits) {
+    SCOPED_TRACE(v.name);
+    const int64_t C = v.C;
+    run_linear_case(*gpu, *cpu, {M, C, 3 * C, true, Activation::None, false}, seed += 10);  // qkv
+    run_linear_case(*gpu, *cpu, {M, C, 4 * C, true, Activation::GELU, false}, seed += 10);  // mlp.lin1
+    run_linear_case(*gpu, *cpu, {M, 4 * C, C, true, Activation::None, true}, seed += 10);   // mlp.lin2 + x
+  }
+}
+
+TEST_F(CudaOps, LinearEpiloguesAndSmallShapes) {
+  uint64_t seed = 200;
+  for (Activation act : {Activation::None, Activation::ReLU, Activation::GELU})
+    for (bool bias : {false, true}) {
+      SCOPED_TRACE(std::to_string(int(act)) + (bias ? " bias" : " no bias"));
+      run_linear_case(*gpu, *cpu, {4096, 768, 768, bias, act, false}, seed += 10);
+      run_linear_case(*gpu, *cpu, {21, 256, 2048, bias, act, false}, seed += 10);  // decoder MLP, 3 prompts
+      run_linear_case(*gpu, *cpu, {4096, 768, 768, bias, act, false, DType::F32}, seed += 10);
+    }
+  run_linear_case(*gpu, *cpu, {3 * 7, 256, 256, true, Activation::None, true}, seed += 10);  // out_proj + q
+  run_linear_case(*gpu, *cpu, {3 * 128 * 128, 4, 4, true, Activation::None, false}, seed += 10);  // mask conv
+  run_linear_case(*gpu, *cpu, {3, 256, 4, true, Activation::None, false}, seed += 10);  // iou head out
+  run_linear_case(*gpu, *cpu, {4096, 2304, 256, false, Activation::None, false}, seed += 10);  // neck 3x3
+}
+
+// ---- norms and windows -------------------------------------------------------------------------
+
+TEST_F(CudaOps, LayerNorm) {
+  uint64_t seed = 300;
+  // Encoder widths, the neck, the micro models, the decoder and the prompt encoder's mask path;
+  // 20 and 3 take the any-width kernel.
+  for (int64_t C : {768, 1024, 1280, 256, 160, 128, 32, 64, 4, 16, 20, 3}) {
+    SCOPED_TRACE("C=" + std::to_string(C));
+    const int64_t rows = C >= 128 ? 2 * 4096 : 3 * 4096;
+    const Tensor x = random_bf16({rows, C}, seed += 10, 1.5f, 2.0f);  // an offset mean tests the statistics
+    const Tensor g = random_bf16({C}, seed + 1, 0.3f, 1.0f), b = random_bf16({C}, seed + 2, 0.3f);
+    Tensor want = Tensor::empty({rows, C});
+    cpu->layer_norm(x, g, b, 1e-6f, want);
+    Tensor y = poisoned({rows, C});
+    gpu->layer_norm(dev(x), gpu->upload(g), gpu->upload(b), 1e-6f, y);
+    EXPECT_CLOSE(host(y), want, 1e-2, 2e-2);
+  }
+  // In place (the neck and the decoder norm their own buffers), and from a float32 input.
+  const Tensor x = random_bf16({500, 256}, 390, 1.0f, -1.0f), g = random_bf16({256}, 391), b = random_bf16({256}, 392);
+  Tensor want = Tensor::empty({500, 256});
+  cpu->layer_norm(x, g, b, 1e-5f, want);
+  Tensor xy = dev(x);
+  gpu->layer_norm(xy, gpu->upload(g), gpu->upload(b), 1e-5f, xy);
+  EXPECT_CLOSE(host(xy), want, 1e-2, 2e-2);
+  Tensor y = poisoned({500, 256});
+  gpu->layer_norm(dev(x, DType::F32), gpu->upload(g), gpu->upload(b), 1e-5f, y);
+  EXPECT_CLOSE(host(y), want, 1e-2, 2e-2);
+}
+
+TEST_F(CudaOps, LayerNormWindowPartitionAndUnpartitionAdd) {
+  const int B = 2, G = 64, ws = 14, nw = 5;  // 64 x 64 padded to 70 x 70: 25 windows per image
+  uint64_t seed = 400;
+  for (const Vit& v : kVits) {
+    SCOPED_TRACE(v.name);
+    const int64_t C = v.C;
+    const Tensor x = random_bf16({B, G, G, C}, seed += 10, 1.0f, 0.5f);
+    const Tensor g = random_bf16({C}, seed + 1, 0.3f, 1.0f), b = random_bf16({C}, seed + 2, 0.3f);
+    Tensor want = Tensor::empty({B * nw * nw, ws * ws, C});
+    cpu->layer_norm_window_partition(x, g, b, 1e-6f, ws, want);
+    Tensor y = poisoned({B * nw * nw, ws * ws, C});
+    gpu->layer_norm_window_partition(dev(x), gpu->upload(g), gpu->upload(b), 1e-6f, ws, y);
+    EXPECT_CLOSE(host(y), want, 1e-2, 2e-2);
+
+    // x += unpartition(windows), padding dropped.
+    const Tensor win = random_bf16({B * nw * nw, ws * ws, C}, seed + 3);
+    Tensor want_x = x.clone();
+    cpu->window_unpartition_add(win, ws, want_x);
+    Tensor xg = dev(x);
+    gpu->window_unpartition_add(dev(win), ws, xg);
+    EXPECT_CLOSE(host(xg), want_x, 1e-2, 2e-2);
+  }
+}
+
+// ---- attention -------------------------------------------------------------------------------
+
+void attention_relpos_case(CudaOps& t, Backend& gpu, Backend& cpu, int B, int heads, int hd, int gh, int gw,
+                           uint64_t seed) {
+  SCOPED_TRACE("B=" + std::to_string(B) + " heads=" + std::to_string(heads) + " hd=" + std::to_string(hd) + " grid " +
+               std::to_string(gh) + "x" + std::to_string(gw));
+  const int64_t T = int64_t(gh) * gw;
+  const Tensor qkv = random_bf16({B, T, 3 * heads * hd}, seed);
+  // std 0.1 tables: q . R has a std of ~0.1 sqrt(hd) ~ 0.8, as large as the content logits.
+  const Tensor rh = random_bf16({2 * gh - 1, hd}, seed + 1, 0.1f), rw = random_bf16({2 * gw - 1, hd}, seed + 2, 0.1f);
+  Tensor want = Tensor::empty({B, T, heads * hd});
+  cpu.attention_relpos(qkv, rh, rw, heads, gh, gw, want);
+  Tensor qg = gpu.alloc(qkv.shape());
+  gpu.copy_from_host(qkv, qg);
+  Tensor out = t.poisoned({B, T, int64_t(heads) * hd});
+  gpu.attention_relpos(qg, gpu.upload(rh), gpu.upload(rw), heads, gh, gw, out);
+  EXPECT_CLOSE(gpu.download(out), want, 1e-2, 3e-2);
+}
+
+TEST_F(CudaOps, AttentionRelPosWindows) {
+  // 2 images x 25 windows of 14 x 14 tokens.
+  attention_relpos_case(*this, *gpu, *cpu, 50, 12, 64, 14, 14, 500);  // vit_b
+  attention_relpos_case(*this, *gpu, *cpu, 50, 16, 64, 14, 14, 510);  // vit_l
+  attention_relpos_case(*this, *gpu, *cpu, 50, 16, 80, 14, 14, 520);  // vit_h
+}
+
+TEST_F(CudaOps, AttentionRelPosGlobal) {
+  attention_relpos_case(*this, *gpu, *cpu, 2, 12, 64, 64, 64, 600);  // vit_b
+  attention_relpos_case(*this, *gpu, *cpu, 1, 16, 80, 64, 64, 610);  // vit_h
+}
+
+TEST_F(CudaOps, AttentionRelPosOtherShapes) {
+  // Shapes the flash kernel does not take go to the reference kernel: smaller head dims, and
+  // global grids other than 64 wide (smaller images).
+  attention_relpos_case(*this, *gpu, *cpu, 4, 2, 32, 14, 14, 700);
+  attention_relpos_case(*this, *gpu, *cpu, 2, 4, 64, 24, 24, 710);
+  attention_relpos_case(*this, *gpu, *cpu, 1, 2, 80, 20, 32, 720);
+}
+
+void attention_case(CudaOps& t, Backend& gpu, Backend& cpu, Shape qs, Shape ks, int heads, uint64_t seed) {
+  SCOPED_TRACE("q " + shape_str(qs) + " k " + shape_str(ks) + " heads " + std::to_string(heads));
+  Shape vs = ks;
+  const Tensor q = random_bf16(qs, seed), k = random_bf16(ks, seed + 1), v = random_bf16(vs, seed + 2);
+  const int64_t B = std::max(qs[0], ks[0]);
+  Tensor want = Tensor::empty({B, qs[1], qs[2]});
+  cpu.attention(q, k, v, heads, want);
+  Tensor out = t.poisoned({B, qs[1], qs[2]});
+  gpu.attention(t.dev(q), t.dev(k), t.dev(v), heads, out);
+  EXPECT_CLOSE(gpu.download(out), want, 1e-2, 3e-2);
+}
+
+TEST_F(CudaOps, AttentionDecoderShapes) {
+  attention_case(*this, *gpu, *cpu, {3, 7, 128}, {1, 4096, 128}, 8, 800);  // tokens -> image (downsampled)
+  attention_case(*this, *gpu, *cpu, {3, 4096, 128}, {3, 7, 128}, 8, 810);  // image -> tokens
+  attention_case(*this, *gpu, *cpu, {3, 7, 256}, {3, 7, 256}, 8, 820);     // token self-attention
+  attention_case(*this, *gpu, *cpu, {1, 5, 64}, {3, 4096, 64}, 8, 830);    // a shared q, per-batch keys
+  attention_case(*this, *gpu, *cpu, {2, 33, 96}, {2, 70, 96}, 1, 840);     // head dim 96, ragged tiles
+}
+
+// ---- elementwise and layout ------------------------------------------------------------------
+
+TEST_F(CudaOps, AddBroadcast) {
+  // pos_embed [1, 64, 64, C] (fp32 parameter) onto every image, in place.
+  const Tensor a = random_bf16({2, 64, 64, 768}, 900), pe = random_bf16({1, 64, 64, 768}, 901);
+  Tensor want = Tensor::empty(a.shape());
+  cpu->add(a, pe, want);
+  Tensor ag = dev(a);
+  gpu->add(ag, gpu->upload(pe), ag);
+  EXPECT_CLOSE(host(ag), want, 1e-2, 2e-2);
+  // A bias [C] on [B, T, C] with an odd C, into a float32 output; an image [1, T, C] on every prompt.
+  const Tensor x = random_bf16({3, 7, 20}, 902), bias = random_bf16({20}, 903);
+  Tensor want2 = Tensor::empty(x.shape());
+  cpu->add(x, bias, want2);
+  Tensor y = poisoned(x.shape(), DType::F32);
+  gpu->add(dev(x), dev(bias), y);
+  EXPECT_CLOSE(host(y), want2, 1e-2, 2e-2);
+  const Tensor img = random_bf16({1, 4096, 256}, 904), prompts = random_bf16({3, 4096, 256}, 905);
+  Tensor want3 = Tensor::empty(prompts.shape());
+  cpu->add(prompts, img, want3);
+  Tensor y3 = poisoned(prompts.shape());
+  gpu->add(dev(prompts), dev(img), y3);
+  EXPECT_CLOSE(host(y3), want3, 1e-2, 2e-2);
+}
+
+TEST_F(CudaOps, CopyTokens) {
+  const Tensor src = random_bf16({3, 12, 256}, 1000), dst0 = random_bf16({3, 9, 256}, 1001);
+  Tensor want = dst0.clone();
+  cpu->copy_tokens(src, 5, want, 2, 6);
+  Tensor d = dev(dst0);
+  gpu->copy_tokens(dev(src), 5, d, 2, 6);  // same dtype: a strided copy
+  EXPECT_CLOSE(host(d), want, 0.0, 0.0);
+  Tensor d2 = dev(dst0);
+  gpu->copy_tokens(dev(src, DType::F32), 5, d2, 2, 6);  // fp32 parameter rows into bf16 tokens
+  EXPECT_CLOSE(host(d2), want, 0.0, 0.0);
+  const Tensor s3 = random_bf16({2, 5, 3}, 1002), d3 = random_bf16({2, 4, 3}, 1003);
+  Tensor want3 = d3.clone();
+  cpu->copy_tokens(s3, 1, want3, 0, 3);
+  Tensor g3 = dev(d3, DType::F32);
+  gpu->copy_tokens(dev(s3), 1, g3, 0, 3);  // bf16 into fp32, odd C
+  EXPECT_CLOSE(host(g3), want3, 0.0, 0.0);
+}
+
+TEST_F(CudaOps, Activations) {
+  for (DType dt : {DType::BF16, DType::F32})
+    for (Activation act : {Activation::GELU, Activation::ReLU})
+      for (int64_t n : {int64_t(3) * 256 * 256 * 32, int64_t(1001)}) {
+        SCOPED_TRACE(std::string(dtype_name(dt)) + " act " + std::to_string(int(act)) + " n " + std::to_string(n));
+        const Tensor x = random_bf16({n}, 1100 + n, 2.0f);
+        Tensor want = x.clone();
+        cpu->activation(want, act);
+        Tensor g = dev(x, dt);
+        gpu->activation(g, act);
+        EXPECT_CLOSE(host(g), want, 1e-2, 1e-2);
+      }
+}
+
+TEST_F(CudaOps, PatchifyUnpatchifyIm2col) {
+  struct P { Shape x; int p; };
+  for (const P& c : {P{{2, 1024, 1024, 3}, 16}, P{{3, 256, 256, 1}, 2}, P{{3, 128, 128, 4}, 2}}) {
+    SCOPED_TRACE("patchify " + shape_str(c.x));
+    const Tensor x = random_bf16(c.x, 1200 + c.x[3]);
+    const int64_t Ho = c.x[1] / c.p, Wo = c.x[2] / c.p;
+    Tensor want = Tensor::empty({c.x[0], Ho, Wo, c.p * c.p * c.x[3]});
+    cpu->patchify(x, c.p, want);
+    Tensor y = poisoned(want.shape());
+    gpu->patchify(dev(x), c.p, y);
+    EXPECT_CLOSE(host(y), want, 0.0, 0.0);
+  }
+  for (const P& c : {P{{3, 64, 64, 4 * 64}, 2}, P{{3, 128, 128, 4 * 32}, 2}, P{{1, 5, 7, 4 * 3}, 2}}) {
+    SCOPED_TRACE("unpatchify " + shape_str(c.x));
+    const Tensor x = random_bf16(c.x, 1300 + c.x[3]);
+    Tensor want = Tensor::empty({c.x[0], c.x[1] * c.p, c.x[2] * c.p, c.x[3] / (c.p * c.p)});
+    cpu->unpatchify(x, c.p, want);
+    Tensor y = poisoned(want.shape());
+    gpu->unpatchify(dev(x), c.p, y);
+    EXPECT_CLOSE(host(y), want, 0.0, 0.0);
+  }
+  for (const Shape& s : {Shape{2, 64, 64, 256}, Shape{1, 9, 11, 3}}) {
+    SCOPED_TRACE("im2col3x3 " + shape_str(s));
+    const Tensor x = random_bf16(s, 1400 + s[3]);
+    Tensor want = Tensor::empty({s[0], s[1], s[2], 9 * s[3]});
+    cpu->im2col3x3(x, want);
+    Tensor y = poisoned(want.shape());
+    gpu->im2col3x3(dev(x), y);
+    EXPECT_CLOSE(host(y), want, 0.0, 0.0);
+  }
+}
+
+TEST_F(CudaOps, MatmulNT) {
+  // The decoder's masks: hypernetwork outputs [P, 4, 32] against upscaled cells [P, 256*256, 32].
+  const Tensor a = random_bf16({3, 4, 32}, 1500), b = random_bf16({3, 256 * 256, 32}, 1501);
+  Tensor want = Tensor::empty({3, 4, 256 * 256});
+  cpu->matmul_nt(a, b, want);
+  for (DType dt : {DType::BF16, DType::F32}) {
+    Tensor y = poisoned(want.shape(), dt);
+    gpu->matmul_nt(dev(a), dev(b), y);
+    EXPECT_CLOSE(host(y), want, 1e-2, 2e-2);
+  }
+  const Tensor a2 = random_bf16({5, 33, 72}, 1502), b2 = random_bf16({5, 17, 72}, 1503);
+  Tensor want2 = Tensor::empty({5, 33, 17});
+  cpu->matmul_nt(a2, b2, want2);
+  Tensor y2 = poisoned(want2.shape());
+  gpu->matmul_nt(dev(a2), dev(b2), y2);
+  EXPECT_CLOSE(host(y2), want2, 1e-2, 2e-2);
+}
+
+// ---- graphs and profiling --------------------------------------------------------------------
+
+TEST_F(CudaOps, GraphReplayMatchesEager) {
+  // A block-like sequence: windowed norm, qkv, attention, proj, unpartition-add, MLP with residual.
+  const int B = 1, G = 64, ws = 14, nw = 5, C = 768, heads = 12;
+  const int64_t wrows = int64_t(B) * nw * nw * ws * ws, rows = int64_t(B) * G * G;
+  const Tensor g = random_bf16({C}, 1600, 0.3f, 1.0f), bt = random_bf16({C}, 1601, 0.3f);
+  const Tensor wqkv = random_bf16({3 * C, C}, 1602, 1.0f / std::sqrt(float(C))), bqkv = random_bf16({3 * C}, 1603);
+  const Tensor w1 = random_bf16({4 * C, C}, 1604, 1.0f / std::sqrt(float(C))), b1 = random_bf16({4 * C}, 1605);
+  const Tensor w2 = random_bf16({C, 4 * C}, 1606, 0.5f / std::sqrt(float(C))), b2 = random_bf16({C}, 1607);
+  const Tensor rh = random_bf16({2 * ws - 1, C / heads}, 1608, 0.1f), rw = random_bf16({2 * ws - 1, C / heads}, 1609, 0.1f);
+  auto qkv_w = gpu->prepare_linear("qkv", wqkv, &bqkv);
+  auto lin1 = gpu->prepare_linear("lin1", w1, &b1);
+  auto lin2 = gpu->prepare_linear("lin2", w2, &b2);
+  const Tensor gg = gpu->upload(g), bg = gpu->upload(bt), rhg = gpu->upload(rh), rwg = gpu->upload(rw);
+  Tensor x = gpu->alloc({B, G, G, C}), xn = gpu->alloc({wrows, C}), qkv = gpu->alloc({wrows, 3 * C});
+  Tensor attn = gpu->alloc({wrows, C}), hidden = gpu->alloc({rows, 4 * C});
+  Tensor xn_g = gpu->alloc({rows, C});
+  auto body = [&] {
+    gpu->layer_norm_window_partition(x, gg, bg, 1e-6f, ws, xn);
+    gpu->linear(xn, *qkv_w, qkv);
+    gpu->attention_relpos(qkv, rhg, rwg, heads, ws, ws, attn);
+    gpu->window_unpartition_add(attn, ws, x);
+    gpu->layer_norm(x, gg, bg, 1e-6f, xn_g);
+    gpu->linear(xn_g, *lin1, hidden, Activation::GELU);
+    gpu->linear(hidden, *lin2, x, Activation::None, &x);
+  };
+  auto run = [&](const Tensor& input, bool graph) {
+    gpu->copy_from_host(input, x);
+    if (graph)
+      gpu->run_graph("test_block", body);
+    else
+      body();
+    return gpu->download(x);
+  };
+  const Tensor in1 = random_bf16({B, G, G, C}, 1610), in2 = random_bf16({B, G, G, C}, 1611);
+  const Tensor eager1 = run(in1, false), eager2 = run(in2, false);
+  EXPECT_GT(compare(eager1, eager2).rel, 0.1);  // the inputs matter
+  // Call 1 runs eagerly, call 2 captures and launches, calls 3 and 4 replay; replays must read the
+  // buffers' current contents, not what they held at capture.
+  for (int call = 1; call <= 4; ++call) {
+    const bool second = call % 2 == 0;
+    const Tensor got = run(second ? in2 : in1, true);
+    const Diff d = compare(got, second ? eager2 : eager1);
+    EXPECT_EQ(d.max_abs, 0.0) << "call " << call << ": " << show(d);
+  }
+  // Profiling runs the same body eagerly and times each class of op.
+  gpu->set_profiling(true);
+  const Tensor profiled = run(in1, true);
+  const auto prof = gpu->profile();
+  gpu->set_profiling(false);
+  EXPECT_EQ(compare(profiled, eager1).max_abs, 0.0);
+  for (const char* cls : {"gemm", "attention", "norm"}) {
+    ASSERT_TRUE(prof.count(cls)) << cls;
+    EXPECT_GT(prof.at(cls), 0.0) << cls;
+  }
+  std::printf("    profile: gemm %.3f ms, attention %.3f ms, norm %.3f ms, other %.3f ms\n", prof.at("gemm"),
+              prof.at("attention"), prof.at("norm"), prof.at("other"));
+}
+
+TEST_F(CudaOps, ErrorsAreExceptions) {
+  Tensor a = gpu->alloc({2, 3, 8}), b = gpu->alloc({2, 3, 9}), y = gpu->alloc({2, 3, 8});
+  EXPECT_THROW(gpu->add(a, b, y), Error);
+  const Tensor w = random_bf16({4, 5}, 1700);
+  auto lw = gpu->prepare_linear("bad", w, nullptr);
+  EXPECT_THROW(gpu->linear(a, *lw, y), Error);  // K mismatch
+  auto cw = cpu->prepare_linear("cpu", w, nullptr);
+  Tensor x5 = gpu->alloc({3, 5}), y4 = gpu->alloc({3, 4});
+  EXPECT_THROW(gpu->linear(x5, *cw, y4), Error);  // CPU weights on the GPU
+  EXPECT_NO_THROW(gpu->linear(x5, *lw, y4));
+  gpu->synchronize();
+}
+
+}  // namespace
+}  // namespace segany

@@ -14,7 +14,9 @@ int main(int argc, char** argv) {
   CLI::App app{"segany: Segment Anything in C++. Masks from points, boxes and masks, on the CPU or a GPU.",
                "segany"};
   app.set_version_flag("--version", "segany " SEGANY_VERSION);
-  app.require_subcommand(1);
+  // At most one subcommand; "none" is reported after parsing, so that a misspelt one is named as
+  // such rather than reported as a missing subcommand.
+  app.require_subcommand(0, 1);
   const std::vector<Command> commands = {add_segment(app), add_info(app), add_convert(app), add_init(app),
                                          add_bench(app)};
   try {
@@ -23,6 +25,11 @@ int main(int argc, char** argv) {
     // --help and --version arrive here too, with exit code 0; everything else is a usage error.
     const int code = app.exit(e);
     return code == 0 ? 0 : 2;
+  }
+  if (app.get_subcommands().empty()) {
+    std::cerr << "segany: a subcommand is required: segment, info, convert, init or bench\n"
+              << "Run with --help for more information.\n";
+    return 2;
   }
   try {
     for (const Command& c : commands)

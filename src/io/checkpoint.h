@@ -4,7 +4,9 @@
 //   unpickler that knows only what a state_dict needs. Any other global, an unknown opcode, a storage
 //   out of bounds or a truncated file is an Error naming the problem; nothing in the pickle is run.
 // - safetensors, read and written.
-// Tensors are zero-copy views into an mmap of the file; the TensorMap keeps the mapping alive.
+// Tensors are zero-copy views into an mmap of the file; each tensor keeps the mapping alive. The
+// mapping is read-only: clone() a tensor before writing to it. (A storage that the file does not
+// align for its dtype is copied instead, so every view is aligned.)
 #pragma once
 
 #include <map>

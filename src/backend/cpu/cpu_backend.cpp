@@ -53,8 +53,9 @@ inline float apply(Activation act, float x) {
   return x;
 }
 
-// Row-wise softmax in place, as torch: exp(x - max) / sum.
-void softmax_rows(float* x, int64_t rows, int64_t cols) {
+// Row-wise exp(x - max) in place; inv_sum[r] = 1 / sum of row r. The caller scales the rows of
+// P V by inv_sum, which is softmax(x) V with one pass less over the [rows, cols] matrix.
+void exp_rows(float* x, int64_t rows, int64_t cols, float* inv_sum) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     float* row = x + r * cols;
@@ -65,9 +66,15 @@ void softmax_rows(float* x, int64_t rows, int64_t cols) {
       row[j] = std::exp(row[j] - mx);
       sum += row[j];
     }
-    const float inv = 1.0f / sum;
-    for (int64_t j = 0; j < cols; ++j) row[j] *= inv;
+    inv_sum[r] = 1.0f / sum;
   }
+}
+
+// dst rows (stride dst_stride) = src rows [T, D] * inv_sum[row].
+void scatter_scaled(const float* src, int64_t T, int64_t D, const float* inv_sum, float* dst, int64_t dst_stride) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < D; ++d) dst[t * dst_stride + d] = src[t * D + d] * inv_sum[t];
 }
 
 // Copies head h of a [T, stride] row layout into a contiguous [T, D] block.
@@ -213,7 +220,7 @@ class CpuBackend final : public Backend {
     check(out.numel() == B * T * heads * D, "attention_relpos: output " + shape_str(out.shape()));
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     const int64_t stride = 3 * heads * D;
-    std::vector<float> q(T * D), k(T * D), v(T * D), o(T * D), s(T * T);
+    std::vector<float> q(T * D), k(T * D), v(T * D), o(T * D), s(T * T), inv(T);
     std::vector<float> qrh(T * (2 * gh - 1)), qrw(T * (2 * gw - 1));
     for (int64_t b = 0; b < B; ++b)
       for (int h = 0; h < heads; ++h) {
@@ -240,10 +247,9 @@ class CpuBackend final : public Backend {
             for (int64_t kc = 0; kc < gw; ++kc) seg[kc] += bh + rw[-kc];
           }
         }
-        softmax_rows(s.data(), T, T);
+        exp_rows(s.data(), T, T, inv.data());
         sgemm_nn(T, D, T, s.data(), T, v.data(), D, o.data(), D);
-        float* dst = out.data_as<float>() + b * T * heads * D + h * D;
-        for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * heads * D, o.data() + t * D, D * sizeof(float));
+        scatter_scaled(o.data(), T, D, inv.data(), out.data_as<float>() + b * T * heads * D + h * D, heads * D);
       }
   }
 
@@ -258,17 +264,16 @@ class CpuBackend final : public Backend {
               " -> " + shape_str(out.shape()));
     const int64_t hd = D / heads;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    std::vector<float> q(Tq * hd), k(Tk * hd), v(Tk * hd), o(Tq * hd), s(Tq * Tk);
+    std::vector<float> q(Tq * hd), k(Tk * hd), v(Tk * hd), o(Tq * hd), s(Tq * Tk), inv(Tq);
     for (int64_t b = 0; b < B; ++b)
       for (int h = 0; h < heads; ++h) {
         gather_head(qt.data_as<const float>() + (Bq == 1 ? 0 : b) * Tq * D + h * hd, Tq, D, hd, q.data());
         gather_head(kt.data_as<const float>() + (Bk == 1 ? 0 : b) * Tk * D + h * hd, Tk, D, hd, k.data());
         gather_head(vt.data_as<const float>() + (Bv == 1 ? 0 : b) * Tk * D + h * hd, Tk, D, hd, v.data());
         sgemm_nt(Tq, Tk, hd, scale, q.data(), hd, k.data(), hd, 0.0f, s.data(), Tk);
-        softmax_rows(s.data(), Tq, Tk);
+        exp_rows(s.data(), Tq, Tk, inv.data());
         sgemm_nn(Tq, hd, Tk, s.data(), Tk, v.data(), hd, o.data(), hd);
-        float* dst = out.data_as<float>() + b * Tq * D + h * hd;
-        for (int64_t t = 0; t < Tq; ++t) std::memcpy(dst + t * D, o.data() + t * hd, hd * sizeof(float));
+        scatter_scaled(o.data(), Tq, hd, inv.data(), out.data_as<float>() + b * Tq * D + h * hd, D);
       }
   }
 

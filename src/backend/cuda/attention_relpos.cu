@@ -19,7 +19,10 @@
 //   costs one FMA per logit over plain flash attention.
 //     global (grid_w == 64): a key tile is one grid row of 64 keys; 128 queries per CTA, 4 warps of
 //       2 x m16 (each K/V fragment read from shared memory serves 32 queries); K/V double-buffered
-//       with cp.async; rel_h [128 x 64] and rel_w [128 x 64] fp32 in shared memory (padded rows).
+//       with cp.async; rel_h [128 x 64] and rel_w [128 x 64] fp32 in shared memory (padded rows);
+//       113 KB of shared memory and <= 255 registers, so 2 CTAs per SM on an H100. Head dim 80
+//       takes each tile in two softmax steps of 32 keys (S in 32 registers instead of 64), which
+//       is what keeps it out of local memory.
 //     windows (grid <= 16, SAM 14 x 14): each grid row of keys is padded to 16 slots (one k16 step
 //       of P V); the padding columns get rel_w = -inf, which is the whole key mask. A CTA holds one
 //       (window, head): all its K and V in shared memory, loaded in per-tile cp.async groups that the
@@ -32,10 +35,12 @@
 // * Kernel traits and a launch template per head dim (64: vit_b/l, 80: vit_h; 80 = 5 k16 steps of
 //   Q K^T and 10 n8 tiles of P V), in the style of flash-attention.
 //
-// Expected performance on an H100 (FLOPs counted as 4*B*heads*T^2*D, bias included in the time):
-// global ~250-300 TFLOP/s (flash-attention 2, also mma.sync, reaches ~300 without a bias on this
-// GPU; the bias adds ~1 FMA and half a shared load per logit); windows ~150-200 TFLOP/s (there the
-// read of qkv and the 14% prologue weigh). Beyond that (ANCHORS: 350 global) needs wgmma with a
+// Expected performance on an H100 (FLOPs counted as 4*B*heads*T^2*D, bias included in the time),
+// an estimate from instruction counts (SASS of the main loops: ~4.5-5 instructions per HMMA), not
+// yet a measurement: global ~230-280 TFLOP/s (flash-attention 2, also mma.sync, reaches ~300
+// without a bias on this GPU; the bias adds one FMA and half a shared load per logit); windows
+// ~150-200 TFLOP/s (there the padding of 196 keys to 224 slots and of 196 queries to 208, the 14%
+// prologue and the read of qkv weigh). ANCHORS' 350 on global attention needs wgmma with a
 // producer warp and TMA, as flash-attention 3 does: the natural next step for the global kernel.
 #include "attention_relpos.h"
 
@@ -186,12 +191,14 @@ __device__ __forceinline__ void load_relpos_frags(uint32_t (&bf)[kChunks][2], co
 
 // The bias prologue: for each of the warp's m16 query tiles, q . table[p] for every table row p,
 // handed to sink(mt, hr, p, value) where the query is row g + 8*hr of tile mt (g = lane/4).
-template <int kChunks, int kMTiles, class Sink>
+// kUnroll n8 tiles of the table are loaded at once: the prologue is latency-bound (the tables,
+// a few KB, come from L2 or L1), but the global kernel has few registers to spare.
+template <int kChunks, int kMTiles, int kUnroll, class Sink>
 __device__ __forceinline__ void rel_logits(const uint32_t (&qf)[kMTiles][kChunks][4], const void* table, bool fp32,
                                            int rows, int lane, Sink&& sink) {
   const int t = lane & 3;
   const int n8_tiles = (rows + 7) / 8;
-#pragma unroll 4  // several tiles' loads in flight: the prologue is latency-bound
+#pragma unroll kUnroll
   for (int nt = 0; nt < n8_tiles; ++nt) {
     uint32_t bf[kChunks][2];
     load_relpos_frags<kChunks>(bf, table, fp32, rows, nt * 8, lane);
@@ -376,13 +383,13 @@ __global__ void __launch_bounds__(GlobalTraits<kHeadDim>::kThreads, 2)
 
   // Bias prologue: scatter q . rel_pos[p] to rel_h[i][row(i) + gh - 1 - p] and
   // rel_w[i][col(i) + 63 - p], keeping the entries that land inside the grid.
-  rel_logits<KC, MT>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int mt, int hr, int pi, float val) {
+  rel_logits<KC, MT, 2>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int mt, int hr, int pi, float val) {
     const int il = row0 + 16 * mt + g + 8 * hr;
     const int tok = min(tok_cta + il, T - 1);
     const int kr = tok / GW + gh - 1 - pi;
     if (kr >= 0 && kr < gh) relh_smem[il * Tr::kRelHStride + kr] = val * kLog2e;
   });
-  rel_logits<KC, MT>(qf, p.rel_pos_w, p.rel_pos_fp32, 2 * GW - 1, lane, [&](int mt, int hr, int pi, float val) {
+  rel_logits<KC, MT, 2>(qf, p.rel_pos_w, p.rel_pos_fp32, 2 * GW - 1, lane, [&](int mt, int hr, int pi, float val) {
     const int il = row0 + 16 * mt + g + 8 * hr;
     const int tok = min(tok_cta + il, T - 1);
     const int kc = tok % GW + GW - 1 - pi;
@@ -529,6 +536,9 @@ struct WindowTraits {
   static constexpr int kRelStride = kMaxGrid + 1;  // per-warp [16][17] floats for rel_h, then rel_w
   static constexpr int kCopiesPerRow = kD * 2 / 16;
   static constexpr size_t kWarpRelFloats = 2 * 16 * kRelStride;
+  // CTAs per SM that shared memory allows at 14 x 14 (73 KB at head dim 64, 88 KB at 80); the
+  // register cap follows from it.
+  static constexpr int kMinBlocksPerSm = kD == 64 ? 3 : 2;
   __host__ __device__ static size_t kv_elems(int grid_h) { return static_cast<size_t>(grid_h) * kSlotsPerRow * kStride; }
   __host__ __device__ static size_t smem_bytes(int grid_h) {
     return 2 * kv_elems(grid_h) * sizeof(bf16) + kWarps * kWarpRelFloats * sizeof(float);
@@ -613,7 +623,7 @@ __device__ __forceinline__ void window_tile(const bf16* kt_smem, const bf16* vt_
 
 // grid (batch * heads), 128 threads. K/V slot of key (kr, kc) is kr * 16 + kc.
 template <int kHeadDim>
-__global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 2)
+__global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, WindowTraits<kHeadDim>::kMinBlocksPerSm)
     relpos_attention_window_kernel(const RelPosAttentionParams p, const float scale_log2) {
   using Tr = WindowTraits<kHeadDim>;
   constexpr int D = Tr::kD, KC = Tr::kChunks, DT = Tr::kDTiles, kStride = Tr::kStride;
@@ -672,14 +682,14 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 2)
     float relw[2][2][2];
     if (active) {
       load_q_frags<KC>(qf[0], q_head, tok_stride, tok0, T, lane);
-      __syncwarp();  // the previous tile's reads of relh_warp / relw_warp are done
-      rel_logits<KC, 1>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int, int hr, int pi, float val) {
+      __syncwarp();  // the previous unit's reads of relh_warp / relw_warp are done
+      rel_logits<KC, 1, 4>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int, int hr, int pi, float val) {
         const int il = g + 8 * hr;
         const int tok = min(tok0 + il, T - 1);
         const int kr = tok / gw + gh - 1 - pi;
         if (kr >= 0 && kr < gh) relh_warp[il * Tr::kRelStride + kr] = val * kLog2e;
       });
-      rel_logits<KC, 1>(qf, p.rel_pos_w, p.rel_pos_fp32, 2 * gw - 1, lane, [&](int, int hr, int pi, float val) {
+      rel_logits<KC, 1, 4>(qf, p.rel_pos_w, p.rel_pos_fp32, 2 * gw - 1, lane, [&](int, int hr, int pi, float val) {
         const int il = g + 8 * hr;
         const int tok = min(tok0 + il, T - 1);
         const int kc = tok % gw + gw - 1 - pi;
@@ -748,6 +758,12 @@ void check_launch(cudaError_t e, const char* what) {
 
 constexpr int kMaxDevices = 64;
 
+bool is_window_grid(int gh, int gw) { return gh >= 1 && gw >= 1 && gh <= 16 && gw <= 16; }
+bool is_global_grid(int gh, int gw) { return gw == 64 && gh >= 1 && gh <= 64; }
+
+bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+
 // D^-0.5 * log2(e): the logit scale in the log2 domain the softmax runs in.
 float scale_log2_of(int head_dim) {
   return static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim)));
@@ -767,33 +783,83 @@ void raise_smem_limit_once(Kernel kernel, size_t bytes, std::once_flag (&flags)[
   else std::call_once(flags[device], raise);
 }
 
+// One kernel launch's configuration; launch() enqueues it, info() describes it.
+template <class Kernel>
+struct LaunchPlan {
+  Kernel kernel;
+  const char* name;
+  dim3 grid;
+  int threads;
+  size_t smem;
+
+  void launch(const RelPosAttentionParams& p, float scale_log2, cudaStream_t stream) const {
+    kernel<<<grid, threads, smem, stream>>>(p, scale_log2);
+    check_launch(cudaGetLastError(), name);
+  }
+  RelPosAttentionLaunchInfo info() const {
+    RelPosAttentionLaunchInfo r;
+    r.kernel = name;
+    r.grid_blocks = static_cast<long long>(grid.x) * grid.y * grid.z;
+    r.threads_per_block = threads;
+    r.smem_bytes = smem;
+    check_launch(cudaFuncGetAttributes(&r.attributes, kernel), "cudaFuncGetAttributes");
+    check_launch(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r.blocks_per_sm, kernel, threads, smem),
+                 "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    return r;
+  }
+};
+
 template <int kHeadDim>
-void launch_global(const RelPosAttentionParams& p, cudaStream_t stream) {
+auto global_plan(const RelPosAttentionParams& p) {
   using Tr = GlobalTraits<kHeadDim>;
   static std::once_flag smem_raised[kMaxDevices];
   auto kernel = relpos_attention_global_kernel<kHeadDim>;
   raise_smem_limit_once(kernel, Tr::kSmemBytes, smem_raised);
   const int T = p.grid_h * p.grid_w;
   const dim3 grid((T + Tr::kBlockM - 1) / Tr::kBlockM, p.heads, p.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, scale_log2_of(kHeadDim));
-  check_launch(cudaGetLastError(), "global kernel launch");
+  return LaunchPlan<decltype(kernel)>{kernel, kHeadDim == 64 ? "relpos_attention_global<64>" : "relpos_attention_global<80>",
+                                      grid, Tr::kThreads, Tr::kSmemBytes};
 }
 
 template <int kHeadDim>
-void launch_window(const RelPosAttentionParams& p, cudaStream_t stream) {
+auto window_plan(const RelPosAttentionParams& p) {
   using Tr = WindowTraits<kHeadDim>;
   static std::once_flag smem_raised[kMaxDevices];
   auto kernel = relpos_attention_window_kernel<kHeadDim>;
   raise_smem_limit_once(kernel, Tr::smem_bytes(Tr::kMaxGrid), smem_raised);  // the largest grid's
   const dim3 grid(static_cast<unsigned>(p.batch) * static_cast<unsigned>(p.heads));
-  kernel<<<grid, Tr::kThreads, Tr::smem_bytes(p.grid_h), stream>>>(p, scale_log2_of(kHeadDim));
-  check_launch(cudaGetLastError(), "window kernel launch");
+  return LaunchPlan<decltype(kernel)>{kernel, kHeadDim == 64 ? "relpos_attention_window<64>" : "relpos_attention_window<80>",
+                                      grid, Tr::kThreads, Tr::smem_bytes(p.grid_h)};
 }
 
-bool is_window_grid(int gh, int gw) { return gh >= 1 && gw >= 1 && gh <= 16 && gw <= 16; }
-bool is_global_grid(int gh, int gw) { return gw == 64 && gh >= 1 && gh <= 64; }
-
-bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+// Calls f(plan) with the plan for p's shape, after checking p.
+template <class F>
+void with_plan(const RelPosAttentionParams& p, F&& f) {
+  auto fail = [&](const std::string& why) {
+    throw std::invalid_argument("attention_relpos: " + why + " (batch " + std::to_string(p.batch) + ", heads " +
+                                std::to_string(p.heads) + ", head_dim " + std::to_string(p.head_dim) + ", grid " +
+                                std::to_string(p.grid_h) + "x" + std::to_string(p.grid_w) + ")");
+  };
+  if (!(p.head_dim == 64 || p.head_dim == 80) || !(is_window_grid(p.grid_h, p.grid_w) || is_global_grid(p.grid_h, p.grid_w)))
+    fail("unsupported shape: head_dim must be 64 or 80 and the grid at most 16x16 (windows) or Hx64 with H <= 64");
+  if (p.batch < 0 || p.heads <= 0) fail("bad batch or heads");
+  if (p.batch > 0) {
+    if (!p.qkv || !p.out || !p.rel_pos_h || !p.rel_pos_w) fail("null pointer");
+    if (!aligned(p.qkv, 16)) fail("qkv must be 16-byte aligned");
+    if (!aligned(p.out, 4)) fail("out must be 4-byte aligned");
+    const size_t table_align = p.rel_pos_fp32 ? 8 : 4;
+    if (!aligned(p.rel_pos_h, table_align) || !aligned(p.rel_pos_w, table_align)) fail("rel_pos tables misaligned");
+  }
+  if (is_global_grid(p.grid_h, p.grid_w)) {
+    if (p.batch > 65535 || p.heads > 65535) fail("batch and heads must be below 65536 for global attention");
+    if (p.head_dim == 64) f(global_plan<64>(p));
+    else f(global_plan<80>(p));
+  } else {
+    if (static_cast<long long>(p.batch) * p.heads > 0x7fffffffLL) fail("batch * heads too large");
+    if (p.head_dim == 64) f(window_plan<64>(p));
+    else f(window_plan<80>(p));
+  }
+}
 
 }  // namespace
 
@@ -807,30 +873,14 @@ double attention_relpos_flops(const RelPosAttentionParams& p) {
 }
 
 void attention_relpos(const RelPosAttentionParams& p, cudaStream_t stream) {
-  auto fail = [&](const std::string& why) {
-    throw std::invalid_argument("attention_relpos: " + why + " (batch " + std::to_string(p.batch) + ", heads " +
-                                std::to_string(p.heads) + ", head_dim " + std::to_string(p.head_dim) + ", grid " +
-                                std::to_string(p.grid_h) + "x" + std::to_string(p.grid_w) + ")");
-  };
-  if (!attention_relpos_supported(p.head_dim, p.grid_h, p.grid_w))
-    fail("unsupported shape: head_dim must be 64 or 80 and the grid at most 16x16 (windows) or Hx64 with H <= 64");
-  if (p.batch < 0 || p.heads <= 0) fail("bad batch or heads");
-  if (p.batch == 0) return;
-  if (!p.qkv || !p.out || !p.rel_pos_h || !p.rel_pos_w) fail("null pointer");
-  if (!aligned(p.qkv, 16)) fail("qkv must be 16-byte aligned");
-  if (!aligned(p.out, 4)) fail("out must be 4-byte aligned");
-  const size_t table_align = p.rel_pos_fp32 ? 8 : 4;
-  if (!aligned(p.rel_pos_h, table_align) || !aligned(p.rel_pos_w, table_align)) fail("rel_pos tables misaligned");
+  if (p.batch == 0 && p.heads > 0 && attention_relpos_supported(p.head_dim, p.grid_h, p.grid_w)) return;
+  with_plan(p, [&](const auto& plan) { plan.launch(p, scale_log2_of(p.head_dim), stream); });
+}
 
-  if (is_global_grid(p.grid_h, p.grid_w)) {
-    if (p.batch > 65535 || p.heads > 65535) fail("batch and heads must be below 65536 for global attention");
-    if (p.head_dim == 64) launch_global<64>(p, stream);
-    else launch_global<80>(p, stream);
-  } else {
-    if (static_cast<long long>(p.batch) * p.heads > 0x7fffffffLL) fail("batch * heads too large");
-    if (p.head_dim == 64) launch_window<64>(p, stream);
-    else launch_window<80>(p, stream);
-  }
+RelPosAttentionLaunchInfo attention_relpos_launch_info(const RelPosAttentionParams& p) {
+  RelPosAttentionLaunchInfo info;
+  with_plan(p, [&](const auto& plan) { info = plan.info(); });
+  return info;
 }
 
 }  // namespace segany::cuda

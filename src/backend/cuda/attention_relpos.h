@@ -49,6 +49,18 @@ inline size_t attention_relpos_workspace_bytes(int /*batch*/, int /*heads*/, int
 // std::runtime_error when the launch fails.
 void attention_relpos(const RelPosAttentionParams& params, cudaStream_t stream);
 
+// What attention_relpos(params) launches, for reports and tuning (raises nothing but the kernel's
+// shared memory limit, which the first launch would do too).
+struct RelPosAttentionLaunchInfo {
+  const char* kernel = "";        // e.g. "relpos_attention_global<80>"
+  long long grid_blocks = 0;
+  int threads_per_block = 0;
+  size_t smem_bytes = 0;          // dynamic shared memory per block
+  int blocks_per_sm = 0;          // occupancy the driver reports for that
+  cudaFuncAttributes attributes{};  // registers (numRegs), local memory (localSizeBytes), ...
+};
+RelPosAttentionLaunchInfo attention_relpos_launch_info(const RelPosAttentionParams& params);
+
 // 4 * batch * heads * T^2 * head_dim: the FLOPs of QK^T and PV, the convention for TFLOP/s
 // figures (the bias prologue, a few percent, is not counted).
 double attention_relpos_flops(const RelPosAttentionParams& params);

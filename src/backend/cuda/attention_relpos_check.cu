@@ -310,6 +310,10 @@ bool run_case(const Case& c, bool do_time, int seed) {
     const double tflops = segany::cuda::attention_relpos_flops(p) / sec / 1e12;
     const double gbs = double(n_qkv + n_out) * sizeof(__nv_bfloat16) / sec / 1e9;
     std::printf(" | %9.1f us  %6.1f TFLOP/s  %6.0f GB/s", sec * 1e6, tflops, gbs);
+    const auto info = segany::cuda::attention_relpos_launch_info(p);
+    std::printf(" | %s: %lld blocks x %d threads, %d regs, %zu B local, %zu B smem, %d blocks/SM", info.kernel,
+                info.grid_blocks, info.threads_per_block, info.attributes.numRegs, info.attributes.localSizeBytes,
+                info.smem_bytes, info.blocks_per_sm);
   }
   std::printf("\n");
   std::fflush(stdout);
