@@ -327,6 +327,13 @@ TEST(Cli, ConvertToBf16KeepsEveryTensor) {
   EXPECT_EQ(j.at("parameters").get<int64_t>(), golden_parameters());
   EXPECT_EQ(j.at("dtypes").at("BF16").get<size_t>(), before.size());
 
+  // The converted model runs.
+  const CliRun seg = segany("segment " + q(out) + " " + q(dog()) + " --config " + q(config()) +
+                                " --point 400,250 --out " + q(dir + "/masks"),
+                            dir);
+  ASSERT_EQ(seg.code, 0) << seg.err;
+  expect_consistent(dir + "/masks", 1);
+
   EXPECT_FAILS_WITH(segany("convert " + q(checkpoint()) + " " + q(out) + " --dtype f8", dir), "f8");
 }
 

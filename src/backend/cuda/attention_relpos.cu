@@ -8,7 +8,8 @@
 //
 // * The bias never exists as a T x T tensor. Each warp, before its key loop, multiplies its own
 //   query rows (already in registers as mma A fragments) by the whole rel_pos_h / rel_pos_w tables
-//   (B fragments read straight from global memory, 2*grid-1 rows): qRh[i, p] = q_i . rel_pos_h[p].
+//   (B fragments from global memory in the global kernel, from a per-CTA shared-memory copy in the
+//   window kernel; 2*grid-1 rows): qRh[i, p] = q_i . rel_pos_h[p].
 //   rel_h[i, kr] = qRh[i, row(i) + grid_h - 1 - kr] is then a gather, done as a scatter from the mma
 //   accumulators into shared memory (pre-multiplied by log2 e). That prologue costs ~3% of the
 //   mma work on global attention and ~14% on 14 x 14 windows.
@@ -23,32 +24,34 @@
 //       113 KB of shared memory and <= 255 registers, so 2 CTAs per SM on an H100. Head dim 80
 //       takes each tile in two softmax steps of 32 keys (S in 32 registers instead of 64), which
 //       is what keeps it out of local memory.
-//     windows (grid <= 16, SAM 14 x 14): each grid row of keys is padded to 16 slots (one k16 step
-//       of P V); the padding columns get rel_w = -inf, which is the whole key mask. A CTA holds one
-//       (window, head): all its K and V in shared memory, loaded in per-tile cp.async groups that the
-//       first pass waits on one by one; its 4 warps take the ceil(T/16) = 13 query m16 tiles in turn
-//       (the warp that takes the odd one rotates with the CTA so that no SM sub-partition gets more).
-//       rel_w of a warp's 16 queries sits in 8 registers per thread.
-//   Padded queries read Q = 0 and are never written; padded keys see -inf (windows) or do not exist
-//   (global: T is a whole number of grid rows).
+//     windows (grid <= 16, SAM 14 x 14): persistent CTAs (one per SM, 13 warps = 416 threads), each
+//       taking (window, head) items blockIdx.x, +gridDim.x, ...; Q, K and V of an item sit in shared
+//       memory (dense, T rows each) in one of two stages, and the next item's copy (cp.async) flies
+//       while this one is computed. Warp w owns query m16 tile w (13 tiles at 14 x 14: one round). Key
+//       tiles are SEGANY_WINDOW_ROWS_PER_TILE (2) grid rows, each padded to 16 slots in the ldmatrix
+//       addresses only: slots past grid_w read the row's last key and get rel_w = -inf, the whole key
+//       mask. The rel_pos tables are staged once per CTA (bf16, 32 zero-padded rows) and the prologue
+//       takes its B fragments from there; a warp's 16 Q rows, once in registers, are its scratch for
+//       rel_h / rel_w (fp32, x log2 e) and then for the bf16 output tile (16-byte stores). 416 threads
+//       put 4 warps on one SM sub-partition, which caps registers at 128. ATTENTION_NOTES.md has the
+//       measurements.
+//   Padded queries read Q = 0 (global) or the last token's Q (windows) and are never written; padded
+//   keys see -inf (windows) or do not exist (global: T is a whole number of grid rows).
 //
 // * Kernel traits and a launch template per head dim (64: vit_b/l, 80: vit_h; 80 = 5 k16 steps of
 //   Q K^T and 10 n8 tiles of P V), in the style of flash-attention.
 //
-// Expected performance on an H100 (FLOPs counted as 4*B*heads*T^2*D, bias included in the time),
-// an estimate from instruction counts (SASS of the main loops: ~4.5-5 instructions per HMMA), not
-// yet a measurement: global ~230-280 TFLOP/s (flash-attention 2, also mma.sync, reaches ~300
-// without a bias on this GPU; the bias adds one FMA and half a shared load per logit); windows
-// ~150-200 TFLOP/s (there the padding of 196 keys to 224 slots and of 196 queries to 208, the 14%
-// prologue and the read of qkv weigh). ANCHORS' 350 on global attention needs wgmma with a
-// producer warp and TMA, as flash-attention 3 does: the natural next step for the global kernel.
-#include "attention_relpos.h"
-
+// Measured on an H100 (ATTENTION_NOTES.md; FLOPs counted as 4*B*heads*T^2*D, bias included in the
+// time): windows ~118-125 TFLOP/s, global ~200-225 TFLOP/s. ANCHORS' 350 on global attention needs
+// wgmma with a producer warp and TMA, as flash-attention 3 does: the natural next step there.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+
+#include "attention_relpos.h"
 
 namespace segany::cuda {
 namespace {
@@ -73,16 +76,6 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
-// Waits until at most n (0..3) of this thread's groups are pending.
-__device__ __forceinline__ void cp_async_wait_upto(int n) {
-  switch (n) {
-    case 0: cp_async_wait<0>(); break;
-    case 1: cp_async_wait<1>(); break;
-    case 2: cp_async_wait<2>(); break;
-    default: cp_async_wait<3>(); break;
-  }
-}
-
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and register i gets
 // matrix i's fragment: lane l holds row l/4, columns 2(l%4), 2(l%4)+1 (.trans: the transpose's).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
@@ -121,9 +114,7 @@ __device__ __forceinline__ float exp2_approx(float x) {  // ex2(-inf) = +0
   return y;
 }
 
-__device__ __forceinline__ uint32_t ldg_u32(const bf16* p) {
-  return __ldg(reinterpret_cast<const unsigned int*>(p));
-}
+__device__ __forceinline__ uint32_t ldg_u32(const bf16* p) { return __ldg(reinterpret_cast<const unsigned int*>(p)); }
 
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -160,8 +151,8 @@ __device__ __forceinline__ void load_q_frags(uint32_t (&qf)[kChunks][4], const b
 // B fragments of rel_pos rows [n0, n0 + 8) (as the n dim) for every k16 chunk of the head dim.
 // Rows >= rows read as zero; fp32 tables are rounded to bf16 here.
 template <int kChunks>
-__device__ __forceinline__ void load_relpos_frags(uint32_t (&bf)[kChunks][2], const void* table, bool fp32,
-                                                  int rows, int n0, int lane) {
+__device__ __forceinline__ void load_relpos_frags(uint32_t (&bf)[kChunks][2], const void* table, bool fp32, int rows,
+                                                  int n0, int lane) {
   constexpr int D = kChunks * 16;
   const int g = lane >> 2, t = lane & 3;
   const int row = n0 + g;
@@ -311,8 +302,8 @@ struct GlobalTraits {
   static constexpr int kMaxGridH = 64;
   static constexpr int kStages = 2;
   static constexpr int kKeySplit = kD > 64 ? 2 : 1;  // softmax steps per key tile (registers)
-  static constexpr int kChunks = kD / 16;  // k16 steps of Q K^T
-  static constexpr int kDTiles = kD / 8;   // n8 tiles of O
+  static constexpr int kChunks = kD / 16;            // k16 steps of Q K^T
+  static constexpr int kDTiles = kD / 8;             // n8 tiles of O
   // bf16 row stride of K/V in shared memory: an odd number of 16 B units, so the 8 rows an
   // ldmatrix reads fall in distinct bank groups.
   static constexpr int kStride = kD + 8;
@@ -348,7 +339,7 @@ __device__ __forceinline__ void load_kv_tile_global(bf16* k_dst, bf16* v_dst, co
 // CTA's 128 (two m16 tiles, both inside one 64-token grid row).
 template <int kHeadDim>
 __global__ void __launch_bounds__(GlobalTraits<kHeadDim>::kThreads, 2)
-    relpos_attention_global_kernel(const RelPosAttentionParams p, const float scale_log2) {
+    relpos_attention_global_kernel(const RelPosAttentionParams p, const float scale_log2, int /*unused*/) {
   using Tr = GlobalTraits<kHeadDim>;
   constexpr int D = Tr::kD, KC = Tr::kChunks, DT = Tr::kDTiles, MT = Tr::kMTiles, GW = Tr::kGridW;
   constexpr int kStride = Tr::kStride;
@@ -375,8 +366,8 @@ __global__ void __launch_bounds__(GlobalTraits<kHeadDim>::kThreads, 2)
   load_kv_tile_global<Tr>(k_dst, v_dst, kv_src, static_cast<int>(hd));
   cp_async_commit();
 
-  const int row0 = warp * MT * 16;                       // warp's first query within the CTA
-  const int tok_cta = blockIdx.x * Tr::kBlockM;          // CTA's first query token
+  const int row0 = warp * MT * 16;               // warp's first query within the CTA
+  const int tok_cta = blockIdx.x * Tr::kBlockM;  // CTA's first query token
   uint32_t qf[MT][KC][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) load_q_frags<KC>(qf[mt], q_head, tok_stride, tok_cta + row0 + 16 * mt, T, lane);
@@ -479,7 +470,7 @@ __global__ void __launch_bounds__(GlobalTraits<kHeadDim>::kThreads, 2)
 
       // P = exp2(x - c), row sums kept per thread (reduced across the quad at the end).
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
           const float c = c_row[mt][hr];
@@ -494,6 +485,7 @@ __global__ void __launch_bounds__(GlobalTraits<kHeadDim>::kThreads, 2)
           }
           l_run[mt][hr] += rs;
         }
+      }
 
       // O += P V, 16 keys at a time.
 #pragma unroll
@@ -518,43 +510,47 @@ __global__ void __launch_bounds__(GlobalTraits<kHeadDim>::kThreads, 2)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Windowed attention: grid_h, grid_w <= 16, one CTA per (window, head)
+// Windowed attention: grid_h, grid_w <= 16; persistent CTAs, one (window, head) item at a time
 // ---------------------------------------------------------------------------------------------
 
 template <int kHeadDim>
 struct WindowTraits {
   static constexpr int kD = kHeadDim;
-  static constexpr int kWarps = 4;
+  // One warp per m16 query tile: 14 x 14 = 196 tokens are 13 tiles, so 13 warps take a whole
+  // item in one round (larger grids, up to 16 tiles, give some warps a second tile).
+  static constexpr int kWarps = 13;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kSlotsPerRow = 16;  // a grid row of keys padded to one k16 step of P V
-  static constexpr int kMaxGrid = 16;
-  static constexpr int kRowsPerTile = 4;   // key tile: 4 grid rows = 64 slots
-  static constexpr int kMaxTiles = (kMaxGrid + kRowsPerTile - 1) / kRowsPerTile;
+#ifndef SEGANY_WINDOW_ROWS_PER_TILE
+#define SEGANY_WINDOW_ROWS_PER_TILE 2
+#endif
+  static constexpr int kRowsPerTile = SEGANY_WINDOW_ROWS_PER_TILE;  // key tile: grid rows, 16 slots each
+#ifndef SEGANY_WINDOW_TILE_UNROLL
+#define SEGANY_WINDOW_TILE_UNROLL 1
+#endif
+  static constexpr int kTileUnroll = SEGANY_WINDOW_TILE_UNROLL;  // key tiles unrolled (interleaving)
   static constexpr int kChunks = kD / 16;
   static constexpr int kDTiles = kD / 8;
-  static constexpr int kStride = kD + 8;   // as in GlobalTraits
-  static constexpr int kRelStride = kMaxGrid + 1;  // per-warp [16][17] floats for rel_h, then rel_w
+  static constexpr int kStride = kD + 8;  // as in GlobalTraits
+  static constexpr int kRelStride = 17;   // floats: per-warp scratch rows of rel_h / rel_w
   static constexpr int kCopiesPerRow = kD * 2 / 16;
-  static constexpr size_t kWarpRelFloats = 2 * 16 * kRelStride;
-  // CTAs per SM that shared memory allows at 14 x 14 (73 KB at head dim 64, 88 KB at 80); the
-  // register cap follows from it.
-  static constexpr int kMinBlocksPerSm = kD == 64 ? 3 : 2;
-  __host__ __device__ static size_t kv_elems(int grid_h) { return static_cast<size_t>(grid_h) * kSlotsPerRow * kStride; }
-  __host__ __device__ static size_t smem_bytes(int grid_h) {
-    return 2 * kv_elems(grid_h) * sizeof(bf16) + kWarps * kWarpRelFloats * sizeof(float);
-  }
+  static constexpr int kTableRows = 32;  // 2 * grid - 1 <= 31 rows, zero-padded to 32
+  static constexpr size_t kTableBytes = 2ull * kTableRows * kStride * sizeof(bf16);
+  __host__ __device__ static int q_rows(int T) { return (T + 15) / 16 * 16; }
+  // One stage: Q (q_rows(T) rows: the rows of each query tile double as its warp's scratch), K, V.
+  __host__ __device__ static size_t stage_elems(int T) { return static_cast<size_t>(q_rows(T) + 2 * T) * kStride; }
+  static size_t smem_bytes(int T, int stages) { return kTableBytes + stages * stage_elems(T) * sizeof(bf16); }
   static_assert(kD % 16 == 0 && kDTiles % 2 == 0, "head dim must be a multiple of 16");
-  static_assert(kMaxTiles <= 4, "cp_async_wait_upto takes at most 3 pending groups");
+  static_assert(2 * 16 * kRelStride * 4 <= 16 * kStride * 2, "rel scratch fits in a query tile's Q rows");
 };
 
-// One key tile of NR grid rows (16 slots each) against one m16 query tile.
-// relh0/relh1: rel_h * log2e of rows g and g+8 at this tile's first grid row.
+// One key tile of NR grid rows (16 slots each, row_step elements apart in shared memory) against
+// one m16 query tile. relh0/relh1: rel_h * log2e of rows g and g+8 at this tile's first grid row.
 // relw[hr][j][e]: rel_w * log2e of row g + 8 hr at column 8j + 2t + e (-inf past grid_w).
-template <int NR, int KC, int DT, int kStride>
-__device__ __forceinline__ void window_tile(const bf16* kt_smem, const bf16* vt_smem, const uint32_t (&qf)[1][KC][4],
-                                            float (&o)[1][DT][4], float (&m_run)[1][2], float (&l_run)[1][2],
-                                            const float (&relw)[2][2][2], const float* relh0, const float* relh1,
-                                            float scale_log2) {
+template <int NR, int KC, int DT>
+__device__ __forceinline__ void window_tile(const bf16* kt_smem, const bf16* vt_smem, int row_step,
+                                            const uint32_t (&qf)[1][KC][4], float (&o)[1][DT][4], float (&m_run)[1][2],
+                                            float (&l_run)[1][2], const float (&relw)[2][2][2], const float* relh0,
+                                            const float* relh1, float scale_log2) {
   float s[2 * NR][4];
 #pragma unroll
   for (int nt = 0; nt < 2 * NR; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
@@ -563,7 +559,7 @@ __device__ __forceinline__ void window_tile(const bf16* kt_smem, const bf16* vt_
 #pragma unroll
     for (int rr = 0; rr < NR; ++rr) {
       uint32_t kb[4];
-      ldmatrix_x4(kb, kt_smem + rr * 16 * kStride + kc * 16);
+      ldmatrix_x4(kb, kt_smem + rr * row_step + kc * 16);
       mma_16816(s[2 * rr], qf[0][kc], kb[0], kb[1]);
       mma_16816(s[2 * rr + 1], qf[0][kc], kb[2], kb[3]);
     }
@@ -617,85 +613,179 @@ __device__ __forceinline__ void window_tile(const bf16* kt_smem, const bf16* vt_
   for (int rr = 0; rr < NR; ++rr) {
     float s0[1][4] = {{s[2 * rr][0], s[2 * rr][1], s[2 * rr][2], s[2 * rr][3]}};
     float s1[1][4] = {{s[2 * rr + 1][0], s[2 * rr + 1][1], s[2 * rr + 1][2], s[2 * rr + 1][3]}};
-    pv_chunk<1, DT>(o, s0, s1, vt_smem + rr * 16 * kStride);
+    pv_chunk<1, DT>(o, s0, s1, vt_smem + rr * row_step);
   }
 }
 
-// grid (batch * heads), 128 threads. K/V slot of key (kr, kc) is kr * 16 + kc.
+// window_tile<nr> for a run-time nr in [1, NR] (the last key tile of a grid may be shorter).
+template <int NR, int KC, int DT>
+__device__ __forceinline__ void window_tile_rows(int nr, const bf16* kt_smem, const bf16* vt_smem, int row_step,
+                                                 const uint32_t (&qf)[1][KC][4], float (&o)[1][DT][4],
+                                                 float (&m_run)[1][2], float (&l_run)[1][2],
+                                                 const float (&relw)[2][2][2], const float* relh0, const float* relh1,
+                                                 float scale_log2) {
+  if constexpr (NR > 1) {
+    if (nr < NR) {
+      window_tile_rows<NR - 1, KC, DT>(nr, kt_smem, vt_smem, row_step, qf, o, m_run, l_run, relw, relh0, relh1,
+                                       scale_log2);
+      return;
+    }
+  }
+  window_tile<NR, KC, DT>(kt_smem, vt_smem, row_step, qf, o, m_run, l_run, relw, relh0, relh1, scale_log2);
+}
+
+// q . table[p] for the 32 (zero-padded) rows of a rel_pos table in shared memory, for the warp's
+// m16 query tile: acc[nt][2 hr + e] is table row 8 nt + 2t + e against query row g + 8 hr.
+template <int KC, int kStride>
+__device__ __forceinline__ void window_rel_logits(float (&acc)[4][4], const uint32_t (&qf)[1][KC][4],
+                                                  const bf16* table, int k_off) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+  for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+    for (int gi = 0; gi < 2; ++gi) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, table + gi * 16 * kStride + k_off + kc * 16);
+      mma_16816(acc[2 * gi], qf[0][kc], kb[0], kb[1]);
+      mma_16816(acc[2 * gi + 1], qf[0][kc], kb[2], kb[3]);
+    }
+}
+
+// Persistent: grid = min(items, SMs), item = b * heads + h, items blockIdx.x, + gridDim.x, ...
+// With two stages, item n + 1's Q, K and V are copied (cp.async) while item n is computed.
 template <int kHeadDim>
-__global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, WindowTraits<kHeadDim>::kMinBlocksPerSm)
-    relpos_attention_window_kernel(const RelPosAttentionParams p, const float scale_log2) {
+__global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
+    relpos_attention_window_kernel(const RelPosAttentionParams p, const float scale_log2, const int stages) {
   using Tr = WindowTraits<kHeadDim>;
   constexpr int D = Tr::kD, KC = Tr::kChunks, DT = Tr::kDTiles, kStride = Tr::kStride;
-  constexpr int kSlots = Tr::kSlotsPerRow, kCopies = Tr::kCopiesPerRow;
+  constexpr int kCopies = Tr::kCopiesPerRow, kRS = Tr::kRelStride;
   extern __shared__ __align__(128) unsigned char smem[];
   const int gh = p.grid_h, gw = p.grid_w, T = gh * gw;
-  bf16* k_smem = reinterpret_cast<bf16*>(smem);
-  bf16* v_smem = k_smem + Tr::kv_elems(gh);
+  const int n_items = p.batch * p.heads;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  float* relh_warp = reinterpret_cast<float*>(v_smem + Tr::kv_elems(gh)) + warp * Tr::kWarpRelFloats;  // [16][17]
-  float* relw_warp = relh_warp + 16 * Tr::kRelStride;                                                   // [16][17]
-
-  const int b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
+  bf16* const tab_h = reinterpret_cast<bf16*>(smem);
+  bf16* const tab_w = tab_h + Tr::kTableRows * kStride;
+  bf16* const stage0 = tab_w + Tr::kTableRows * kStride;
+  const size_t stage_elems = Tr::stage_elems(T);
+  const int q_rows = Tr::q_rows(T);
   const size_t hd = static_cast<size_t>(p.heads) * D, tok_stride = 3 * hd;
-  const bf16* q_head = p.qkv + static_cast<size_t>(b) * T * tok_stride + static_cast<size_t>(h) * D;
-  const bf16* k_head = q_head + hd;
-  const bf16* v_head = q_head + 2 * hd;
-  const int n_tiles = (gh + Tr::kRowsPerTile - 1) / Tr::kRowsPerTile;
 
-  // Padding slots (columns gw..15 of each grid row) hold zeros: finite logits that rel_w = -inf
-  // masks, and V rows that add 0 * 0.
-  const int pad_cols = kSlots - gw;
-  for (int i = tid; i < gh * pad_cols * kCopies; i += Tr::kThreads) {
-    const int ch = i % kCopies, sl = i / kCopies;
-    const int slot = (sl / pad_cols) * kSlots + gw + sl % pad_cols;
-    *reinterpret_cast<uint4*>(k_smem + slot * kStride + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
-    *reinterpret_cast<uint4*>(v_smem + slot * kStride + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
-  }
-  // All of K and V, one cp.async group per key tile so the first pass can start on tile 0.
-  for (int tt = 0; tt < n_tiles; ++tt) {
-    const int kr0 = tt * Tr::kRowsPerTile;
-    const int n_tok = min(Tr::kRowsPerTile, gh - kr0) * gw;
-    for (int i = tid; i < n_tok * kCopies; i += Tr::kThreads) {
-      const int ch = i % kCopies, tl = i / kCopies;
-      const int kr = kr0 + tl / gw, kc = tl % gw;
-      const size_t src = static_cast<size_t>(kr * gw + kc) * tok_stride + ch * 8;
-      const int dst = (kr * kSlots + kc) * kStride + ch * 8;
-      cp_async_16(k_smem + dst, k_head + src);
-      cp_async_16(v_smem + dst, v_head + src);
+  // Q, K, V of one item into one stage: token-major, kCopies 16 B pieces per row.
+  auto issue = [&](int item, bf16* st) {
+    const int b = item / p.heads, h = item - b * p.heads;
+    const bf16* src0 = p.qkv + static_cast<size_t>(b) * T * tok_stride + static_cast<size_t>(h) * D;
+    bf16* const qd = st;
+    bf16* const kd = st + static_cast<size_t>(q_rows) * kStride;
+    bf16* const vd = kd + static_cast<size_t>(T) * kStride;
+    for (int i = tid; i < T * kCopies; i += Tr::kThreads) {
+      const int tok = i / kCopies, ch = i - tok * kCopies;
+      const bf16* src = src0 + static_cast<size_t>(tok) * tok_stride + ch * 8;
+      const int dst = tok * kStride + ch * 8;
+      cp_async_16(qd + dst, src);
+      cp_async_16(kd + dst, src + hd);
+      cp_async_16(vd + dst, src + 2 * hd);
     }
-    cp_async_commit();
+  };
+
+  int item = blockIdx.x;
+  if (item < n_items) issue(item, stage0);
+  cp_async_commit();
+
+  // The rel_pos tables, rounded to bf16, rows past 2 * grid - 1 zero (visible after the first
+  // barrier of the item loop).
+  for (int i = tid; i < 2 * Tr::kTableRows * (D / 2); i += Tr::kThreads) {
+    const int which = i / (Tr::kTableRows * (D / 2)), rest = i - which * (Tr::kTableRows * (D / 2));
+    const int row = rest / (D / 2), col = 2 * (rest - row * (D / 2));
+    const int rows = 2 * (which ? gw : gh) - 1;
+    const void* table = which ? p.rel_pos_w : p.rel_pos_h;
+    uint32_t v = 0u;
+    if (row < rows) {
+      if (p.rel_pos_fp32) {
+        const float2 x = __ldg(reinterpret_cast<const float2*>(static_cast<const float*>(table) + row * D + col));
+        v = pack_bf16x2(x.x, x.y);
+      } else {
+        v = ldg_u32(static_cast<const bf16*>(table) + row * D + col);
+      }
+    }
+    *reinterpret_cast<uint32_t*>((which ? tab_w : tab_h) + row * kStride + col) = v;
   }
 
-  const int k_off = k_lane_offset(lane, kStride), v_off = v_lane_offset(lane, kStride);
-  bf16* out_head = p.out + static_cast<size_t>(b) * T * hd + static_cast<size_t>(h) * D;
+  // Lane offsets. Key ldmatrix rows are the slots of a grid row, 16 per row; slots past grid_w
+  // read the row's last key (finite; rel_w = -inf gives them probability 0 exactly).
+  const int kslot = (lane >> 4) * 8 + (lane & 7), vslot = ((lane >> 3) & 1) * 8 + (lane & 7);
+  const int k_off = min(kslot, gw - 1) * kStride + ((lane >> 3) & 1) * 8;
+  const int v_off = min(vslot, gw - 1) * kStride + (lane >> 4) * 8;
+  const int tab_off = k_lane_offset(lane, kStride);
+  const int row_step = gw * kStride;  // one grid row of keys
+  const int n_units = q_rows / 16;
+  const int n_tiles = (gh + Tr::kRowsPerTile - 1) / Tr::kRowsPerTile;
+  const int inv_gw = (65536 + gw - 1) / gw;  // tok / gw == (tok * inv_gw) >> 16 for tok < 4096
+  const bool out_16b = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
 
-  // Query m16 tiles go round-robin to the warps, starting at a warp that rotates with the CTA.
-  // Round 0 runs on every warp (even one without a tile) since it holds the barriers that wait
-  // for K/V tile by tile.
-  const int n_units = (T + 15) / 16;
-  const int first = (warp - static_cast<int>(blockIdx.x & 3) + 4) & 3;
-  for (int u = first, round = 0; round == 0 || u < n_units; u += Tr::kWarps, ++round) {
-    const bool active = u < n_units;
-    const int tok0 = u * 16;
-    uint32_t qf[1][KC][4];
-    float relw[2][2][2];
-    if (active) {
-      load_q_frags<KC>(qf[0], q_head, tok_stride, tok0, T, lane);
-      __syncwarp();  // the previous unit's reads of relh_warp / relw_warp are done
-      rel_logits<KC, 1, 4>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int, int hr, int pi, float val) {
-        const int il = g + 8 * hr;
-        const int tok = min(tok0 + il, T - 1);
-        const int kr = tok / gw + gh - 1 - pi;
-        if (kr >= 0 && kr < gh) relh_warp[il * Tr::kRelStride + kr] = val * kLog2e;
-      });
-      rel_logits<KC, 1, 4>(qf, p.rel_pos_w, p.rel_pos_fp32, 2 * gw - 1, lane, [&](int, int hr, int pi, float val) {
-        const int il = g + 8 * hr;
-        const int tok = min(tok0 + il, T - 1);
-        const int kc = tok % gw + gw - 1 - pi;
-        if (kc >= 0 && kc < gw) relw_warp[il * Tr::kRelStride + kc] = val * kLog2e;
-      });
+  bf16* stage_cur = stage0;
+  for (; item < n_items; item += gridDim.x) {
+    const int next = item + gridDim.x;
+    bf16* const stage_nxt = stages == 2 ? (stage_cur == stage0 ? stage0 + stage_elems : stage0) : stage0;
+    if (stages == 2) {
+      if (next < n_items) issue(next, stage_nxt);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // this item's Q, K, V (and the tables) are in shared memory for every thread
+
+    const int b = item / p.heads, h = item - b * p.heads;
+    bf16* const q_s = stage_cur;
+    const bf16* const k_s = stage_cur + static_cast<size_t>(q_rows) * kStride;
+    const bf16* const v_s = k_s + static_cast<size_t>(T) * kStride;
+    bf16* const out_head = p.out + static_cast<size_t>(b) * T * hd + static_cast<size_t>(h) * D;
+
+    for (int u = warp; u < n_units; u += Tr::kWarps) {
+      const int tok0 = u * 16;
+      bf16* const region = q_s + static_cast<size_t>(tok0) * kStride;  // this tile's Q rows: scratch after
+      uint32_t qf[1][KC][4];
+      {
+        const int r = min(tok0 + (lane & 7) + ((lane >> 3) & 1) * 8, T - 1) - tok0;  // padded rows: last token
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) ldmatrix_x4(qf[0][kc], region + r * kStride + (lane >> 4) * 8 + kc * 16);
+      }
+      __syncwarp();  // every lane has its Q before the rows become scratch
+      float* const relh_s = reinterpret_cast<float*>(region);  // [16][17] rel_h * log2e
+      float* const relw_s = relh_s + 16 * kRS;                   // [16][17] rel_w * log2e
+      int qrow[2], qcol[2];
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int tok = min(tok0 + g + 8 * hr, T - 1);
+        qrow[hr] = (tok * inv_gw) >> 16;
+        qcol[hr] = tok - qrow[hr] * gw;
+      }
+      {
+        float acc[4][4];
+        window_rel_logits<KC, kStride>(acc, qf, tab_h, tab_off);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int kr = qrow[hr] + gh - 1 - (nt * 8 + 2 * t + e);
+              if (kr >= 0 && kr < gh) relh_s[(g + 8 * hr) * kRS + kr] = acc[nt][2 * hr + e] * kLog2e;
+            }
+        window_rel_logits<KC, kStride>(acc, qf, tab_w, tab_off);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int kc = qcol[hr] + gw - 1 - (nt * 8 + 2 * t + e);
+              if (kc >= 0 && kc < gw) relw_s[(g + 8 * hr) * kRS + kc] = acc[nt][2 * hr + e] * kLog2e;
+            }
+      }
       __syncwarp();
+      float relw[2][2][2];
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr)
 #pragma unroll
@@ -703,49 +793,61 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, WindowTraits
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int c = 8 * j + 2 * t + e;
-            relw[hr][j][e] = c < gw ? relw_warp[(g + 8 * hr) * Tr::kRelStride + c] : -INFINITY;
+            relw[hr][j][e] = c < gw ? relw_s[(g + 8 * hr) * kRS + c] : -INFINITY;
           }
-    } else {
-#pragma unroll
-      for (int kc = 0; kc < KC; ++kc) qf[0][kc][0] = qf[0][kc][1] = qf[0][kc][2] = qf[0][kc][3] = 0u;
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) relw[hr][0][0] = relw[hr][0][1] = relw[hr][1][0] = relw[hr][1][1] = 0.f;
-    }
 
-    float o[1][DT][4];
-    float m_run[1][2] = {{-INFINITY, -INFINITY}}, l_run[1][2] = {{0.f, 0.f}};
+      float o[1][DT][4];
+      float m_run[1][2] = {{-INFINITY, -INFINITY}}, l_run[1][2] = {{0.f, 0.f}};
 #pragma unroll
-    for (int dn = 0; dn < DT; ++dn) o[0][dn][0] = o[0][dn][1] = o[0][dn][2] = o[0][dn][3] = 0.f;
+      for (int dn = 0; dn < DT; ++dn) o[0][dn][0] = o[0][dn][1] = o[0][dn][2] = o[0][dn][3] = 0.f;
 
-#pragma unroll 1
-    for (int tt = 0; tt < n_tiles; ++tt) {
-      if (round == 0) {
-        cp_async_wait_upto(n_tiles - 1 - tt);
-        __syncthreads();
+#pragma unroll Tr::kTileUnroll
+      for (int tt = 0; tt < n_tiles; ++tt) {
+        const int kr0 = tt * Tr::kRowsPerTile;
+        const bf16* kt_smem = k_s + kr0 * row_step + k_off;
+        const bf16* vt_smem = v_s + kr0 * row_step + v_off;
+        const float* relh0 = relh_s + g * kRS + kr0;
+        const float* relh1 = relh0 + 8 * kRS;
+        window_tile_rows<Tr::kRowsPerTile, KC, DT>(min(Tr::kRowsPerTile, gh - kr0), kt_smem, vt_smem, row_step, qf, o,
+                                                   m_run, l_run, relw, relh0, relh1, scale_log2);
       }
-      if (!active) continue;
-      const int kr0 = tt * Tr::kRowsPerTile;
-      const bf16* kt_smem = k_smem + kr0 * kSlots * kStride + k_off;
-      const bf16* vt_smem = v_smem + kr0 * kSlots * kStride + v_off;
-      const float* relh0 = relh_warp + g * Tr::kRelStride + kr0;
-      const float* relh1 = relh0 + 8 * Tr::kRelStride;
-      switch (min(Tr::kRowsPerTile, gh - kr0)) {
-        case 4:
-          window_tile<4, KC, DT, kStride>(kt_smem, vt_smem, qf, o, m_run, l_run, relw, relh0, relh1, scale_log2);
-          break;
-        case 3:
-          window_tile<3, KC, DT, kStride>(kt_smem, vt_smem, qf, o, m_run, l_run, relw, relh0, relh1, scale_log2);
-          break;
-        case 2:
-          window_tile<2, KC, DT, kStride>(kt_smem, vt_smem, qf, o, m_run, l_run, relw, relh0, relh1, scale_log2);
-          break;
-        default:
-          window_tile<1, KC, DT, kStride>(kt_smem, vt_smem, qf, o, m_run, l_run, relw, relh0, relh1, scale_log2);
-          break;
+
+      // O / l -> bf16 rows in the scratch, then 16 B coalesced stores of the tile's valid rows.
+      __syncwarp();  // rel_h reads done
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const float inv = 1.f / quad_sum(l_run[0][hr]);
+        bf16* dst = region + (g + 8 * hr) * kStride + 2 * t;
+#pragma unroll
+        for (int dn = 0; dn < DT; ++dn)
+          *reinterpret_cast<uint32_t*>(dst + 8 * dn) = pack_bf16x2(o[0][dn][2 * hr] * inv, o[0][dn][2 * hr + 1] * inv);
+      }
+      __syncwarp();
+      if (out_16b) {
+#pragma unroll
+        for (int i = lane; i < 16 * kCopies; i += 32) {
+          const int r = i / kCopies, ch = i - r * kCopies;
+          if (tok0 + r < T)
+            *reinterpret_cast<uint4*>(out_head + static_cast<size_t>(tok0 + r) * hd + ch * 8) =
+                *reinterpret_cast<const uint4*>(region + r * kStride + ch * 8);
+        }
+      } else {  // out only 4-byte aligned (the API's minimum)
+        for (int i = lane; i < 16 * (D / 2); i += 32) {
+          const int r = i / (D / 2), c = 2 * (i - r * (D / 2));
+          if (tok0 + r < T)
+            *reinterpret_cast<uint32_t*>(out_head + static_cast<size_t>(tok0 + r) * hd + c) =
+                *reinterpret_cast<const uint32_t*>(region + r * kStride + c);
+        }
       }
     }
-    if (active) store_rows<DT>(o[0], l_run[0], out_head, hd, tok0, T, lane);
+    __syncthreads();  // the stage is free: the next iteration (or the single-stage copy) refills it
+    if (stages == 1 && next < n_items) {
+      issue(next, stage0);
+      cp_async_commit();
+    }
+    stage_cur = stage_nxt;
   }
+  cp_async_wait<0>();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -753,7 +855,8 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, WindowTraits
 // ---------------------------------------------------------------------------------------------
 
 void check_launch(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("attention_relpos: ") + what + ": " + cudaGetErrorString(e));
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("attention_relpos: ") + what + ": " + cudaGetErrorString(e));
 }
 
 constexpr int kMaxDevices = 64;
@@ -762,7 +865,6 @@ bool is_window_grid(int gh, int gw) { return gh >= 1 && gw >= 1 && gh <= 16 && g
 bool is_global_grid(int gh, int gw) { return gw == 64 && gh >= 1 && gh <= 64; }
 
 bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
-
 
 // D^-0.5 * log2(e): the logit scale in the log2 domain the softmax runs in.
 float scale_log2_of(int head_dim) {
@@ -779,8 +881,10 @@ void raise_smem_limit_once(Kernel kernel, size_t bytes, std::once_flag (&flags)[
     check_launch(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
                  "cudaFuncSetAttribute");
   };
-  if (device < 0 || device >= kMaxDevices) raise();
-  else std::call_once(flags[device], raise);
+  if (device < 0 || device >= kMaxDevices)
+    raise();
+  else
+    std::call_once(flags[device], raise);
 }
 
 // One kernel launch's configuration; launch() enqueues it, info() describes it.
@@ -791,9 +895,10 @@ struct LaunchPlan {
   dim3 grid;
   int threads;
   size_t smem;
+  int arg;  // the kernel's third argument (the window kernel's pipeline stages)
 
   void launch(const RelPosAttentionParams& p, float scale_log2, cudaStream_t stream) const {
-    kernel<<<grid, threads, smem, stream>>>(p, scale_log2);
+    kernel<<<grid, threads, smem, stream>>>(p, scale_log2, arg);
     check_launch(cudaGetLastError(), name);
   }
   RelPosAttentionLaunchInfo info() const {
@@ -817,8 +922,31 @@ auto global_plan(const RelPosAttentionParams& p) {
   raise_smem_limit_once(kernel, Tr::kSmemBytes, smem_raised);
   const int T = p.grid_h * p.grid_w;
   const dim3 grid((T + Tr::kBlockM - 1) / Tr::kBlockM, p.heads, p.batch);
-  return LaunchPlan<decltype(kernel)>{kernel, kHeadDim == 64 ? "relpos_attention_global<64>" : "relpos_attention_global<80>",
-                                      grid, Tr::kThreads, Tr::kSmemBytes};
+  return LaunchPlan<decltype(kernel)>{kernel,
+                                      kHeadDim == 64 ? "relpos_attention_global<64>" : "relpos_attention_global<80>",
+                                      grid, Tr::kThreads, Tr::kSmemBytes, 0};
+}
+
+// Multiprocessor count and opt-in shared memory per block of the current device, read once.
+struct DeviceLimits {
+  int sms = 0;
+  int smem_optin = 0;
+};
+DeviceLimits device_limits() {
+  static DeviceLimits cache[kMaxDevices];
+  static std::once_flag flags[kMaxDevices];
+  int device = 0;
+  check_launch(cudaGetDevice(&device), "cudaGetDevice");
+  auto read = [device] {
+    DeviceLimits l;
+    check_launch(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    check_launch(cudaDeviceGetAttribute(&l.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                 "cudaDeviceGetAttribute");
+    return l;
+  };
+  if (device < 0 || device >= kMaxDevices) return read();
+  std::call_once(flags[device], [&] { cache[device] = read(); });
+  return cache[device];
 }
 
 template <int kHeadDim>
@@ -826,10 +954,20 @@ auto window_plan(const RelPosAttentionParams& p) {
   using Tr = WindowTraits<kHeadDim>;
   static std::once_flag smem_raised[kMaxDevices];
   auto kernel = relpos_attention_window_kernel<kHeadDim>;
-  raise_smem_limit_once(kernel, Tr::smem_bytes(Tr::kMaxGrid), smem_raised);  // the largest grid's
-  const dim3 grid(static_cast<unsigned>(p.batch) * static_cast<unsigned>(p.heads));
-  return LaunchPlan<decltype(kernel)>{kernel, kHeadDim == 64 ? "relpos_attention_window<64>" : "relpos_attention_window<80>",
-                                      grid, Tr::kThreads, Tr::smem_bytes(p.grid_h)};
+  const DeviceLimits lim = device_limits();
+  const int T = p.grid_h * p.grid_w;
+  // Two stages (copy of the next item under the compute of this one) where they fit: SAM's 14 x 14
+  // at both head dims; single-stage otherwise (16 x 16 at head dim 80).
+  const int stages = Tr::smem_bytes(T, 2) <= static_cast<size_t>(lim.smem_optin) ? 2 : 1;
+  const size_t smem = Tr::smem_bytes(T, stages);
+  if (smem > static_cast<size_t>(lim.smem_optin))
+    throw std::invalid_argument("attention_relpos: window grid needs more shared memory than the device has");
+  raise_smem_limit_once(kernel, static_cast<size_t>(lim.smem_optin), smem_raised);
+  const long long items = static_cast<long long>(p.batch) * p.heads;
+  const dim3 grid(static_cast<unsigned>(std::min<long long>(items, lim.sms)));  // one CTA per SM
+  return LaunchPlan<decltype(kernel)>{kernel,
+                                      kHeadDim == 64 ? "relpos_attention_window<64>" : "relpos_attention_window<80>",
+                                      grid, Tr::kThreads, smem, stages};
 }
 
 // Calls f(plan) with the plan for p's shape, after checking p.
@@ -840,7 +978,8 @@ void with_plan(const RelPosAttentionParams& p, F&& f) {
                                 std::to_string(p.heads) + ", head_dim " + std::to_string(p.head_dim) + ", grid " +
                                 std::to_string(p.grid_h) + "x" + std::to_string(p.grid_w) + ")");
   };
-  if (!(p.head_dim == 64 || p.head_dim == 80) || !(is_window_grid(p.grid_h, p.grid_w) || is_global_grid(p.grid_h, p.grid_w)))
+  if (!(p.head_dim == 64 || p.head_dim == 80) ||
+      !(is_window_grid(p.grid_h, p.grid_w) || is_global_grid(p.grid_h, p.grid_w)))
     fail("unsupported shape: head_dim must be 64 or 80 and the grid at most 16x16 (windows) or Hx64 with H <= 64");
   if (p.batch < 0 || p.heads <= 0) fail("bad batch or heads");
   if (p.batch > 0) {
@@ -852,12 +991,16 @@ void with_plan(const RelPosAttentionParams& p, F&& f) {
   }
   if (is_global_grid(p.grid_h, p.grid_w)) {
     if (p.batch > 65535 || p.heads > 65535) fail("batch and heads must be below 65536 for global attention");
-    if (p.head_dim == 64) f(global_plan<64>(p));
-    else f(global_plan<80>(p));
+    if (p.head_dim == 64)
+      f(global_plan<64>(p));
+    else
+      f(global_plan<80>(p));
   } else {
     if (static_cast<long long>(p.batch) * p.heads > 0x7fffffffLL) fail("batch * heads too large");
-    if (p.head_dim == 64) f(window_plan<64>(p));
-    else f(window_plan<80>(p));
+    if (p.head_dim == 64)
+      f(window_plan<64>(p));
+    else
+      f(window_plan<80>(p));
   }
 }
 

@@ -29,7 +29,7 @@ struct RelPosAttentionParams {
   __nv_bfloat16* out = nullptr;  // [batch, T, heads*head_dim]
   int batch = 0;                 // sequences: images (global) or images * windows (windowed)
   int heads = 0;
-  int head_dim = 0;              // 64 (vit_b, vit_l) or 80 (vit_h)
+  int head_dim = 0;  // 64 (vit_b, vit_l) or 80 (vit_h)
   int grid_h = 0;
   int grid_w = 0;
 };
@@ -52,11 +52,11 @@ void attention_relpos(const RelPosAttentionParams& params, cudaStream_t stream);
 // What attention_relpos(params) launches, for reports and tuning (raises nothing but the kernel's
 // shared memory limit, which the first launch would do too).
 struct RelPosAttentionLaunchInfo {
-  const char* kernel = "";        // e.g. "relpos_attention_global<80>"
+  const char* kernel = "";  // e.g. "relpos_attention_global<80>"
   long long grid_blocks = 0;
   int threads_per_block = 0;
-  size_t smem_bytes = 0;          // dynamic shared memory per block
-  int blocks_per_sm = 0;          // occupancy the driver reports for that
+  size_t smem_bytes = 0;            // dynamic shared memory per block
+  int blocks_per_sm = 0;            // occupancy the driver reports for that
   cudaFuncAttributes attributes{};  // registers (numRegs), local memory (localSizeBytes), ...
 };
 RelPosAttentionLaunchInfo attention_relpos_launch_info(const RelPosAttentionParams& params);

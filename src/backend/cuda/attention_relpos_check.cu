@@ -3,7 +3,8 @@
 //
 // Build and run (on the GPU machine, from the repo root):
 //   nvcc -std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=sm_80
-//        -o attention_relpos_check src/backend/cuda/attention_relpos_check.cu src/backend/cuda/attention_relpos.cu
+//        -lpthread -o attention_relpos_check src/backend/cuda/attention_relpos_check.cu
+//        src/backend/cuda/attention_relpos.cu
 //   ./attention_relpos_check            # all cases;  --quick: the small correctness cases only
 //
 // For every case: random bf16 qkv (std 1) and rel_pos tables, output poisoned (NaN) and followed by
@@ -34,13 +35,22 @@ namespace {
 
 using segany::cuda::RelPosAttentionParams;
 
-#define CUDA_CHECK(expr)                                                                                  \
-  do {                                                                                                    \
-    const cudaError_t err_ = (expr);                                                                      \
-    if (err_ != cudaSuccess)                                                                              \
-      throw std::runtime_error(std::string(#expr) + " failed at " + __FILE__ + ":" + std::to_string(__LINE__) + \
-                               ": " + cudaGetErrorString(err_));                                          \
+#define CUDA_CHECK(expr)                                                                                               \
+  do {                                                                                                                 \
+    const cudaError_t err_ = (expr);                                                                                   \
+    if (err_ != cudaSuccess)                                                                                           \
+      throw std::runtime_error(std::string(#expr) + " failed at " + __FILE__ + ":" + std::to_string(__LINE__) + ": " + \
+                               cudaGetErrorString(err_));                                                              \
   } while (0)
+
+// Destructors cannot throw: a failed release is reported and counted as a failure at exit.
+int g_release_failures = 0;
+void check_release(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::printf("error: %s failed: %s\n", what, cudaGetErrorString(e));
+    ++g_release_failures;
+  }
+}
 
 // RAII device buffer.
 template <class T>
@@ -50,7 +60,7 @@ class DeviceBuffer {
     if (n_) CUDA_CHECK(cudaMalloc(&ptr_, n_ * sizeof(T)));
   }
   ~DeviceBuffer() {
-    if (ptr_) cudaFree(ptr_);
+    if (ptr_) check_release(cudaFree(ptr_), "cudaFree");
   }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
@@ -65,7 +75,7 @@ class DeviceBuffer {
 class Event {
  public:
   Event() { CUDA_CHECK(cudaEventCreate(&e_)); }
-  ~Event() { cudaEventDestroy(e_); }
+  ~Event() { check_release(cudaEventDestroy(e_), "cudaEventDestroy"); }
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
   cudaEvent_t get() const { return e_; }
@@ -77,7 +87,7 @@ class Event {
 class Stream {
  public:
   Stream() { CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-  ~Stream() { cudaStreamDestroy(s_); }
+  ~Stream() { check_release(cudaStreamDestroy(s_), "cudaStreamDestroy"); }
   Stream(const Stream&) = delete;
   Stream& operator=(const Stream&) = delete;
   cudaStream_t get() const { return s_; }
@@ -118,10 +128,10 @@ struct Case {
   std::string name;
   int batch, heads, head_dim, grid_h, grid_w;
   float rel_std;
-  bool rel_fp32;    // hand the kernel float32 tables (values bf16-representable, see below)
-  bool timed;       // SAM-sized: time it
-  int ref_pairs;    // (sequence, head) pairs checked against the CPU; 0 = all
-  int ref_row_step; // check every n-th query row of those (plus the last)
+  bool rel_fp32;     // hand the kernel float32 tables (values bf16-representable, see below)
+  bool timed;        // SAM-sized: time it
+  int ref_pairs;     // (sequence, head) pairs checked against the CPU; 0 = all
+  int ref_row_step;  // check every n-th query row of those (plus the last)
 };
 
 struct RowSample {
@@ -133,7 +143,9 @@ void reference_row(const std::vector<float>& qkv, const std::vector<float>& rh, 
                    const Case& c, int b, int h, int i, double* out_row) {
   const int D = c.head_dim, gh = c.grid_h, gw = c.grid_w, T = gh * gw, H = c.heads;
   const size_t tok_stride = size_t(3) * H * D;
-  auto at = [&](int tok, int which) { return &qkv[(size_t(b) * T + tok) * tok_stride + size_t(which) * H * D + size_t(h) * D]; };
+  auto at = [&](int tok, int which) {
+    return &qkv[(size_t(b) * T + tok) * tok_stride + size_t(which) * H * D + size_t(h) * D];
+  };
   const float* q = at(i, 0);
   const int qr = i / gw, qc = i % gw;
   std::vector<double> relh(gh), relw(gw), logit(T);
@@ -175,9 +187,9 @@ struct Result {
   size_t checked = 0;
 };
 
-constexpr size_t kGuard = 4096;                 // bf16 elements after the output
-constexpr uint16_t kGuardBits = 0x5A5A;         // a finite bf16 pattern
-constexpr unsigned char kPoisonByte = 0xFF;     // 0xFFFF is a bf16 NaN
+constexpr size_t kGuard = 4096;              // bf16 elements after the output
+constexpr uint16_t kGuardBits = 0x5A5A;      // a finite bf16 pattern
+constexpr unsigned char kPoisonByte = 0xFF;  // 0xFFFF is a bf16 NaN
 
 bool run_case(const Case& c, bool do_time, int seed) {
   const int B = c.batch, H = c.heads, D = c.head_dim, gh = c.grid_h, gw = c.grid_w, T = gh * gw;
@@ -193,7 +205,13 @@ bool run_case(const Case& c, bool do_time, int seed) {
   fill_normal(rw_h, rw_f, c.rel_std, seed * 3 + 2);
   std::mt19937_64 rng(seed);
 
-  DeviceBuffer<__nv_bfloat16> qkv_d(n_qkv), out_d(n_out + kGuard), rh_d(n_rh), rw_d(n_rw);
+  // "unaligned out" cases: the output 4-byte aligned only (the API's minimum), 2 elements in.
+  const size_t out_off = c.name.find("unaligned out") != std::string::npos ? 2 : 0;
+  DeviceBuffer<__nv_bfloat16> qkv_d(n_qkv), out_buf(n_out + kGuard + out_off), rh_d(n_rh), rw_d(n_rw);
+  struct {
+    __nv_bfloat16* p;
+    __nv_bfloat16* get() const { return p; }
+  } out_d{out_buf.get() + out_off};
   DeviceBuffer<float> rh32_d(n_rh), rw32_d(n_rw);
   CUDA_CHECK(cudaMemcpy(qkv_d.get(), qkv_h.data(), n_qkv * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice));
   CUDA_CHECK(cudaMemcpy(rh_d.get(), rh_h.data(), n_rh * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice));
@@ -218,6 +236,7 @@ bool run_case(const Case& c, bool do_time, int seed) {
   std::vector<uint16_t> guard(kGuard, kGuardBits);
   CUDA_CHECK(cudaMemset(out_d.get(), kPoisonByte, n_out * sizeof(__nv_bfloat16)));
   CUDA_CHECK(cudaMemcpy(out_d.get() + n_out, guard.data(), kGuard * sizeof(uint16_t), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaDeviceSynchronize());  // the copies and memsets ran on the legacy stream; ours does not wait on it
   segany::cuda::attention_relpos(p, stream.get());
   CUDA_CHECK(cudaStreamSynchronize(stream.get()));
   CUDA_CHECK(cudaGetLastError());
@@ -289,9 +308,10 @@ bool run_case(const Case& c, bool do_time, int seed) {
     r.why += "relative L2 error too large; ";
   }
 
-  std::printf("%-28s B=%-4d H=%-3d D=%-3d grid=%2dx%-2d rel_pos %s std %.2f | max_abs %.2e rel_l2 %.2e (%zu checked) %s",
-              c.name.c_str(), B, H, D, gh, gw, c.rel_fp32 ? "f32 " : "bf16", c.rel_std, r.max_abs, r.rel_l2, r.checked,
-              r.ok ? "ok" : "FAIL");
+  std::printf(
+      "%-28s B=%-4d H=%-3d D=%-3d grid=%2dx%-2d rel_pos %s std %.2f | max_abs %.2e rel_l2 %.2e (%zu checked) %s",
+      c.name.c_str(), B, H, D, gh, gw, c.rel_fp32 ? "f32 " : "bf16", c.rel_std, r.max_abs, r.rel_l2, r.checked,
+      r.ok ? "ok" : "FAIL");
   if (!r.ok) std::printf(": %s", r.why.c_str());
 
   if (do_time && r.ok) {
@@ -337,6 +357,7 @@ bool check_graph_capture() {
   CUDA_CHECK(cudaMemcpy(rw_d.get(), rw_h.data(), n_rw * 2, cudaMemcpyHostToDevice));
   CUDA_CHECK(cudaMemset(out1.get(), kPoisonByte, n_out * 2));
   CUDA_CHECK(cudaMemset(out2.get(), kPoisonByte, n_out * 2));
+  CUDA_CHECK(cudaDeviceSynchronize());  // as in run_case: our stream does not wait on the legacy one
   Stream stream;
   RelPosAttentionParams p;
   p.qkv = qkv_d.get();
@@ -354,8 +375,8 @@ bool check_graph_capture() {
   try {
     segany::cuda::attention_relpos(p, stream.get());
   } catch (...) {
-    cudaStreamEndCapture(stream.get(), &graph);
-    if (graph) cudaGraphDestroy(graph);
+    check_release(cudaStreamEndCapture(stream.get(), &graph), "cudaStreamEndCapture");
+    if (graph) check_release(cudaGraphDestroy(graph), "cudaGraphDestroy");
     throw;
   }
   CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
@@ -408,7 +429,9 @@ bool check_refusals() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // --quick: the small correctness cases only; --only NAME: that case alone (for profilers).
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  const std::string only = argc > 2 && std::string(argv[1]) == "--only" ? argv[2] : "";
   int passed = 0, failed = 0;
   auto tally = [&](bool ok) { ok ? ++passed : ++failed; };
   try {
@@ -427,9 +450,17 @@ int main(int argc, char** argv) {
         {"windows 14x14 d80 f32", 5, 2, 80, 14, 14, 1.0f, true, false, 0, 1},
         {"windows 14x14 d80 small rel", 4, 3, 80, 14, 14, 0.02f, false, false, 0, 1},
         {"windows 5x7 d64", 3, 2, 64, 5, 7, 0.5f, false, false, 0, 1},
+        {"windows 14x14 d64 unaligned out", 20, 3, 64, 14, 14, 0.5f, false, false, 0, 2},
         {"windows 16x16 d80", 2, 2, 80, 16, 16, 0.5f, true, false, 0, 1},
         {"windows 3x1 d64", 2, 5, 64, 3, 1, 0.5f, false, false, 0, 1},
         {"windows 1x9 d80", 2, 5, 80, 1, 9, 0.5f, false, false, 0, 1},
+        // Many more (window, head) items than SMs: each persistent CTA runs several items through its
+        // two shared-memory stages (single-stage at 16 x 16, head dim 80), every item checked.
+        {"windows 14x14 d64 many", 150, 4, 64, 14, 14, 0.5f, false, false, 0, 3},
+        {"windows 14x14 d80 f32 many", 100, 5, 80, 14, 14, 1.0f, true, false, 0, 3},
+        {"windows 5x7 d80 many", 300, 2, 80, 5, 7, 0.5f, false, false, 0, 2},
+        {"windows 16x16 d80 many", 90, 3, 80, 16, 16, 0.5f, false, false, 0, 5},
+        {"windows 16x16 d64 many", 90, 3, 64, 16, 16, 0.5f, false, false, 0, 5},
         {"global 5x64 d64", 2, 2, 64, 5, 64, 0.5f, false, false, 0, 1},
         {"global 3x64 d80 f32", 2, 3, 80, 3, 64, 1.0f, true, false, 0, 1},
         {"global 64x64 d80", 1, 2, 80, 64, 64, 0.3f, false, false, 0, 7},
@@ -442,7 +473,7 @@ int main(int argc, char** argv) {
         {"vit_h global", 8, 16, 80, 64, 64, 0.5f, false, true, 3, 29},
         {"vit_h global f32 rel", 8, 16, 80, 64, 64, 0.1f, true, true, 3, 29},
     };
-    try {
+    if (only.empty()) try {
       tally(check_graph_capture());
     } catch (const std::exception& e) {
       std::printf("%-28s FAIL: %s\n", "graph capture", e.what());
@@ -450,7 +481,7 @@ int main(int argc, char** argv) {
     }
     int seed = 1;
     for (const Case& c : cases) {
-      if (quick && c.timed) continue;
+      if ((quick && c.timed) || (!only.empty() && c.name != only)) continue;
       try {
         tally(run_case(c, c.timed, seed++));
       } catch (const std::exception& e) {
@@ -458,11 +489,12 @@ int main(int argc, char** argv) {
         tally(false);
       }
     }
-    tally(check_refusals());
+    if (only.empty()) tally(check_refusals());
   } catch (const std::exception& e) {
     std::printf("error: %s\n", e.what());
     ++failed;
   }
+  if (g_release_failures) ++failed;
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

@@ -5,7 +5,8 @@
 // What a call costs on the hot path: ops only enqueue work on the backend's stream. They never
 // allocate (activations come from alloc(), made once per batch size by the model), never wait for
 // the device, and never convert weights (prepare_linear did, once). Copies to and from the host go
-// through one pinned staging buffer; download() is the one place that waits.
+// through one pinned staging buffer: download() waits for the device, copy_from_host only for the
+// previous copy through the buffer to have left it.
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -28,6 +28,7 @@ struct GemmEngine::Plan {
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
   cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  bool fallback = false;  // cuBLASLt has no algorithm: gemm_reference (kernels.h) runs it
   Plan() = default;
   Plan(const Plan&) = delete;
   Plan& operator=(const Plan&) = delete;
@@ -138,9 +139,12 @@ GemmEngine::Plan& GemmEngine::plan(const Key& key, const GemmArgs& g) {
     return s;
   }();
   cublasLtMatmulPreferenceDestroy(pref);
-  if (st != CUBLAS_STATUS_SUCCESS) throw_cublas_error(st, ("cublasLtMatmulAlgoGetHeuristic for " + describe(g)).c_str(), __FILE__, __LINE__);
-  check(found > 0, "cuBLASLt has no algorithm for the product " + describe(g));
-  p->algo = result.algo;
+  if (st == CUBLAS_STATUS_SUCCESS && found > 0)
+    p->algo = result.algo;
+  else if (st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED)
+    p->fallback = true;  // no kernel for this shape and alignment: a slow, exact one
+  else
+    throw_cublas_error(st, ("cublasLtMatmulAlgoGetHeuristic for " + describe(g)).c_str(), __FILE__, __LINE__);
   return *plans_.emplace(key, std::move(p)).first->second;
 }
 
@@ -166,6 +170,10 @@ void GemmEngine::run(const GemmArgs& g) {
                 pointer_alignment(g.c ? g.c : g.d),
                 pointer_alignment(g.d)};
   Plan& p = plan(key, g);
+  if (p.fallback) {
+    gemm_reference(g, stream_);
+    return;
+  }
   if (g.bias)
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
   const float alpha = 1.0f, beta = g.c ? 1.0f : 0.0f;

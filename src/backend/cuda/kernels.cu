@@ -13,6 +13,7 @@
 #include <string>
 
 #include "backend/cuda/cuda_utils.h"
+#include "backend/cuda/gemm.h"
 #include "backend/cuda/kernels.h"
 
 namespace segany::cuda {
@@ -574,6 +575,38 @@ void launch_attention(const AttnParams& p, DType in, DType out, int heads, int64
   CUDA_CHECK_LAUNCH("attention kernel");
 }
 
+
+// ---- GEMM fallback: 16 x 16 output tiles, K in steps of 16 through shared memory ----------------
+
+constexpr int kGemmTile = 16;
+
+template <class TI, class TD>
+__global__ void gemm_reference_kernel(GemmArgs g) {
+  __shared__ float a_s[kGemmTile][kGemmTile + 1], b_s[kGemmTile][kGemmTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t m = blockIdx.y * int64_t(kGemmTile) + ty, n = blockIdx.x * int64_t(kGemmTile) + tx;
+  const int64_t bz = blockIdx.z;
+  const TI* A = static_cast<const TI*>(g.a) + bz * g.stride_a;
+  const TI* B = static_cast<const TI*>(g.b) + bz * g.stride_b;
+  float acc = 0.0f;
+  for (int64_t k0 = 0; k0 < g.K; k0 += kGemmTile) {
+    const int64_t ma = blockIdx.y * int64_t(kGemmTile) + ty, nb = blockIdx.x * int64_t(kGemmTile) + ty;
+    a_s[ty][tx] = (ma < g.M && k0 + tx < g.K) ? to_float(A[ma * g.K + k0 + tx]) : 0.0f;
+    b_s[ty][tx] = (nb < g.N && k0 + tx < g.K) ? to_float(B[nb * g.K + k0 + tx]) : 0.0f;
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kGemmTile; ++k) acc += a_s[ty][k] * b_s[tx][k];
+    __syncthreads();
+  }
+  if (m >= g.M || n >= g.N) return;
+  if (g.bias) acc += to_float(static_cast<const TD*>(g.bias)[n]);
+  if (g.act == Activation::ReLU) acc = fmaxf(acc, 0.0f);
+  if (g.act == Activation::GELU) acc = gelu_erf(acc);
+  const int64_t i = bz * g.stride_d + m * g.N + n;
+  if (g.c) acc += to_float(static_cast<const TD*>(g.c)[i]);
+  static_cast<TD*>(g.d)[i] = from_float<TD>(acc);
+}
+
 }  // namespace
 
 // ---- the ops ------------------------------------------------------------------------------------
@@ -773,6 +806,22 @@ void attention_relpos_reference(const Tensor& qkv, const Tensor& rel_pos_h, cons
   p.rel_h = rel_pos_h.data_as<const float>(), p.rel_w = rel_pos_w.data_as<const float>();
   p.grid_h = gh, p.grid_w = gw;
   launch_attention(p, qkv.dtype(), out.dtype(), heads, B, stream);
+}
+
+void gemm_reference(const GemmArgs& g, cudaStream_t stream) {
+  check(g.a_type == g.b_type, "gemm_reference: A and B must share a dtype");
+  check(g.batch <= 65535 && (g.M + kGemmTile - 1) / kGemmTile <= 65535,
+        "gemm_reference: batch or M beyond the grid's limits");
+  if (g.M == 0 || g.N == 0 || g.batch == 0) return;
+  const dim3 block(kGemmTile, kGemmTile);
+  const dim3 grid(static_cast<unsigned>((g.N + kGemmTile - 1) / kGemmTile),
+                  static_cast<unsigned>((g.M + kGemmTile - 1) / kGemmTile), static_cast<unsigned>(g.batch));
+  with_type(g.a_type, [&](auto ti) {
+    with_type(g.d_type, [&](auto td) {
+      gemm_reference_kernel<decltype(ti), decltype(td)><<<grid, block, 0, stream>>>(g);
+    });
+  });
+  CUDA_CHECK_LAUNCH("gemm_reference kernel");
 }
 
 }  // namespace segany::cuda

@@ -12,6 +12,8 @@
 
 namespace segany::cuda {
 
+struct GemmArgs;  // gemm.h
+
 // y = LayerNorm(x) over the last dim (y may alias x). gamma, beta: fp32 [C].
 void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, cudaStream_t stream);
 
@@ -46,5 +48,9 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Ten
 // rel_pos_w [2*gw-1, hd] in fp32, out [B, T, heads*hd].
 void attention_relpos_reference(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads,
                                 int grid_h, int grid_w, Tensor& out, cudaStream_t stream);
+
+// D = act(A B^T + bias) + C as GemmArgs describes it, in plain fp32 arithmetic (GELU exact):
+// the fallback for products cuBLASLt has no algorithm for (tiny or oddly aligned shapes).
+void gemm_reference(const GemmArgs& args, cudaStream_t stream);
 
 }  // namespace segany::cuda
