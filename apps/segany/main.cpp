@@ -6,11 +6,13 @@
 
 #include <CLI/CLI.hpp>
 
+#include "backend/cpu/blas_kernels.h"
 #include "commands.h"
 #include "segany/error.h"
 
 int main(int argc, char** argv) {
   using namespace segany::cli;
+  segany::use_fastest_openblas_kernels(argv);  // may re-execute this program once
   CLI::App app{"segany: Segment Anything in C++. Masks from points, boxes and masks, on the CPU or a GPU.",
                "segany"};
   app.set_version_flag("--version", "segany " SEGANY_VERSION);

@@ -155,6 +155,8 @@ void run_segment(const SegmentOptions& o) {
       if (masks.scores.data_as<const float>()[m] > masks.scores.data_as<const float>()[best]) best = m;
     const Tensor low = masks.low_res_logits;  // [M, 256, 256]
     const Tensor best_logits = low.slice0(best, best + 1);
+    const std::filesystem::path dump_dir = std::filesystem::path(o.dump).parent_path();
+    if (!dump_dir.empty()) std::filesystem::create_directories(dump_dir);
     io::save_safetensors(o.dump,
                          {{"image_embedding", predictor.image_embedding()},
                           {"low_res_logits", low},

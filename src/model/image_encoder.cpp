@@ -60,15 +60,18 @@ ImageEncoder::Workspace& ImageEncoder::workspace(int64_t B) {
   // Buffers whose lifetimes do not overlap share memory: the input lives in the qkv buffer (read
   // once, before the first block), the patches and the neck's im2col in the MLP's hidden buffer,
   // a windowed block's projection in the normalised-input buffer.
+  // The residual stream and the output embedding stay in float32 whatever the backend computes
+  // in: every block adds into the stream, and rounding it to bf16 after each of 2 x depth adds
+  // is the largest error a bf16 encoder would otherwise make.
   Workspace ws;
-  ws.x = be_.alloc({B, G, G, C});
+  ws.x = be_.alloc({B, G, G, C}, DType::F32);
   ws.xn = be_.alloc({rows, C});
   const int64_t input_numel = B * cfg_.img_size * cfg_.img_size * 3;
   ws.qkv = be_.alloc({std::max(rows * 3 * C, input_numel), 1});
   ws.attn = be_.alloc({rows, C});
   ws.hidden = be_.alloc({std::max({tokens * C * cfg_.mlp_ratio, B * G * G * 9 * O, B * G * G * P * P * 3}), 1});
   ws.neck_a = be_.alloc({B, G, G, O});
-  ws.out = be_.alloc({B, G, G, O});
+  ws.out = be_.alloc({B, G, G, O}, DType::F32);
   ws.input = ws.qkv.view_prefix({B, cfg_.img_size, cfg_.img_size, 3});
   ws.patches = ws.hidden.view_prefix({B, G, G, P * P * 3});
   ws.proj = ws.xn.view_prefix({rows, C});
@@ -86,7 +89,7 @@ const Tensor& ImageEncoder::forward(int64_t B) {
 }
 
 void ImageEncoder::run(Workspace& ws, int64_t B) {
-  const int64_t G = cfg_.grid();
+  const int64_t G = cfg_.grid(), C = cfg_.embed_dim;
   const int win = cfg_.window_size;
   const int64_t nw = (G + win - 1) / win;
   const int64_t wrows = B * nw * nw * win * win, grows = B * G * G;
@@ -120,7 +123,10 @@ void ImageEncoder::run(Workspace& ws, int64_t B) {
   }
 
   // Neck: 1x1 conv, LayerNorm2d, 3x3 conv (padding 1), LayerNorm2d; channels-last throughout.
-  be_.linear(ws.x, *neck_conv1_, ws.neck_a);
+  // The stream is first copied into the activation dtype, which is what linear layers read.
+  Tensor x_act = ws.xn.view_prefix({B, G * G, C});
+  be_.copy_tokens(ws.x.view({B, G * G, C}), 0, x_act, 0, static_cast<int>(G * G));
+  be_.linear(x_act, *neck_conv1_, ws.neck_a);
   neck_norm1_(be_, ws.neck_a, ws.neck_a);
   be_.im2col3x3(ws.neck_a, ws.neck_cols);
   be_.linear(ws.neck_cols, *neck_conv3_, ws.out);

@@ -1,6 +1,6 @@
 // A full-size SAM with random weights, for benchmarks and tests where real weights are missing.
-// Its masks are meaningless; its numerics are those of a trained model's order of magnitude
-// (unit-scale activations, no overflow in bf16), so it exercises every path honestly.
+// Its masks are meaningless. Its weights follow the distribution of the reference models in
+// ../shared/golden (PyTorch's default initialisation), so it exercises every path as they do.
 #pragma once
 
 #include <cstdint>

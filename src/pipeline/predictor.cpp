@@ -149,7 +149,7 @@ void Predictor::set_image(const Image& image) {
   be.copy_from_host(pre.input, im.sam->image_encoder().input(1));
   const Tensor& emb = im.sam->image_encoder().forward(1);  // [1, G, G, C], reused by the next forward
   const int64_t G = emb.dim(1), C = emb.dim(3);
-  im.embedding = be.alloc({1, G * G, C});
+  im.embedding = be.alloc({1, G * G, C}, emb.dtype());
   be.copy_tokens(emb.view({1, G * G, C}), 0, im.embedding, 0, static_cast<int>(G * G));
   im.original_h = pre.original_h;
   im.original_w = pre.original_w;
