@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/softmax.h"
 
 namespace segany {
 namespace {
@@ -57,17 +58,7 @@ inline float apply(Activation act, float x) {
 // P V by inv_sum, which is softmax(x) V with one pass less over the [rows, cols] matrix.
 void exp_rows(float* x, int64_t rows, int64_t cols, float* inv_sum) {
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = x + r * cols;
-    float mx = row[0];
-    for (int64_t j = 1; j < cols; ++j) mx = std::max(mx, row[j]);
-    float sum = 0.0f;
-    for (int64_t j = 0; j < cols; ++j) {
-      row[j] = std::exp(row[j] - mx);
-      sum += row[j];
-    }
-    inv_sum[r] = 1.0f / sum;
-  }
+  for (int64_t r = 0; r < rows; ++r) inv_sum[r] = cpu::exp_row(x + r * cols, cols);
 }
 
 // dst rows (stride dst_stride) = src rows [T, D] * inv_sum[row].
@@ -220,36 +211,42 @@ class CpuBackend final : public Backend {
     check(out.numel() == B * T * heads * D, "attention_relpos: output " + shape_str(out.shape()));
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     const int64_t stride = 3 * heads * D;
-    std::vector<float> q(T * D), k(T * D), v(T * D), o(T * D), s(T * T), inv(T);
-    std::vector<float> qrh(T * (2 * gh - 1)), qrw(T * (2 * gw - 1));
+    float* q = scratch(0, T * D);
+    float* k = scratch(1, T * D);
+    float* v = scratch(2, T * D);
+    float* o = scratch(3, T * D);
+    float* s = scratch(4, T * T);
+    float* inv = scratch(5, T);
+    float* qrh = scratch(6, T * (2 * gh - 1));
+    float* qrw = scratch(7, T * (2 * gw - 1));
     for (int64_t b = 0; b < B; ++b)
       for (int h = 0; h < heads; ++h) {
         const float* base = qkv.data_as<const float>() + b * T * stride + h * D;
-        gather_head(base, T, stride, D, q.data());
-        gather_head(base + heads * D, T, stride, D, k.data());
-        gather_head(base + 2 * heads * D, T, stride, D, v.data());
+        gather_head(base, T, stride, D, q);
+        gather_head(base + heads * D, T, stride, D, k);
+        gather_head(base + 2 * heads * D, T, stride, D, v);
         // q against every relative offset: qrh[i, r] = q_i . rel_pos_h[r]
-        sgemm_nt(T, 2 * gh - 1, D, 1.0f, q.data(), D, rel_pos_h.data_as<const float>(), D, 0.0f, qrh.data(),
+        sgemm_nt(T, 2 * gh - 1, D, 1.0f, q, D, rel_pos_h.data_as<const float>(), D, 0.0f, qrh,
                  2 * gh - 1);
-        sgemm_nt(T, 2 * gw - 1, D, 1.0f, q.data(), D, rel_pos_w.data_as<const float>(), D, 0.0f, qrw.data(),
+        sgemm_nt(T, 2 * gw - 1, D, 1.0f, q, D, rel_pos_w.data_as<const float>(), D, 0.0f, qrw,
                  2 * gw - 1);
-        sgemm_nt(T, T, D, scale, q.data(), D, k.data(), D, 0.0f, s.data(), T);
+        sgemm_nt(T, T, D, scale, q, D, k, D, 0.0f, s, T);
         // logit[i, j] += rel_h[i, row(j)] + rel_w[i, col(j)], offsets qh - kh + gh - 1
 #pragma omp parallel for schedule(static)
         for (int64_t i = 0; i < T; ++i) {
           const int64_t qi = i / gw, qj = i % gw;
-          const float* rh = qrh.data() + i * (2 * gh - 1) + qi + gh - 1;
-          const float* rw = qrw.data() + i * (2 * gw - 1) + qj + gw - 1;
-          float* row = s.data() + i * T;
+          const float* rh = qrh + i * (2 * gh - 1) + qi + gh - 1;
+          const float* rw = qrw + i * (2 * gw - 1) + qj + gw - 1;
+          float* row = s + i * T;
           for (int64_t kr = 0; kr < gh; ++kr) {
             const float bh = rh[-kr];
             float* seg = row + kr * gw;
             for (int64_t kc = 0; kc < gw; ++kc) seg[kc] += bh + rw[-kc];
           }
         }
-        exp_rows(s.data(), T, T, inv.data());
-        sgemm_nn(T, D, T, s.data(), T, v.data(), D, o.data(), D);
-        scatter_scaled(o.data(), T, D, inv.data(), out.data_as<float>() + b * T * heads * D + h * D, heads * D);
+        exp_rows(s, T, T, inv);
+        sgemm_nn(T, D, T, s, T, v, D, o, D);
+        scatter_scaled(o, T, D, inv, out.data_as<float>() + b * T * heads * D + h * D, heads * D);
       }
   }
 
@@ -264,16 +261,21 @@ class CpuBackend final : public Backend {
               " -> " + shape_str(out.shape()));
     const int64_t hd = D / heads;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    std::vector<float> q(Tq * hd), k(Tk * hd), v(Tk * hd), o(Tq * hd), s(Tq * Tk), inv(Tq);
+    float* q = scratch(0, Tq * hd);
+    float* k = scratch(1, Tk * hd);
+    float* v = scratch(2, Tk * hd);
+    float* o = scratch(3, Tq * hd);
+    float* s = scratch(4, Tq * Tk);
+    float* inv = scratch(5, Tq);
     for (int64_t b = 0; b < B; ++b)
       for (int h = 0; h < heads; ++h) {
-        gather_head(qt.data_as<const float>() + (Bq == 1 ? 0 : b) * Tq * D + h * hd, Tq, D, hd, q.data());
-        gather_head(kt.data_as<const float>() + (Bk == 1 ? 0 : b) * Tk * D + h * hd, Tk, D, hd, k.data());
-        gather_head(vt.data_as<const float>() + (Bv == 1 ? 0 : b) * Tk * D + h * hd, Tk, D, hd, v.data());
-        sgemm_nt(Tq, Tk, hd, scale, q.data(), hd, k.data(), hd, 0.0f, s.data(), Tk);
-        exp_rows(s.data(), Tq, Tk, inv.data());
-        sgemm_nn(Tq, hd, Tk, s.data(), Tk, v.data(), hd, o.data(), hd);
-        scatter_scaled(o.data(), Tq, hd, inv.data(), out.data_as<float>() + b * Tq * D + h * hd, D);
+        gather_head(qt.data_as<const float>() + (Bq == 1 ? 0 : b) * Tq * D + h * hd, Tq, D, hd, q);
+        gather_head(kt.data_as<const float>() + (Bk == 1 ? 0 : b) * Tk * D + h * hd, Tk, D, hd, k);
+        gather_head(vt.data_as<const float>() + (Bv == 1 ? 0 : b) * Tk * D + h * hd, Tk, D, hd, v);
+        sgemm_nt(Tq, Tk, hd, scale, q, hd, k, hd, 0.0f, s, Tk);
+        exp_rows(s, Tq, Tk, inv);
+        sgemm_nn(Tq, hd, Tk, s, Tk, v, hd, o, hd);
+        scatter_scaled(o, Tq, hd, inv, out.data_as<float>() + b * Tq * D + h * hd, D);
       }
   }
 
@@ -370,6 +372,15 @@ class CpuBackend final : public Backend {
   void synchronize() override {}
 
  private:
+  // Scratch buffers of the attention ops, kept between calls: the 4096 x 4096 scores of a
+  // global block would otherwise be allocated and page-faulted in for every head.
+  float* scratch(int slot, int64_t n) {
+    std::vector<float>& b = scratch_[slot];
+    if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+    return b.data();
+  }
+  std::vector<float> scratch_[8];
+
   static void norm_row(const float* x, const float* g, const float* b, int64_t C, float eps, float* y) {
     double sum = 0.0;
     for (int64_t k = 0; k < C; ++k) sum += x[k];
