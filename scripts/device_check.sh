@@ -3,6 +3,8 @@
 # leaves logs in $OUT (or ./out). Golden data is read from $SEGANY_SHARED_DIR (default ../shared,
 # else .device/shared, a git-ignored copy for machines where ../shared does not exist).
 set -uo pipefail
+# Our OpenMP threads must yield when idle: the BLAS there may run its own thread pool.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
 mkdir -p "$out"

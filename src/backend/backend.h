@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "segany/tensor.h"
 
@@ -47,6 +48,35 @@ class Backend {
   virtual Tensor download(const Tensor& device_tensor) = 0;
   // Host float32 -> existing device tensor of the same element count.
   virtual void copy_from_host(const Tensor& host, Tensor& device_tensor) = 0;
+
+  // Host memory that the device copies from and to asynchronously (pinned on CUDA, plain memory
+  // on the CPU), zero-filled. Not for the hot path: callers keep such buffers and reuse them.
+  virtual Tensor alloc_host(const Shape& shape, DType dtype) { return Tensor::empty(shape, dtype); }
+  // Enqueues a byte copy of a device tensor into `host` (same dtype and element count; from
+  // alloc_host for the copy to be asynchronous). `host` holds the data once a fence recorded
+  // after this call has passed. The default copies at once (host memory on both sides).
+  virtual void download_async(const Tensor& device_tensor, Tensor& host);
+
+  // A point in the backend's queue of work: wait() returns once everything enqueued before the
+  // fence's latest record() has finished. How a caller reuses a host buffer that the device still
+  // reads, or reads results without waiting for work queued after them (one sync per batch).
+  class Fence {
+   public:
+    virtual ~Fence() = default;
+    virtual void wait() {}
+  };
+  virtual std::unique_ptr<Fence> make_fence() { return std::make_unique<Fence>(); }
+  virtual void record(Fence& /*fence*/) {}
+
+  // Device memory this backend allocated (activations, weights, workspaces), in bytes: now, and
+  // the most at any time since construction or reset_peak_memory(). Pinned host memory is
+  // reported apart. Backends that do not track it report zeros.
+  struct MemoryStats {
+    size_t current = 0, peak = 0;
+    size_t pinned_host = 0;  // pinned host buffers (staging, alloc_host), not device memory
+  };
+  virtual MemoryStats memory_stats() const { return {}; }
+  virtual void reset_peak_memory() {}
 
   // ---- weights -------------------------------------------------------------------------------
   // `name` is the checkpoint name (e.g. "image_encoder.blocks.3.mlp.lin1") so that a backend may
@@ -106,6 +136,15 @@ class Backend {
 
   // Batched y[b] = a[b] b[b]^T: a [B, M, K], b [B, N, K] -> y [B, M, N].
   virtual void matmul_nt(const Tensor& a, const Tensor& b, Tensor& y) = 0;
+
+  // SAM's preprocessing of a batch (backend/image_ops.h): each images[i], RGB u8 [h, w, 3] in host
+  // memory, resized so that its longest side is S with Pillow's bilinear filter (bit-exact, the
+  // integer arithmetic of pipeline/preprocess.cpp), normalised with SAM's pixel mean and std and
+  // zero-padded bottom and right into input[i] of input [images.size(), S, S, 3] (float32 or
+  // bf16, the encoder's input buffer). The images are read asynchronously: from alloc_host memory,
+  // and left unchanged until a fence recorded after the call has passed. The default runs on the
+  // host, for backends whose tensors live there (the CPU's); it is the twin of the CUDA kernel.
+  virtual void preprocess_images(const std::vector<Tensor>& images, Tensor& input);
 
   // Waits for all queued work (no-op on the CPU).
   virtual void synchronize() = 0;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <tuple>
 
@@ -18,6 +19,10 @@ struct Predictor::Impl {
   bool has_image = false;
   int original_h = 0, original_w = 0, input_h = 0, input_w = 0;
   Tensor embedding;  // [1, grid*grid, C] on the device
+  // The image's pixels in memory the device copies from asynchronously (pinned on CUDA), and the
+  // fence after which that copy is done and the buffer may be refilled.
+  Tensor pixels;
+  std::unique_ptr<Backend::Fence> pixels_read;
 
   // A prompt in the model's frame, validated.
   struct Prepared {
@@ -145,16 +150,35 @@ void Predictor::set_image(const Image& image) {
   Impl& im = *impl_;
   Backend& be = *im.backend;
   const int S = im.sam->config().image_encoder.img_size;
-  Preprocessed pre = preprocess(image, S);
-  be.copy_from_host(pre.input, im.sam->image_encoder().input(1));
+  check(image.width > 0 && image.height > 0 && image.rgb.size() == size_t(image.width) * image.height * 3,
+        "set_image: empty or inconsistent image (" + std::to_string(image.width) + "x" +
+            std::to_string(image.height) + ")");
+  int input_h = 0, input_w = 0;
+  resized_shape(image.height, image.width, S, input_h, input_w);
+  // Resize, normalise and pad on the backend (on the GPU for CUDA; the CPU runs preprocess()'s
+  // own arithmetic), straight into the encoder's input buffer.
+  const Shape shape{image.height, image.width, 3};
+  Tensor pixels;
+  if (be.device() == Device::CPU) {
+    pixels = Tensor::wrap(const_cast<uint8_t*>(image.rgb.data()), shape, DType::U8, nullptr);
+  } else {
+    if (!im.pixels_read) im.pixels_read = be.make_fence();
+    im.pixels_read->wait();  // the previous image's upload has left the buffer
+    if (!im.pixels.defined() || im.pixels.numel() < shape_numel(shape))
+      im.pixels = be.alloc_host({shape_numel(shape)}, DType::U8);
+    std::memcpy(im.pixels.data(), image.rgb.data(), image.rgb.size());
+    pixels = im.pixels.view_prefix(shape);
+  }
+  be.preprocess_images({pixels}, im.sam->image_encoder().input(1));
+  if (im.pixels_read) be.record(*im.pixels_read);
   const Tensor& emb = im.sam->image_encoder().forward(1);  // [1, G, G, C], reused by the next forward
   const int64_t G = emb.dim(1), C = emb.dim(3);
   im.embedding = be.alloc({1, G * G, C}, emb.dtype());
   be.copy_tokens(emb.view({1, G * G, C}), 0, im.embedding, 0, static_cast<int>(G * G));
-  im.original_h = pre.original_h;
-  im.original_w = pre.original_w;
-  im.input_h = pre.input_h;
-  im.input_w = pre.input_w;
+  im.original_h = image.height;
+  im.original_w = image.width;
+  im.input_h = input_h;
+  im.input_w = input_w;
   im.has_image = true;
 }
 

@@ -44,7 +44,10 @@
 // Measured on an H100 (ATTENTION_NOTES.md; FLOPs counted as 4*B*heads*T^2*D, bias included in the
 // time): windows ~118-125 TFLOP/s, global ~200-225 TFLOP/s. ANCHORS' 350 on global attention needs
 // wgmma with a producer warp and TMA, as flash-attention 3 does: the natural next step there.
+#include <cuda.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <mutex>
@@ -851,6 +854,389 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Global attention on sm_90a (Hopper): warpgroup MMA, TMA, warp specialisation (FA3 style)
+// ---------------------------------------------------------------------------------------------
+//
+// grid (ceil(T / 128), heads, batch), 384 threads = 3 warpgroups. Warpgroup 0 is the producer
+// (one thread issues every TMA copy; the others leave; setmaxnreg gives their registers to the
+// consumers), warpgroups 1 and 2 are consumers owning 64 queries each.
+// * Shared memory tiles are TMA boxes of 64 tokens x 64 head-dim columns (128 bytes a row), 128-byte
+//   swizzled, so each is 8 KB and 1024-byte aligned; head dim 80 takes two column blocks, the second
+//   zero-filled past column 80 (TMA out-of-bounds fill) and only its first 16 columns ever read.
+//   Q: [column block][128 rows]; K and V stages: [column block][64 keys].
+// * S = Q K^T: wgmma m64n64k16, A = Q and B = K from shared memory, both K-major (head dim
+//   contiguous): k-step kc reads column block kc / 4 at byte offset 32 (kc % 4) inside the swizzle
+//   atom. O += P V: wgmma m64n{64,80}k16, A = P from registers (the S accumulator layout is the A
+//   fragment layout once packed to bf16), B = V N-major (transposed: head dim contiguous), leading
+//   byte offset = one column block (8 KB), stride byte offset = 8 keys (1024 B).
+// * K/V ring of kStages stages; full barriers (TMA transaction bytes) and empty barriers (one
+//   arrival per consumer warp once its P V wgmma has completed).
+// * The bias exactly as in the mma.sync kernel: each consumer warp's prologue (mma.sync over the
+//   rel_pos tables, Q fragments from global memory) scatters rel_h into shared memory (one scalar
+//   per row and key tile) and rel_w into a scratch from which each thread gathers the 32 values of
+//   its own S accumulator positions: rel_w then lives in registers for the whole key loop.
+// * Pipelining inside a warpgroup: S of key tile kt + 1 is issued (async) before the softmax of
+//   tile kt, and P V of tile kt is issued right after it, so the tensor core has the next GEMM
+//   while the warpgroup does its exponentials; the two consumer warpgroups overlap each other too.
+
+template <int kHeadDim>
+struct Sm90Traits {
+  static constexpr int kD = kHeadDim;
+  static constexpr int kColBlocks = (kD + 63) / 64;  // 64-column (128 B) swizzle blocks
+  static constexpr int kChunks = kD / 16;            // k16 steps of Q K^T
+  static constexpr int kDTiles = kD / 8;             // n8 tiles of O
+  static constexpr int kBlockM = 128, kBlockN = 64;
+  static constexpr int kConsumerWGs = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumerWGs);
+  static constexpr int kStages = 3;
+  static constexpr int kBoxBytes = 64 * 128;  // one TMA box: 64 tokens x 64 bf16
+  static constexpr int kQBlockBytes = kBlockM * 128;
+  static constexpr int kQBytes = kColBlocks * kQBlockBytes;
+  static constexpr int kTileBytes = kColBlocks * kBoxBytes;  // one K or V tile
+  static constexpr int kRelHStride = 65;
+  static constexpr int kRelWStride = 72;
+  static constexpr size_t kSmemQ = 0;
+  static constexpr size_t kSmemK = kSmemQ + kQBytes;
+  static constexpr size_t kSmemV = kSmemK + static_cast<size_t>(kStages) * kTileBytes;
+  static constexpr size_t kSmemRelH = kSmemV + static_cast<size_t>(kStages) * kTileBytes;
+  static constexpr size_t kSmemRelW = kSmemRelH + static_cast<size_t>(kBlockM) * kRelHStride * sizeof(float);
+  static constexpr size_t kSmemBar = (kSmemRelW + static_cast<size_t>(kBlockM) * kRelWStride * sizeof(float) + 7) / 8 * 8;
+  static constexpr size_t kSmemUsed = kSmemBar + (1 + 2 * kStages) * 8;
+  static constexpr size_t kSmemBytes = kSmemUsed + 1024;  // the base is rounded up to 1024 B
+  static_assert(kChunks * 16 == kD && kDTiles * 8 == kD && kBlockN == 64, "head dim a multiple of 16, key tile 64");
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SEGANY_SM90A_DEVICE 1
+#endif
+
+#ifdef SEGANY_SM90A_DEVICE
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// One 3-D TMA box (columns, (q|k|v, head), tokens) into shared memory, completing on bar.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                            int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of accumulator registers across wgmma issue / wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// The same for register A fragments: keeps them live (unchanged) until the wgmma reading them is done.
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+// Shared memory matrix descriptor, 128-byte swizzle (layout type 1). Byte offsets in 16 B units.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+
+// d (+)= A B, m64n64k16, A and B from shared memory (K-major both), fp32 accumulate.
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// d += A B, m64n64k16, A from registers, B from shared memory N-major (transposed), fp32 accumulate.
+__device__ __forceinline__ void wgmma_m64n64k16_rs_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+
+// d += A B, m64n80k16, A from registers, B from shared memory N-major (transposed), fp32 accumulate.
+__device__ __forceinline__ void wgmma_m64n80k16_rs_tb(float (&d)[40], const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, {%40,%41,%42,%43}, %44, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+
+
+template <int D>
+__device__ __forceinline__ void wgmma_pv(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (D == 64)
+    wgmma_m64n64k16_rs_tb(o, a, desc_b);
+  else
+    wgmma_m64n80k16_rs_tb(o, a, desc_b);
+}
+#endif  // SEGANY_SM90A_DEVICE
+
+template <int kHeadDim>
+__global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
+    relpos_attention_global_sm90_kernel(const __grid_constant__ CUtensorMap tmap, const RelPosAttentionParams p,
+                                        const float scale_log2) {
+#ifdef SEGANY_SM90A_DEVICE
+  using Tr = Sm90Traits<kHeadDim>;
+  constexpr int D = Tr::kD, KC = Tr::kChunks, DT = Tr::kDTiles, S = Tr::kStages, GW = 64;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  const uint32_t smem_base = smem_u32(smem);
+  const uint32_t q_s = smem_base + Tr::kSmemQ, k_s = smem_base + Tr::kSmemK, v_s = smem_base + Tr::kSmemV;
+  float* relh_smem = reinterpret_cast<float*>(smem + Tr::kSmemRelH);
+  float* relw_smem = reinterpret_cast<float*>(smem + Tr::kSmemRelW);
+  const uint32_t bar_q = smem_base + Tr::kSmemBar;
+  const uint32_t bar_full = bar_q + 8, bar_empty = bar_full + 8 * S;
+
+  const int gh = p.grid_h, T = gh * GW;
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int tok_cta = blockIdx.x * Tr::kBlockM;
+  const int n_tiles = gh;
+
+  if (tid == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < S; ++s) {
+      mbar_init(bar_full + 8 * s, 1);
+      mbar_init(bar_empty + 8 * s, 4 * Tr::kConsumerWGs);  // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---------------- producer ----------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if (tid == 0) {
+      const int tok_img = b * T;  // first token of this image in the (B*T) token dimension
+      mbar_expect_tx(bar_q, Tr::kQBytes);
+#pragma unroll
+      for (int cb = 0; cb < Tr::kColBlocks; ++cb)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          tma_load_3d(q_s + cb * Tr::kQBlockBytes + half * Tr::kBoxBytes, &tmap, bar_q, cb * 64, h,
+                      tok_img + tok_cta + half * 64);
+      for (int kt = 0; kt < n_tiles; ++kt) {
+        const int s = kt % S;
+        if (kt >= S) mbar_wait(bar_empty + 8 * s, ((kt / S) - 1) & 1);
+        const uint32_t full = bar_full + 8 * s;
+        mbar_expect_tx(full, 2 * Tr::kTileBytes);
+#pragma unroll
+        for (int cb = 0; cb < Tr::kColBlocks; ++cb) {
+          tma_load_3d(k_s + s * Tr::kTileBytes + cb * Tr::kBoxBytes, &tmap, full, cb * 64, p.heads + h,
+                      tok_img + kt * 64);
+          tma_load_3d(v_s + s * Tr::kTileBytes + cb * Tr::kBoxBytes, &tmap, full, cb * 64, 2 * p.heads + h,
+                      tok_img + kt * 64);
+        }
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  const int cw = wg - 1;                  // consumer warpgroup: queries [64 cw, 64 cw + 64) of the CTA
+  const int warp = (tid >> 5) & 3;        // warp inside the warpgroup: rows [16 warp, 16 warp + 16)
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = 64 * cw + 16 * warp;  // this warp's first query within the CTA
+  const size_t hd = static_cast<size_t>(p.heads) * D, tok_stride = 3 * hd;
+  const bf16* q_head = p.qkv + static_cast<size_t>(b) * T * tok_stride + static_cast<size_t>(h) * D;
+
+  // Bias prologue (as in the mma.sync kernel, one m16 tile per warp).
+  float rw[32];  // rel_w * log2 e at this thread's S accumulator positions
+  {
+    uint32_t qf[1][KC][4];
+    load_q_frags<KC>(qf[0], q_head, tok_stride, tok_cta + row0, T, lane);
+    rel_logits<KC, 1, 2>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int, int hr, int pi, float val) {
+      const int il = row0 + g + 8 * hr;
+      const int tok = min(tok_cta + il, T - 1);
+      const int kr = tok / GW + gh - 1 - pi;
+      if (kr >= 0 && kr < gh) relh_smem[il * Tr::kRelHStride + kr] = val * kLog2e;
+    });
+    rel_logits<KC, 1, 2>(qf, p.rel_pos_w, p.rel_pos_fp32, 2 * GW - 1, lane, [&](int, int hr, int pi, float val) {
+      const int il = row0 + g + 8 * hr;
+      const int tok = min(tok_cta + il, T - 1);
+      const int kc = tok % GW + GW - 1 - pi;
+      if (kc >= 0 && kc < GW) relw_smem[il * Tr::kRelWStride + kc] = val * kLog2e;
+    });
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const float2 w =
+            *reinterpret_cast<const float2*>(relw_smem + (row0 + g + 8 * hr) * Tr::kRelWStride + 8 * j + 2 * t);
+        rw[4 * j + 2 * hr] = w.x;
+        rw[4 * j + 2 * hr + 1] = w.y;
+      }
+  }
+  const float* relh_row0 = relh_smem + (row0 + g) * Tr::kRelHStride;
+  const float* relh_row1 = relh_row0 + 8 * Tr::kRelHStride;
+
+  float o[DT * 4];
+#pragma unroll
+  for (int i = 0; i < DT * 4; ++i) o[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+  const uint32_t q_wg = q_s + cw * 64 * 128;  // this warpgroup's 64 rows inside each Q column block
+  auto issue_s = [&](float (&s)[32], int kt) {
+    const uint32_t k_tile = k_s + (kt % S) * Tr::kTileBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+      const uint64_t da = sw128_desc(q_wg + (kc / 4) * Tr::kQBlockBytes + (kc % 4) * 32, 16, 1024);
+      const uint64_t db = sw128_desc(k_tile + (kc / 4) * Tr::kBoxBytes + (kc % 4) * 32, 16, 1024);
+      wgmma_m64n64k16_ss(s, da, db, kc > 0);
+    }
+    wgmma_commit();
+  };
+
+  // Softmax of one tile's S (log2 domain): x = s * scale + rel_w, the row max adds rel_h of the
+  // tile's grid row; p = exp2(x + rel_h - m_new) = exp2(x - c) with c = m_new - rel_h, packed into
+  // bf16 A fragments (k16 chunk kk = keys 16 kk ..). Returns the factors the running O must take.
+  auto softmax = [&](float (&s)[32], uint32_t (&pa)[4][4], int kt, float (&corr)[2]) {
+    const float relh_now[2] = {relh_row0[kt], relh_row1[kt]};
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = 4 * j + 2 * hr + e;
+          s[i] = fmaf(s[i], scale_log2, rw[i]);
+          mx = fmaxf(mx, s[i]);
+        }
+      const float m_new = fmaxf(m_run[hr], quad_max(mx) + relh_now[hr]);
+      corr[hr] = m_run[hr] == -INFINITY ? 0.f : exp2_approx(m_run[hr] - m_new);
+      m_run[hr] = m_new;
+      const float c = m_new - relh_now[hr];
+      float rs = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = 4 * j + 2 * hr + e;
+          s[i] = exp2_approx(s[i] - c);
+          rs += s[i];
+        }
+      l_run[hr] = l_run[hr] * corr[hr] + rs;
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+  auto issue_pv = [&](const uint32_t (&pa)[4][4], int kt) {
+    const uint32_t v_tile = v_s + (kt % S) * Tr::kTileBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_pv<D>(o, pa[kk], sw128_desc(v_tile + kk * 2048, Tr::kBoxBytes, 1024));
+    wgmma_commit();
+  };
+
+  float s[32];
+  uint32_t pa[4][4], pa_next[4][4];
+  float corr[2];
+  mbar_wait(bar_q, 0);
+  mbar_wait(bar_full, 0);
+  issue_s(s, 0);
+  wgmma_wait<0>();
+  fence_regs(s);
+  softmax(s, pa, 0, corr);  // O is zero: nothing to rescale
+
+  // Step kt: S(kt) and P(kt - 1) V(kt - 1) on the tensor core while the softmax of tile kt waits
+  // only for S(kt); O takes the rescale once P V is done. P alternates between two register sets
+  // (the loop is unrolled by two) so that no copy redefines a wgmma input in flight.
+  auto step = [&](int kt, uint32_t (&pa_cur)[4][4], uint32_t (&pa_nxt)[4][4]) {
+    mbar_wait(bar_full + 8 * (kt % S), (kt / S) & 1);
+    issue_s(s, kt);
+    issue_pv(pa_cur, kt - 1);
+    wgmma_wait<1>();  // S(kt) complete
+    fence_regs(s);
+    softmax(s, pa_nxt, kt, corr);
+    wgmma_wait<0>();  // P V (kt - 1) complete: its K/V stage is free, O may be rescaled
+    fence_regs(o);
+    fence_regs(pa_cur);
+    if (lane == 0) mbar_arrive(bar_empty + 8 * ((kt - 1) % S));
+    if (__any_sync(0xffffffffu, (corr[0] != 1.f) | (corr[1] != 1.f))) {
+#pragma unroll
+      for (int dn = 0; dn < DT; ++dn) {
+        o[4 * dn + 0] *= corr[0];
+        o[4 * dn + 1] *= corr[0];
+        o[4 * dn + 2] *= corr[1];
+        o[4 * dn + 3] *= corr[1];
+      }
+    }
+  };
+  int kt = 1;
+#pragma unroll 1
+  for (; kt + 1 < n_tiles; kt += 2) {
+    step(kt, pa, pa_next);
+    step(kt + 1, pa_next, pa);
+  }
+  if (kt < n_tiles) {
+    step(kt, pa, pa_next);
+    issue_pv(pa_next, n_tiles - 1);
+    wgmma_wait<0>();
+    fence_regs(pa_next);
+  } else {
+    issue_pv(pa, n_tiles - 1);
+    wgmma_wait<0>();
+    fence_regs(pa);
+  }
+  fence_regs(o);
+
+  bf16* out_head = p.out + static_cast<size_t>(b) * T * hd + static_cast<size_t>(h) * D;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const float inv = 1.f / quad_sum(l_run[hr]);
+    const int tok = tok_cta + row0 + g + 8 * hr;
+    if (tok < T) {
+      bf16* dst = out_head + static_cast<size_t>(tok) * hd + 2 * t;
+#pragma unroll
+      for (int dn = 0; dn < DT; ++dn)
+        *reinterpret_cast<uint32_t*>(dst + 8 * dn) = pack_bf16x2(o[4 * dn + 2 * hr] * inv, o[4 * dn + 2 * hr + 1] * inv);
+    }
+  }
+#endif  // SEGANY_SM90A_DEVICE
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launch templates, one per head dim
 // ---------------------------------------------------------------------------------------------
 
@@ -927,6 +1313,112 @@ auto global_plan(const RelPosAttentionParams& p) {
                                       grid, Tr::kThreads, Tr::kSmemBytes, 0};
 }
 
+// ---------------------------------------------------------------------------------------------
+// sm_90a global plan: the tensor map, availability, launch
+// ---------------------------------------------------------------------------------------------
+
+std::atomic<bool> g_sm90_enabled{true};
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled from the driver, found once through the runtime (no -lcuda); null if absent.
+EncodeTiledFn encode_tiled_fn() {
+  static EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<EncodeTiledFn>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+// Whether the current device runs the sm_90a kernel: compute capability 9.0 and a binary built for
+// sm_90a in this executable (a build for sm_80 alone keeps the mma.sync kernel). Read once per device.
+template <int kHeadDim>
+bool sm90_kernel_usable() {
+  static int cache[kMaxDevices];  // 0 unknown, 1 yes, 2 no
+  static std::once_flag flags[kMaxDevices];
+  int device = 0;
+  check_launch(cudaGetDevice(&device), "cudaGetDevice");
+  auto probe = [device] {
+    int major = 0, minor = 0;
+    check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+    check_launch(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+    if (major != 9 || minor != 0 || !encode_tiled_fn()) return 2;
+    cudaFuncAttributes a{};
+    if (cudaFuncGetAttributes(&a, relpos_attention_global_sm90_kernel<kHeadDim>) != cudaSuccess) {
+      cudaGetLastError();
+      return 2;
+    }
+    return a.binaryVersion >= 90 && a.ptxVersion >= 90 ? 1 : 2;
+  };
+  if (device < 0 || device >= kMaxDevices) return probe() == 1;
+  std::call_once(flags[device], [&] { cache[device] = probe(); });
+  return cache[device] == 1;
+}
+
+template <int kHeadDim>
+struct Sm90Plan {
+  const char* name;
+  dim3 grid;
+
+  // qkv as a 3-D tensor (head-dim columns, (q|k|v, head), tokens of all images), boxes of 64 x 1 x 64,
+  // 128-byte swizzle; columns past head_dim read as zero.
+  static CUtensorMap tensor_map(const RelPosAttentionParams& p) {
+    CUtensorMap map;
+    const cuuint64_t dims[3] = {static_cast<cuuint64_t>(kHeadDim), static_cast<cuuint64_t>(3 * p.heads),
+                                static_cast<cuuint64_t>(p.batch) * p.grid_h * p.grid_w};
+    const cuuint64_t strides[2] = {static_cast<cuuint64_t>(kHeadDim) * sizeof(bf16),
+                                   static_cast<cuuint64_t>(3) * p.heads * kHeadDim * sizeof(bf16)};
+    const cuuint32_t box[3] = {64, 1, 64};
+    const cuuint32_t elem_strides[3] = {1, 1, 1};
+    const CUresult r = encode_tiled_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(p.qkv), dims,
+                                         strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS)
+      throw std::runtime_error("attention_relpos: cuTensorMapEncodeTiled failed (" + std::to_string(int(r)) + ")");
+    return map;
+  }
+  void launch(const RelPosAttentionParams& p, float scale_log2, cudaStream_t stream) const {
+    const CUtensorMap map = tensor_map(p);
+    relpos_attention_global_sm90_kernel<kHeadDim>
+        <<<grid, Sm90Traits<kHeadDim>::kThreads, Sm90Traits<kHeadDim>::kSmemBytes, stream>>>(map, p, scale_log2);
+    check_launch(cudaGetLastError(), name);
+  }
+  RelPosAttentionLaunchInfo info() const {
+    RelPosAttentionLaunchInfo r;
+    auto kernel = relpos_attention_global_sm90_kernel<kHeadDim>;
+    r.kernel = name;
+    r.grid_blocks = static_cast<long long>(grid.x) * grid.y * grid.z;
+    r.threads_per_block = Sm90Traits<kHeadDim>::kThreads;
+    r.smem_bytes = Sm90Traits<kHeadDim>::kSmemBytes;
+    check_launch(cudaFuncGetAttributes(&r.attributes, kernel), "cudaFuncGetAttributes");
+    check_launch(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r.blocks_per_sm, kernel, r.threads_per_block,
+                                                               r.smem_bytes),
+                 "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    return r;
+  }
+};
+
+template <int kHeadDim>
+Sm90Plan<kHeadDim> sm90_plan(const RelPosAttentionParams& p) {
+  using Tr = Sm90Traits<kHeadDim>;
+  static std::once_flag smem_raised[kMaxDevices];
+  raise_smem_limit_once(relpos_attention_global_sm90_kernel<kHeadDim>, Tr::kSmemBytes, smem_raised);
+  const int T = p.grid_h * p.grid_w;
+  return Sm90Plan<kHeadDim>{
+      kHeadDim == 64 ? "relpos_attention_global_sm90<64>" : "relpos_attention_global_sm90<80>",
+      dim3((T + Tr::kBlockM - 1) / Tr::kBlockM, p.heads, p.batch)};
+}
+
 // Multiprocessor count and opt-in shared memory per block of the current device, read once.
 struct DeviceLimits {
   int sms = 0;
@@ -991,10 +1483,18 @@ void with_plan(const RelPosAttentionParams& p, F&& f) {
   }
   if (is_global_grid(p.grid_h, p.grid_w)) {
     if (p.batch > 65535 || p.heads > 65535) fail("batch and heads must be below 65536 for global attention");
-    if (p.head_dim == 64)
-      f(global_plan<64>(p));
-    else
-      f(global_plan<80>(p));
+    const bool sm90 = g_sm90_enabled.load(std::memory_order_relaxed);
+    if (p.head_dim == 64) {
+      if (sm90 && sm90_kernel_usable<64>())
+        f(sm90_plan<64>(p));
+      else
+        f(global_plan<64>(p));
+    } else {
+      if (sm90 && sm90_kernel_usable<80>())
+        f(sm90_plan<80>(p));
+      else
+        f(global_plan<80>(p));
+    }
   } else {
     if (static_cast<long long>(p.batch) * p.heads > 0x7fffffffLL) fail("batch * heads too large");
     if (p.head_dim == 64)
@@ -1019,6 +1519,8 @@ void attention_relpos(const RelPosAttentionParams& p, cudaStream_t stream) {
   if (p.batch == 0 && p.heads > 0 && attention_relpos_supported(p.head_dim, p.grid_h, p.grid_w)) return;
   with_plan(p, [&](const auto& plan) { plan.launch(p, scale_log2_of(p.head_dim), stream); });
 }
+
+void attention_relpos_enable_sm90(bool enabled) { g_sm90_enabled.store(enabled, std::memory_order_relaxed); }
 
 RelPosAttentionLaunchInfo attention_relpos_launch_info(const RelPosAttentionParams& p) {
   RelPosAttentionLaunchInfo info;

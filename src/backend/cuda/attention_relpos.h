@@ -61,6 +61,11 @@ struct RelPosAttentionLaunchInfo {
 };
 RelPosAttentionLaunchInfo attention_relpos_launch_info(const RelPosAttentionParams& params);
 
+// Global attention runs a warpgroup-MMA (wgmma + TMA) kernel on compute capability 9.0 when this
+// binary was built for sm_90a, else the mma.sync kernel. Passing false forces the mma.sync kernel
+// (for comparisons and checks); process-wide, default true.
+void attention_relpos_enable_sm90(bool enabled);
+
 // 4 * batch * heads * T^2 * head_dim: the FLOPs of QK^T and PV, the convention for TFLOP/s
 // figures (the bias prologue, a few percent, is not counted).
 double attention_relpos_flops(const RelPosAttentionParams& params);

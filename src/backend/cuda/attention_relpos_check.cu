@@ -313,6 +313,7 @@ bool run_case(const Case& c, bool do_time, int seed) {
       c.name.c_str(), B, H, D, gh, gw, c.rel_fp32 ? "f32 " : "bf16", c.rel_std, r.max_abs, r.rel_l2, r.checked,
       r.ok ? "ok" : "FAIL");
   if (!r.ok) std::printf(": %s", r.why.c_str());
+  if (!do_time) std::printf(" [%s]", segany::cuda::attention_relpos_launch_info(p).kernel);
 
   if (do_time && r.ok) {
     // Warm up, then time back-to-back launches.
@@ -342,8 +343,8 @@ bool run_case(const Case& c, bool do_time, int seed) {
 
 // The launch is graph-capturable, also as a kernel's very first launch (which sets its shared
 // memory limit): capture it, replay, and expect the bits of a direct launch. Runs first.
-bool check_graph_capture() {
-  const int B = 3, H = 2, D = 64, gh = 14, gw = 14, T = gh * gw;
+bool check_graph_capture(const char* name, int B, int H, int D, int gh, int gw) {
+  const int T = gh * gw;
   const size_t n_qkv = size_t(B) * T * 3 * H * D, n_out = size_t(B) * T * H * D;
   const size_t n_rh = size_t(2 * gh - 1) * D, n_rw = size_t(2 * gw - 1) * D;
   std::vector<__nv_bfloat16> qkv_h(n_qkv), rh_h(n_rh), rw_h(n_rw);
@@ -393,8 +394,8 @@ bool check_graph_capture() {
   size_t finite = 0;
   for (uint16_t x : a) finite += (x & 0x7F80u) != 0x7F80u;
   const bool ok = a == b && finite == n_out;
-  std::printf("%-28s first launch captured in a graph, replay == direct launch bit for bit: %s\n", "graph capture",
-              ok ? "ok" : "FAIL");
+  std::printf("%-28s first launch captured in a graph, replay == direct launch bit for bit: %s [%s]\n", name,
+              ok ? "ok" : "FAIL", segany::cuda::attention_relpos_launch_info(p).kernel);
   return ok;
 }
 
@@ -462,6 +463,11 @@ int main(int argc, char** argv) {
         {"windows 16x16 d80 many", 90, 3, 80, 16, 16, 0.5f, false, false, 0, 5},
         {"windows 16x16 d64 many", 90, 3, 64, 16, 16, 0.5f, false, false, 0, 5},
         {"global 5x64 d64", 2, 2, 64, 5, 64, 0.5f, false, false, 0, 1},
+        {"global 1x64 d64", 3, 2, 64, 1, 64, 0.5f, false, false, 0, 1},
+        {"global 2x64 d80", 2, 2, 80, 2, 64, 0.5f, false, false, 0, 1},
+        {"global 7x64 d64 f32", 2, 3, 64, 7, 64, 1.0f, true, false, 0, 1},
+        {"global 64x64 d64", 2, 2, 64, 64, 64, 0.5f, false, false, 0, 7},
+        {"global 33x64 d80 big rel", 1, 3, 80, 33, 64, 2.0f, false, false, 0, 3},
         {"global 3x64 d80 f32", 2, 3, 80, 3, 64, 1.0f, true, false, 0, 1},
         {"global 64x64 d80", 1, 2, 80, 64, 64, 0.3f, false, false, 0, 7},
         // SAM at batch 8 (windows: 8 images x 25 windows), sampled and timed.
@@ -473,20 +479,40 @@ int main(int argc, char** argv) {
         {"vit_h global", 8, 16, 80, 64, 64, 0.5f, false, true, 3, 29},
         {"vit_h global f32 rel", 8, 16, 80, 64, 64, 0.1f, true, true, 3, 29},
     };
-    if (only.empty()) try {
-      tally(check_graph_capture());
-    } catch (const std::exception& e) {
-      std::printf("%-28s FAIL: %s\n", "graph capture", e.what());
-      tally(false);
+    // Global grids run the sm_90a kernel on compute capability 9.0 (when built for sm_90a); there
+    // every global case runs a second time on the mma.sync kernel (name suffix " sm80").
+    const bool two_paths = prop.major == 9 && prop.minor == 0;
+    if (only.empty()) {
+      struct Capture {
+        const char* name;
+        int B, H, D, gh, gw;
+      };
+      for (const Capture& g : {Capture{"graph capture windows", 3, 2, 64, 14, 14},
+                               Capture{"graph capture global d80", 2, 3, 80, 3, 64},
+                               Capture{"graph capture global d64", 2, 2, 64, 2, 64}}) {
+        try {
+          tally(check_graph_capture(g.name, g.B, g.H, g.D, g.gh, g.gw));
+        } catch (const std::exception& e) {
+          std::printf("%-28s FAIL: %s\n", g.name, e.what());
+          tally(false);
+        }
+      }
     }
     int seed = 1;
-    for (const Case& c : cases) {
-      if ((quick && c.timed) || (!only.empty() && c.name != only)) continue;
-      try {
-        tally(run_case(c, c.timed, seed++));
-      } catch (const std::exception& e) {
-        std::printf("%-28s FAIL: %s\n", c.name.c_str(), e.what());
-        tally(false);
+    for (const Case& c0 : cases) {
+      const bool global = c0.grid_w == 64;
+      for (int path = 0; path < (global && two_paths ? 2 : 1); ++path) {
+        Case c = c0;
+        if (path == 1) c.name += " sm80";
+        if ((quick && c.timed) || (!only.empty() && c.name != only)) continue;
+        segany::cuda::attention_relpos_enable_sm90(path == 0);
+        try {
+          tally(run_case(c, c.timed, seed++));
+        } catch (const std::exception& e) {
+          std::printf("%-28s FAIL: %s\n", c.name.c_str(), e.what());
+          tally(false);
+        }
+        segany::cuda::attention_relpos_enable_sm90(true);
       }
     }
     if (only.empty()) tally(check_refusals());

@@ -7,10 +7,14 @@
 // the device, and never convert weights (prepare_linear did, once). Copies to and from the host go
 // through one pinned staging buffer: download() waits for the device, copy_from_host only for the
 // previous copy through the buffer to have left it.
+//
+// Every byte of device memory the backend allocates (alloc(), the GEMM workspace, the preprocessing
+// buffer) is counted for memory_stats(); pinned host memory (staging, alloc_host) is counted apart.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -21,7 +25,9 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_utils.h"
 #include "backend/cuda/gemm.h"
+#include "backend/cuda/image_ops.h"
 #include "backend/cuda/kernels.h"
+#include "backend/image_ops.h"
 
 namespace segany {
 namespace {
@@ -47,6 +53,10 @@ using UniqueEvent = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDel
 using UniqueGraphExec = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, GraphExecDeleter>;
 using UniqueGraph = std::unique_ptr<std::remove_pointer_t<cudaGraph_t>, GraphDeleter>;
 using UniquePinned = std::unique_ptr<void, PinnedDeleter>;
+struct DeviceDeleter {
+  void operator()(void* p) const { cudaFree(p); }
+};
+using UniqueDevice = std::unique_ptr<void, DeviceDeleter>;
 
 UniqueEvent make_event(unsigned flags) {
   cudaEvent_t e = nullptr;
@@ -73,6 +83,30 @@ inline float bf16_value(uint16_t b) {
 enum OpClass { kGemm, kAttention, kNorm, kOther, kOpClasses };
 constexpr std::array<const char*, kOpClasses> kOpClassNames{"gemm", "attention", "norm", "other"};
 
+// Bytes allocated now and at most, shared with the deleters of the tensors alloc() hands out (which
+// may outlive the backend, and run on any thread).
+struct MemoryCounters {
+  std::atomic<size_t> current{0}, peak{0}, pinned{0};
+  void add(size_t bytes) {
+    const size_t now = current.fetch_add(bytes) + bytes;
+    size_t p = peak.load();
+    while (now > p && !peak.compare_exchange_weak(p, now)) {
+    }
+  }
+  void sub(size_t bytes) { current.fetch_sub(bytes); }
+};
+
+// A fence is an event: record() puts it in the stream, wait() waits for it (at once when never recorded).
+class CudaFence final : public Backend::Fence {
+ public:
+  CudaFence() : event_(make_event(cudaEventDisableTiming)) {}
+  void wait() override { CUDA_CHECK(cudaEventSynchronize(event_.get())); }
+  cudaEvent_t event() const { return event_.get(); }
+
+ private:
+  UniqueEvent event_;
+};
+
 void require_cuda(const Tensor& t, const char* what) {
   check(t.defined() && t.device() == Device::CUDA, std::string("cuda backend: ") + what + " must be a GPU tensor");
 }
@@ -90,11 +124,15 @@ class CudaBackend final : public Backend {
     stream_.reset(s);
     staging_done_ = make_event(cudaEventDisableTiming);
     gemm_ = std::make_unique<cuda::GemmEngine>(stream_.get(), options_.gemm_workspace_bytes);
+    memory_->add(options_.gemm_workspace_bytes);  // the engine's one cudaMalloc
   }
 
   ~CudaBackend() override {
     // Nothing queued may outlive the buffers and handles released below.
     if (stream_) cudaStreamSynchronize(stream_.get());
+    memory_->sub(options_.gemm_workspace_bytes);
+    memory_->sub(preprocess_bytes_);
+    memory_->pinned.fetch_sub(staging_bytes_);
   }
 
   cudaStream_t stream() const { return stream_.get(); }
@@ -110,11 +148,58 @@ class CudaBackend final : public Backend {
     const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
     void* p = nullptr;
     if (bytes > 0) CUDA_CHECK(cudaMalloc(&p, bytes));
-    std::shared_ptr<const void> owner(p, [](const void* q) {
-      if (q) cudaFree(const_cast<void*>(q));
+    if (p) memory_->add(bytes);
+    std::shared_ptr<const void> owner(p, [memory = memory_, bytes](const void* q) {
+      if (!q) return;
+      cudaFree(const_cast<void*>(q));
+      memory->sub(bytes);
     });
     return Tensor::wrap(p, shape, dtype, std::move(owner), Device::CUDA);
   }
+
+  Tensor alloc_host(const Shape& shape, DType dtype) override {
+    const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
+    void* p = nullptr;
+    if (bytes > 0) {
+      CUDA_CHECK(cudaHostAlloc(&p, bytes, cudaHostAllocDefault));
+      std::memset(p, 0, bytes);
+      memory_->pinned.fetch_add(bytes);
+    }
+    std::shared_ptr<const void> owner(p, [memory = memory_, bytes](const void* q) {
+      if (!q) return;
+      cudaFreeHost(const_cast<void*>(q));
+      memory->pinned.fetch_sub(bytes);
+    });
+    return Tensor::wrap(p, shape, dtype, std::move(owner), Device::CPU);
+  }
+
+  void download_async(const Tensor& src, Tensor& host) override {
+    require_cuda(src, "download_async source");
+    check(host.defined() && host.device() == Device::CPU, "cuda download_async: the destination must be host memory");
+    check(src.dtype() == host.dtype() && src.numel() == host.numel(),
+          std::string("cuda download_async: ") + dtype_name(src.dtype()) + " " + shape_str(src.shape()) + " into " +
+              dtype_name(host.dtype()) + " " + shape_str(host.shape()));
+    if (src.nbytes() > 0)
+      CUDA_CHECK(cudaMemcpyAsync(host.data(), src.data(), src.nbytes(), cudaMemcpyDeviceToHost, stream_.get()));
+  }
+
+  std::unique_ptr<Fence> make_fence() override { return std::make_unique<CudaFence>(); }
+
+  void record(Fence& fence) override {
+    auto* f = dynamic_cast<CudaFence*>(&fence);
+    check(f != nullptr, "cuda record: the fence was not made by a CUDA backend");
+    CUDA_CHECK(cudaEventRecord(f->event(), stream_.get()));
+  }
+
+  MemoryStats memory_stats() const override {
+    MemoryStats m;
+    m.current = memory_->current.load();
+    m.peak = memory_->peak.load();
+    m.pinned_host = memory_->pinned.load();
+    return m;
+  }
+
+  void reset_peak_memory() override { memory_->peak.store(memory_->current.load()); }
 
   Tensor upload(const Tensor& host) override {
     const Tensor h = host.to_f32();
@@ -310,6 +395,69 @@ class CudaBackend final : public Backend {
     timed(kGemm, [&] { gemm_->run(g); });
   }
 
+  // ---- preprocessing ---------------------------------------------------------------------------
+  //
+  // The taps of every image (computed here, on the host, by the CPU's own code) and a parameter
+  // block go through the pinned staging buffer, the pixels straight from the caller's (pinned)
+  // memory; both land in one device buffer, grown when a batch needs more, then one kernel writes
+  // the whole batch. Nothing waits for the device but a growth of that buffer.
+  void preprocess_images(const std::vector<Tensor>& images, Tensor& input) override {
+    require_cuda(input, "preprocess_images input");
+    check(input.ndim() == 4 && input.dim(0) == static_cast<int64_t>(images.size()) && input.dim(1) == input.dim(2) &&
+              input.dim(3) == 3,
+          "cuda preprocess_images: input " + shape_str(input.shape()) + " for " + std::to_string(images.size()) +
+              " images (expected [B, S, S, 3])");
+    const int S = static_cast<int>(input.dim(1));
+    const int B = static_cast<int>(images.size());
+    std::vector<cuda::PreprocessImageParams> params(B);
+    std::vector<int32_t> taps;
+    auto append = [&taps](const std::vector<int32_t>& v) {
+      const int at = static_cast<int>(taps.size());
+      taps.insert(taps.end(), v.begin(), v.end());
+      return at;
+    };
+    size_t pixel_bytes = 0;
+    for (int i = 0; i < B; ++i) {
+      const Tensor& im = images[i];
+      check(im.defined() && im.dtype() == DType::U8 && im.ndim() == 3 && im.dim(2) == 3,
+            "cuda preprocess_images: image " + std::to_string(i) + " must be u8 [h, w, 3], found " +
+                dtype_name(im.dtype()) + " " + shape_str(im.shape()));
+      cuda::PreprocessImageParams& p = params[i];
+      p.in_h = static_cast<int>(im.dim(0));
+      p.in_w = static_cast<int>(im.dim(1));
+      resized_shape(p.in_h, p.in_w, S, p.out_h, p.out_w);
+      check(p.out_h > 0 && p.out_w > 0, "image of " + std::to_string(p.in_w) + "x" + std::to_string(p.in_h) +
+                                            " pixels is too thin to resize to " + std::to_string(S));
+      const ResizeTaps h = pil_bilinear_taps(p.in_w, p.out_w), v = pil_bilinear_taps(p.in_h, p.out_h);
+      p.hk = h.ksize, p.vk = v.ksize;
+      p.hfirst = append(h.first), p.hcount = append(h.count), p.hweights = append(h.weights);
+      p.vfirst = append(v.first), p.vcount = append(v.count), p.vweights = append(v.weights);
+      p.pixels = static_cast<int64_t>(pixel_bytes);
+      pixel_bytes += (im.nbytes() + 255) / 256 * 256;
+    }
+    check(taps.size() < size_t(INT32_MAX), "cuda preprocess_images: too many images in one batch");
+    if (B == 0) return;
+    // Device buffer: [params | taps | pixels], each part 256-byte aligned.
+    const size_t params_bytes = (B * sizeof(cuda::PreprocessImageParams) + 255) / 256 * 256;
+    const size_t taps_bytes = (taps.size() * sizeof(int32_t) + 255) / 256 * 256;
+    char* dev = preprocess_buffer(params_bytes + taps_bytes + pixel_bytes);
+    char* s = static_cast<char*>(staging(params_bytes + taps_bytes));
+    std::memcpy(s, params.data(), B * sizeof(cuda::PreprocessImageParams));
+    std::memcpy(s + params_bytes, taps.data(), taps.size() * sizeof(int32_t));
+    CUDA_CHECK(cudaMemcpyAsync(dev, s, params_bytes + taps_bytes, cudaMemcpyHostToDevice, stream_.get()));
+    CUDA_CHECK(cudaEventRecord(staging_done_.get(), stream_.get()));
+    char* pixels = dev + params_bytes + taps_bytes;
+    for (int i = 0; i < B; ++i)  // pinned (or device) sources copy asynchronously, pageable ones at once
+      if (images[i].nbytes() > 0)
+        CUDA_CHECK(cudaMemcpyAsync(pixels + params[i].pixels, images[i].data(), images[i].nbytes(), cudaMemcpyDefault,
+                                   stream_.get()));
+    timed(kOther, [&] {
+      cuda::preprocess_images(reinterpret_cast<const cuda::PreprocessImageParams*>(dev),
+                              reinterpret_cast<const int32_t*>(dev + params_bytes),
+                              reinterpret_cast<const uint8_t*>(pixels), B, input, stream_.get());
+    });
+  }
+
   void synchronize() override { CUDA_CHECK(cudaStreamSynchronize(stream_.get())); }
 
   // ---- graphs ----------------------------------------------------------------------------------
@@ -413,21 +561,45 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(cudaEventSynchronize(staging_done_.get()));
     if (bytes > staging_bytes_) {
       staging_.reset();
+      memory_->pinned.fetch_sub(staging_bytes_);
       staging_bytes_ = 0;
       void* p = nullptr;
       CUDA_CHECK(cudaHostAlloc(&p, bytes, cudaHostAllocDefault));
       staging_.reset(p);
       staging_bytes_ = bytes;
+      memory_->pinned.fetch_add(bytes);
     }
     return staging_.get();
   }
 
+  // The preprocessing's device buffer, at least `bytes` large. Growing it waits for the work that
+  // may still read the old one; it grows by half again so that a few larger images do not each
+  // cost a reallocation.
+  char* preprocess_buffer(size_t bytes) {
+    if (bytes > preprocess_bytes_) {
+      const size_t grown = std::max(bytes, preprocess_bytes_ / 2 * 3);
+      CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+      preprocess_.reset();
+      memory_->sub(preprocess_bytes_);
+      preprocess_bytes_ = 0;
+      void* p = nullptr;
+      CUDA_CHECK(cudaMalloc(&p, grown));
+      preprocess_.reset(p);
+      preprocess_bytes_ = grown;
+      memory_->add(grown);
+    }
+    return static_cast<char*>(preprocess_.get());
+  }
+
   // Declaration order is destruction order reversed: the stream outlives everything using it.
   CudaOptions options_;
+  std::shared_ptr<MemoryCounters> memory_ = std::make_shared<MemoryCounters>();
   UniqueStream stream_;
   UniqueEvent staging_done_;
   UniquePinned staging_;
   size_t staging_bytes_ = 0;
+  UniqueDevice preprocess_;
+  size_t preprocess_bytes_ = 0;
   std::unique_ptr<cuda::GemmEngine> gemm_;
   std::map<std::string, GraphState> graphs_;
   bool profiling_ = false;

@@ -1,0 +1,289 @@
+// The Embedder's pipeline, three stages deep:
+//
+//   workers:  decode image i (a window of images ahead of the consumer, so memory stays bounded)
+//   caller:   batch k: copy its pixels into pinned memory, enqueue preprocess + encoder + the copy
+//             of the embeddings into pinned memory, record the slot's fence; then wait for batch
+//             k-1's fence and hand its embeddings out
+//   device:   runs batch k while the caller hands out batch k-1 and gathers batch k+1
+//
+// Two slots (pinned pixels, pinned embeddings, a fence) alternate between batches: a slot is
+// refilled only after its previous batch's fence has passed, so no buffer the device may still
+// read is overwritten, and the caller waits for the device once per batch.
+#include "segany/embedder.h"
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "backend/backend.h"
+#include "backend/image_ops.h"
+#include "model/sam.h"
+
+namespace segany {
+namespace {
+
+// An image ready to be batched, or why it is not.
+struct Loaded {
+  std::shared_ptr<const Image> image;
+  std::string error;
+};
+
+using Loader = std::function<std::shared_ptr<const Image>(size_t)>;
+
+// Runs `load` for indices 0..n-1 on worker threads, at most `window` images ahead of the one
+// take() last returned. With no workers, take() loads inline.
+class Prefetcher {
+ public:
+  Prefetcher(size_t n, int workers, size_t window, Loader load, int target)
+      : n_(n), window_(std::max<size_t>(window, 1)), load_(std::move(load)), target_(target), ready_(n) {
+    for (int w = 0; w < workers; ++w) threads_.emplace_back([this] { work(); });
+  }
+  ~Prefetcher() {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      stop_ = true;
+    }
+    more_.notify_all();
+    for (std::thread& t : threads_) t.join();
+  }
+  Prefetcher(const Prefetcher&) = delete;
+  Prefetcher& operator=(const Prefetcher&) = delete;
+
+  // Image i, once loaded; each index once, in increasing order.
+  Loaded take(size_t i) {
+    if (threads_.empty()) return load(i);
+    std::unique_lock<std::mutex> lock(m_);
+    done_.wait(lock, [&] { return ready_[i].has_value(); });
+    Loaded out = std::move(*ready_[i]);
+    ready_[i].reset();
+    taken_ = i + 1;
+    lock.unlock();
+    more_.notify_all();
+    return out;
+  }
+
+ private:
+  void work() {
+    for (;;) {
+      size_t i;
+      {
+        std::unique_lock<std::mutex> lock(m_);
+        more_.wait(lock, [&] { return stop_ || next_ >= n_ || next_ < taken_ + window_; });
+        if (stop_ || next_ >= n_) return;
+        i = next_++;
+      }
+      Loaded l = load(i);
+      {
+        std::lock_guard<std::mutex> lock(m_);
+        ready_[i] = std::move(l);
+      }
+      done_.notify_all();
+    }
+  }
+
+  // Loads and checks that the image can be resized (so that a bad one never fails a batch).
+  Loaded load(size_t i) const {
+    Loaded l;
+    try {
+      l.image = load_(i);
+      check(l.image && l.image->width > 0 && l.image->height > 0 &&
+                l.image->rgb.size() == size_t(l.image->width) * l.image->height * 3,
+            "empty or inconsistent image");
+      int h = 0, w = 0;
+      resized_shape(l.image->height, l.image->width, target_, h, w);
+      check(h > 0 && w > 0, "image of " + std::to_string(l.image->width) + "x" + std::to_string(l.image->height) +
+                                " pixels is too thin to resize to " + std::to_string(target_));
+    } catch (const std::exception& e) {
+      l.image.reset();
+      l.error = e.what();
+    }
+    return l;
+  }
+
+  const size_t n_, window_;
+  const Loader load_;
+  const int target_;
+  std::mutex m_;
+  std::condition_variable more_, done_;
+  size_t next_ = 0, taken_ = 0;
+  bool stop_ = false;
+  std::vector<std::optional<Loaded>> ready_;
+  std::vector<std::thread> threads_;
+};
+
+// src [G*G, C] -> dst [C, G*G], in tiles so that neither side is read or written with a long stride.
+void transpose(const float* src, int64_t T, int64_t C, float* dst) {
+  constexpr int64_t kTile = 32;
+  for (int64_t t0 = 0; t0 < T; t0 += kTile)
+    for (int64_t c0 = 0; c0 < C; c0 += kTile)
+      for (int64_t t = t0; t < std::min(T, t0 + kTile); ++t)
+        for (int64_t c = c0; c < std::min(C, c0 + kTile); ++c) dst[c * T + t] = src[t * C + c];
+}
+
+}  // namespace
+
+struct Embedder::Impl {
+  EmbedderOptions options;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Sam> sam;
+
+  // One batch in flight.
+  struct Slot {
+    std::vector<Tensor> pixels;  // pinned u8 buffers, one per position in the batch, grown as needed
+    Tensor out;                  // pinned float32 [batch, G, G, C]
+    std::unique_ptr<Backend::Fence> fence;
+    std::vector<Embedding> items;  // the batch's images, embeddings not yet filled in
+  };
+  Slot slots[2];
+
+  size_t run(size_t n, const Loader& load, const std::function<std::string(size_t)>& name, int workers,
+             const std::function<void(Embedding&)>& on_result,
+             const std::function<void(const EmbedBatchStats&)>& on_batch);
+  // Waits for the slot's batch and hands its embeddings out.
+  void finish(Slot& s, const std::function<void(Embedding&)>& on_result);
+};
+
+Embedder::Embedder(const std::string& checkpoint, const EmbedderOptions& options) : impl_(std::make_unique<Impl>()) {
+  check(options.batch > 0, "embedder: batch must be positive, found " + std::to_string(options.batch));
+  check(options.workers >= 0, "embedder: workers must be 0 (automatic) or more");
+  impl_->options = options;
+  if (options.device == "cpu")
+    impl_->backend = make_cpu_backend(options.threads);
+  else if (options.device == "cuda")
+    impl_->backend = make_cuda_backend(0);
+  else
+    throw Error("unknown device '" + options.device + "' (expected cpu or cuda)");
+  impl_->sam = Sam::load(checkpoint, options.config, *impl_->backend);
+  for (Impl::Slot& s : impl_->slots) s.fence = impl_->backend->make_fence();
+}
+
+Embedder::~Embedder() = default;
+Embedder::Embedder(Embedder&&) noexcept = default;
+Embedder& Embedder::operator=(Embedder&&) noexcept = default;
+
+int Embedder::batch() const { return impl_->options.batch; }
+std::string Embedder::arch() const { return impl_->sam->config().arch; }
+std::string Embedder::device() const { return impl_->options.device; }
+
+size_t Embedder::Impl::run(size_t n, const Loader& load, const std::function<std::string(size_t)>& name, int workers,
+                           const std::function<void(Embedding&)>& on_result,
+                           const std::function<void(const EmbedBatchStats&)>& on_batch) {
+  Backend& be = *backend;
+  ImageEncoder& encoder = sam->image_encoder();
+  const ImageEncoderConfig& cfg = sam->config().image_encoder;
+  const int64_t B = options.batch, G = cfg.grid(), C = cfg.out_chans;
+  const bool host_device = be.device() == Device::CPU;  // the backend reads host memory as it is
+  for (Slot& s : slots) {
+    s.fence->wait();  // a previous run that threw may have left work in flight
+    s.items.clear();
+    if (!s.out.defined()) s.out = be.alloc_host({B, G, G, C}, DType::F32);
+    s.pixels.resize(B);
+  }
+  // Two batches ahead: one being gathered, one queued behind the one the device runs.
+  Prefetcher prefetch(n, workers, static_cast<size_t>(2 * B + workers), load, cfg.img_size);
+
+  using Clock = std::chrono::steady_clock;
+  auto last = Clock::now();
+  size_t failed = 0, next = 0;
+  int batches = 0;
+  Slot* pending = nullptr;  // enqueued, not yet handed out
+  auto finish_pending = [&] {
+    const int count = static_cast<int>(pending->items.size());
+    finish(*pending, on_result);
+    pending = nullptr;
+    const auto now = Clock::now();
+    EmbedBatchStats st;
+    st.index = batches++;
+    st.images = count;
+    st.ms = std::chrono::duration<double, std::milli>(now - last).count();
+    last = now;
+    if (on_batch) on_batch(st);
+  };
+  for (int cur = 0;; cur ^= 1) {
+    Slot& s = slots[cur];  // free: its last batch was handed out before `pending` was enqueued
+    std::vector<Tensor> images;  // u8 [h, w, 3]: pinned copies, or on the CPU the decoded images themselves
+    while (static_cast<int64_t>(s.items.size()) < B && next < n) {
+      const size_t i = next++;
+      Loaded l = prefetch.take(i);
+      Embedding e;
+      e.index = i;
+      e.name = name(i);
+      if (!l.error.empty()) {
+        e.error = l.error;
+        ++failed;
+        on_result(e);
+        continue;
+      }
+      const Image& im = *l.image;
+      const Shape shape{im.height, im.width, 3};
+      if (host_device) {
+        images.push_back(Tensor::wrap(const_cast<uint8_t*>(im.rgb.data()), shape, DType::U8, l.image));
+      } else {
+        Tensor& buf = s.pixels[s.items.size()];
+        if (!buf.defined() || buf.numel() < shape_numel(shape))
+          buf = be.alloc_host({std::max<int64_t>(shape_numel(shape), buf.defined() ? buf.numel() * 3 / 2 : 0)},
+                              DType::U8);
+        std::memcpy(buf.data(), im.rgb.data(), im.rgb.size());
+        images.push_back(buf.view_prefix(shape));
+      }
+      e.original_h = im.height;
+      e.original_w = im.width;
+      resized_shape(im.height, im.width, cfg.img_size, e.input_h, e.input_w);
+      s.items.push_back(std::move(e));
+    }
+    if (s.items.empty()) break;
+    const int64_t b = static_cast<int64_t>(s.items.size());
+    be.preprocess_images(images, encoder.input(b));
+    const Tensor& out = encoder.forward(b);  // [b, G, G, C] float32
+    Tensor host = s.out.view_prefix(out.shape());
+    be.download_async(out, host);
+    be.record(*s.fence);
+    if (pending) finish_pending();  // the device runs this batch meanwhile
+    pending = &s;
+    if (host_device) finish_pending();  // the batch ran in the calls above: nothing to overlap
+  }
+  if (pending) finish_pending();
+  return failed;
+}
+
+void Embedder::Impl::finish(Slot& s, const std::function<void(Embedding&)>& on_result) {
+  s.fence->wait();
+  const ImageEncoderConfig& cfg = sam->config().image_encoder;
+  const int64_t G = cfg.grid(), C = cfg.out_chans;
+  // [b, G, G, C] -> b x [1, C, G, G], the images in parallel: this is the caller's largest share of
+  // the work per batch, and the device waits for it once the caller falls behind.
+  const int count = static_cast<int>(s.items.size());
+  for (Embedding& e : s.items) e.embedding = Tensor::empty({1, C, G, G});
+#pragma omp parallel for schedule(static)
+  for (int j = 0; j < count; ++j)
+    transpose(s.out.data_as<const float>() + static_cast<int64_t>(j) * G * G * C, G * G, C,
+              s.items[j].embedding.data_as<float>());
+  for (Embedding& e : s.items) on_result(e);
+  s.items.clear();
+}
+
+size_t Embedder::embed_files(const std::vector<std::string>& paths, const std::function<void(Embedding&)>& on_result,
+                             const std::function<void(const EmbedBatchStats&)>& on_batch) {
+  int workers = impl_->options.workers;
+  if (workers == 0) workers = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 4u));
+  workers = static_cast<int>(std::min<size_t>(workers, std::max<size_t>(paths.size(), 1)));
+  return impl_->run(
+      paths.size(), [&](size_t i) { return std::make_shared<const Image>(load_image(paths[i])); },
+      [&](size_t i) { return paths[i]; }, workers, on_result, on_batch);
+}
+
+std::vector<Embedding> Embedder::embed(const std::vector<Image>& images) {
+  std::vector<Embedding> out(images.size());
+  // The caller's images, borrowed (an aliasing pointer that owns nothing), loaded inline.
+  impl_->run(
+      images.size(), [&](size_t i) { return std::shared_ptr<const Image>(std::shared_ptr<const Image>(), &images[i]); },
+      [](size_t i) { return "image " + std::to_string(i); }, 0, [&](Embedding& e) { out[e.index] = std::move(e); },
+      nullptr);
+  return out;
+}
+
+}  // namespace segany

@@ -1,0 +1,65 @@
+// Why the GPU tests do not hold random full-size models' masks to IoU 0.99: their masks are
+// chaotic functions of the image embedding. Decoding, in fp32 on the CPU, the same embedding with
+// a random perturbation of 1e-3 of its RMS (half of one bf16 rounding) already changes them more.
+// The golden models, whose masks are well conditioned, are held to 0.99 (test_cuda_model.cpp).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "backend/backend.h"
+#include "model/random_init.h"
+#include "model/sam.h"
+#include "pipeline/preprocess.h"
+#include "segany/image.h"
+#include "test_util.h"
+
+namespace segany {
+namespace {
+
+TEST(Conditioning, RandomVitBMasksFlipUnderAPerturbationSmallerThanBf16) {
+  SEGANY_REQUIRE_GOLDEN();  // for the image
+  const SamConfig cfg = SamConfig::vit_b();
+  auto be = make_cpu_backend();
+  Sam sam(cfg, random_sam_weights(cfg, 1), *be);
+  const Preprocessed pre = preprocess(load_image(test::shared_dir() + "/images/groceries.jpg"), 1024);
+  be->copy_from_host(pre.input, sam.image_encoder().input(1));
+  const Tensor emb = sam.image_encoder().forward(1).clone().view({1, 4096, 256});
+  double ss = 0;
+  for (int64_t i = 0; i < emb.numel(); ++i) ss += double(emb.data_as<float>()[i]) * emb.data_as<float>()[i];
+  const float rms = static_cast<float>(std::sqrt(ss / emb.numel()));
+
+  PromptSet prompt;
+  prompt.points = {0.5f * pre.input_w, 0.5f * pre.input_h};
+  prompt.labels = {1};
+  auto decode = [&](const Tensor& e) {
+    return sam.mask_decoder()
+        .forward(e, sam.prompt_encoder().image_pe(), sam.prompt_encoder().embed_sparse({&prompt}),
+                 sam.prompt_encoder().no_mask_embed())
+        .low_res_logits.clone();
+  };
+  const Tensor ref = decode(emb);
+  Tensor noisy = emb.clone();
+  std::mt19937 gen(7);
+  std::normal_distribution<float> normal(0.0f, 1e-3f * rms);
+  for (int64_t i = 0; i < noisy.numel(); ++i) noisy.data_as<float>()[i] += normal(gen);
+  const Tensor got = decode(noisy);
+
+  const int64_t per_mask = ref.numel() / ref.dim(1);
+  double worst = 1.0;
+  for (int64_t t = 0; t < ref.dim(1); ++t) {
+    int64_t inter = 0, uni = 0;
+    for (int64_t i = 0; i < per_mask; ++i) {
+      const bool a = ref.data_as<float>()[t * per_mask + i] > 0, b = got.data_as<float>()[t * per_mask + i] > 0;
+      inter += a && b;
+      uni += a || b;
+    }
+    const double iou = uni ? double(inter) / double(uni) : 1.0;
+    std::printf("[ info ] mask token %lld: IoU %.4f after a 1e-3 perturbation\n", (long long)t, iou);
+    worst = std::min(worst, iou);
+  }
+  EXPECT_LT(worst, 0.99) << "random vit_b masks turned out well conditioned: hold them to IoU 0.99 on the GPU";
+}
+
+}  // namespace
+}  // namespace segany
