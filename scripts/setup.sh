@@ -6,7 +6,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build pkg-config  # compiler and build tools
-  libopenblas-dev                               # CPU GEMMs
+  libopenblas-openmp-dev                        # CPU GEMMs (the OpenMP build: one thread pool with ours)
   libjpeg-dev libpng-dev zlib1g-dev             # image files
   nlohmann-json3-dev libcli11-dev               # JSON, the command line
   libgtest-dev googletest                       # tests

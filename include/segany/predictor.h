@@ -57,6 +57,12 @@ class Predictor {
                 const Tensor& mask_input = Tensor(), bool multimask = false);
   // Several prompt sets against the current image, decoded together where their shapes allow.
   std::vector<Masks> predict_batch(const std::vector<Prompt>& prompts);
+  // As predict_batch, stopping at the low-res logits and scores (Masks::masks stays undefined),
+  // for callers that upscale the logits themselves (the MaskGenerator).
+  std::vector<Masks> predict_batch_low_res(const std::vector<Prompt>& prompts);
+  // Low-res logits float32 [M, 256, 256] -> float32 [M, H, W] at the current image's size, upscaled
+  // as predict() does before thresholding at 0 (the original's return_logits=True). Thread-safe.
+  Tensor upscale_logits(const Tensor& low_res) const;
 
   // float32 [1, C, 64, 64], as the original's get_image_embedding().
   Tensor image_embedding() const;

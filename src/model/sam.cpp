@@ -6,7 +6,8 @@ namespace segany {
 
 int64_t count_parameters(const SamConfig& cfg, const io::TensorMap& weights) {
   int64_t n = 0;
-  for (const auto& [name, shape] : cfg.parameter_shapes()) n += weights.at(name).numel();
+  for (const auto& [name, shape] : cfg.parameter_shapes())
+    if (name != kPositionalEncodingBuffer) n += weights.at(name).numel();
   return n;
 }
 

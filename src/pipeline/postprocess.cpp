@@ -68,6 +68,20 @@ Tensor postprocess_masks(const Tensor& low_res, int img_size, int input_h, int i
   return masks;
 }
 
+Tensor upscale_logits(const Tensor& low_res, int img_size, int input_h, int input_w, int original_h, int original_w) {
+  check(low_res.ndim() == 3 && low_res.dtype() == DType::F32, "upscale_logits: low-res logits must be float32 [M, h, w]");
+  const int M = static_cast<int>(low_res.dim(0)), h = static_cast<int>(low_res.dim(1)), w = static_cast<int>(low_res.dim(2));
+  Tensor out = Tensor::empty({M, original_h, original_w});
+  std::vector<float> mid(static_cast<size_t>(input_h) * input_w);
+  for (int m = 0; m < M; ++m) {
+    resize_window(low_res.data_as<const float>() + static_cast<size_t>(m) * h * w, h, w, img_size, img_size, input_h,
+                  input_w, mid.data());
+    resize_window(mid.data(), input_h, input_w, original_h, original_w, original_h, original_w,
+                  out.data_as<float>() + static_cast<size_t>(m) * original_h * original_w);
+  }
+  return out;
+}
+
 MaskStats mask_stats(const uint8_t* mask, int height, int width) {
   MaskStats s;
   int x0 = width, y0 = height, x1 = -1, y1 = -1;

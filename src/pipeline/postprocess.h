@@ -16,6 +16,10 @@ void resize_bilinear(const float* src, int h, int w, float* dst, int H, int W);
 Tensor postprocess_masks(const Tensor& low_res, int img_size, int input_h, int input_w, int original_h,
                          int original_w, float threshold = 0.0f);
 
+// low_res [M, 256, 256] -> float32 logits [M, original_h, original_w]: the same upscaling as
+// postprocess_masks, without the threshold (the original's return_logits=True).
+Tensor upscale_logits(const Tensor& low_res, int img_size, int input_h, int input_w, int original_h, int original_w);
+
 // Area and bounding box (x, y, w, h) of a binary mask [H, W]; an empty mask gives zeros.
 struct MaskStats {
   int64_t area = 0;

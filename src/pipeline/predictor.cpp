@@ -32,7 +32,9 @@ struct Predictor::Impl {
   };
   Prepared prepare(const Prompt& p, size_t index) const;
   // Decodes prompts that share a sparse length and mask-input presence in one batch.
-  void decode(const std::vector<const Prepared*>& group, std::vector<Masks*>& out);
+  // masks_at_image_size false: stop at the low-res logits (Masks::masks stays undefined).
+  void decode(const std::vector<const Prepared*>& group, std::vector<Masks*>& out, bool masks_at_image_size);
+  std::vector<Masks> predict_batch(const std::vector<Prompt>& prompts, bool masks_at_image_size);
 };
 
 namespace {
@@ -93,7 +95,8 @@ Predictor::Impl::Prepared Predictor::Impl::prepare(const Prompt& p, size_t index
   return out;
 }
 
-void Predictor::Impl::decode(const std::vector<const Prepared*>& group, std::vector<Masks*>& out) {
+void Predictor::Impl::decode(const std::vector<const Prepared*>& group, std::vector<Masks*>& out,
+                             bool masks_at_image_size) {
   Backend& be = *backend;
   const SamConfig& cfg = sam->config();
   const int64_t P = static_cast<int64_t>(group.size()), G = cfg.image_encoder.grid(), C = cfg.mask_decoder.transformer_dim;
@@ -128,7 +131,8 @@ void Predictor::Impl::decode(const std::vector<const Prepared*>& group, std::vec
                   m.low_res_logits.data_as<float>() + k * side * side);
       m.scores.data_as<float>()[k] = iou.data_as<const float>()[i * T + first + k];
     }
-    m.masks = postprocess_masks(m.low_res_logits, cfg.image_encoder.img_size, input_h, input_w, original_h, original_w);
+    if (masks_at_image_size)
+      m.masks = postprocess_masks(m.low_res_logits, cfg.image_encoder.img_size, input_h, input_w, original_h, original_w);
   }
 }
 
@@ -197,8 +201,23 @@ Masks Predictor::predict(const std::vector<Point>& points, const std::optional<B
 }
 
 std::vector<Masks> Predictor::predict_batch(const std::vector<Prompt>& prompts) {
+  return impl_->predict_batch(prompts, true);
+}
+
+std::vector<Masks> Predictor::predict_batch_low_res(const std::vector<Prompt>& prompts) {
+  return impl_->predict_batch(prompts, false);
+}
+
+Tensor Predictor::upscale_logits(const Tensor& low_res) const {
+  const Impl& im = *impl_;
+  check(im.has_image, "upscale_logits: no image set");
+  return segany::upscale_logits(low_res, im.sam->config().image_encoder.img_size, im.input_h, im.input_w,
+                                im.original_h, im.original_w);
+}
+
+std::vector<Masks> Predictor::Impl::predict_batch(const std::vector<Prompt>& prompts, bool masks_at_image_size) {
   std::vector<Impl::Prepared> prepared;
-  for (size_t i = 0; i < prompts.size(); ++i) prepared.push_back(impl_->prepare(prompts[i], i));
+  for (size_t i = 0; i < prompts.size(); ++i) prepared.push_back(prepare(prompts[i], i));
   // Prompts decode together when they have the same number of sparse tokens and all or none
   // carry a mask input; the image embedding is shared, never copied per prompt.
   std::map<std::pair<int, bool>, std::vector<size_t>> groups;
@@ -212,7 +231,7 @@ std::vector<Masks> Predictor::predict_batch(const std::vector<Prompt>& prompts) 
       group.push_back(&prepared[i]);
       out.push_back(&results[i]);
     }
-    impl_->decode(group, out);
+    decode(group, out, masks_at_image_size);
   }
   return results;
 }

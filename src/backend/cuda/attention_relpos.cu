@@ -888,13 +888,21 @@ struct Sm90Traits {
   static constexpr int kBlockM = 128, kBlockN = 64;
   static constexpr int kConsumerWGs = 2;
   static constexpr int kThreads = 128 * (1 + kConsumerWGs);
-  static constexpr int kStages = 3;
+  // K/V ring depth: what the shared memory holds (227 KB). The loads are L2 hits mostly, but their
+  // latency (~1 us) spans more than a key tile's compute, so depth is what keeps the consumers fed.
+#ifndef SEGANY_SM90_STAGES_D64
+#define SEGANY_SM90_STAGES_D64 6
+#endif
+#ifndef SEGANY_SM90_STAGES_D80
+#define SEGANY_SM90_STAGES_D80 4
+#endif
+  static constexpr int kStages = kD == 64 ? SEGANY_SM90_STAGES_D64 : SEGANY_SM90_STAGES_D80;
   static constexpr int kBoxBytes = 64 * 128;  // one TMA box: 64 tokens x 64 bf16
   static constexpr int kQBlockBytes = kBlockM * 128;
   static constexpr int kQBytes = kColBlocks * kQBlockBytes;
   static constexpr int kTileBytes = kColBlocks * kBoxBytes;  // one K or V tile
   static constexpr int kRelHStride = 65;
-  static constexpr int kRelWStride = 72;
+  static constexpr int kRelWStride = 64;  // prologue-only scratch: dense (bank conflicts cost little there)
   static constexpr size_t kSmemQ = 0;
   static constexpr size_t kSmemK = kSmemQ + kQBytes;
   static constexpr size_t kSmemV = kSmemK + static_cast<size_t>(kStages) * kTileBytes;
@@ -903,6 +911,7 @@ struct Sm90Traits {
   static constexpr size_t kSmemBar = (kSmemRelW + static_cast<size_t>(kBlockM) * kRelWStride * sizeof(float) + 7) / 8 * 8;
   static constexpr size_t kSmemUsed = kSmemBar + (1 + 2 * kStages) * 8;
   static constexpr size_t kSmemBytes = kSmemUsed + 1024;  // the base is rounded up to 1024 B
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block may have");
   static_assert(kChunks * 16 == kD && kDTiles * 8 == kD && kBlockN == 64, "head dim a multiple of 16, key tile 64");
 };
 
@@ -1078,13 +1087,13 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   {
     uint32_t qf[1][KC][4];
     load_q_frags<KC>(qf[0], q_head, tok_stride, tok_cta + row0, T, lane);
-    rel_logits<KC, 1, 2>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int, int hr, int pi, float val) {
+    rel_logits<KC, 1, 8>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int, int hr, int pi, float val) {
       const int il = row0 + g + 8 * hr;
       const int tok = min(tok_cta + il, T - 1);
       const int kr = tok / GW + gh - 1 - pi;
       if (kr >= 0 && kr < gh) relh_smem[il * Tr::kRelHStride + kr] = val * kLog2e;
     });
-    rel_logits<KC, 1, 2>(qf, p.rel_pos_w, p.rel_pos_fp32, 2 * GW - 1, lane, [&](int, int hr, int pi, float val) {
+    rel_logits<KC, 1, 8>(qf, p.rel_pos_w, p.rel_pos_fp32, 2 * GW - 1, lane, [&](int, int hr, int pi, float val) {
       const int il = row0 + g + 8 * hr;
       const int tok = min(tok_cta + il, T - 1);
       const int kc = tok % GW + GW - 1 - pi;
@@ -1351,7 +1360,12 @@ bool sm90_kernel_usable() {
     int major = 0, minor = 0;
     check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
     check_launch(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
-    if (major != 9 || minor != 0 || !encode_tiled_fn()) return 2;
+    int smem_optin = 0;
+    check_launch(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                 "cudaDeviceGetAttribute");
+    if (major != 9 || minor != 0 || static_cast<size_t>(smem_optin) < Sm90Traits<kHeadDim>::kSmemBytes ||
+        !encode_tiled_fn())
+      return 2;
     cudaFuncAttributes a{};
     if (cudaFuncGetAttributes(&a, relpos_attention_global_sm90_kernel<kHeadDim>) != cudaSuccess) {
       cudaGetLastError();
