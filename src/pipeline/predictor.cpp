@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <tuple>
@@ -43,6 +44,13 @@ std::string where(size_t index) { return "prompt " + std::to_string(index) + ": 
 
 bool finite(float v) { return std::isfinite(v); }
 
+// A coordinate as a user typed it: "5000", "12.5", "nan".
+std::string num(float v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", static_cast<double>(v));
+  return buf;
+}
+
 }  // namespace
 
 Predictor::Impl::Prepared Predictor::Impl::prepare(const Prompt& p, size_t index) const {
@@ -55,11 +63,10 @@ Predictor::Impl::Prepared Predictor::Impl::prepare(const Prompt& p, size_t index
   // ResizeLongestSide.apply_coords: scale each axis by new/old size (in double, as numpy does).
   const double sx = static_cast<double>(input_w) / original_w, sy = static_cast<double>(input_h) / original_h;
   auto inside = [&](float x, float y, const std::string& what) {
-    check(finite(x) && finite(y), where(index) + what + " (" + std::to_string(x) + ", " + std::to_string(y) +
-                                      ") is not a finite number");
+    check(finite(x) && finite(y), where(index) + what + " (" + num(x) + ", " + num(y) + ") is not a finite number");
     check(x >= 0 && y >= 0 && x <= original_w && y <= original_h,
-          where(index) + what + " (" + std::to_string(x) + ", " + std::to_string(y) + ") lies outside the " +
-              std::to_string(original_w) + "x" + std::to_string(original_h) + " image");
+          where(index) + what + " (" + num(x) + ", " + num(y) + ") lies outside the " + std::to_string(original_w) +
+              "x" + std::to_string(original_h) + " image");
   };
   for (const Point& pt : p.points) {
     inside(pt.x, pt.y, "point");
