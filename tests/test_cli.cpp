@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -90,6 +91,10 @@ TEST(Cli, HelpOfEverySubcommandListsItsOptions) {
       {"init", {"--arch", "--seed", "--config"}},
       {"bench", {"--arch", "--device", "--batch", "--iters", "--warmup", "--checkpoint", "--threads", "--prompts"}},
       {"embed", {"--config", "--device", "--batch", "--out", "--threads", "--workers"}},
+      {"everything", {"--points-per-side", "--points-per-batch", "--pred-iou-thresh", "--stability-score-thresh",
+                      "--stability-score-offset", "--box-nms-thresh", "--crop-n-layers", "--crop-nms-thresh",
+                      "--crop-overlap-ratio", "--crop-n-points-downscale-factor", "--min-mask-region-area",
+                      "--output-mode", "--overlay", "--out", "--device", "--config"}},
   };
   const CliRun top = segany("--help", dir);
   EXPECT_EQ(top.code, 0) << top.err;
@@ -401,6 +406,109 @@ TEST(Cli, EmbedWritesOneFilePerImageAndSkipsABadOne) {
                                " --out " + q(out),
                            dir),
                     "would both write");
+}
+
+}  // namespace
+}  // namespace segany
+
+// ---------------------------------------------------------------------------------------------
+// everything (appended: the automatic mask generator)
+
+namespace segany {
+namespace {
+
+// Small grids and no filters keep these fast on the micro model.
+std::string everything_args(const std::string& input, const std::string& extra) {
+  return "everything " + q(checkpoint()) + " " + q(input) + " --config " + q(config()) +
+         " --points-per-side 4 --pred-iou-thresh 0 --stability-score-thresh 0 " + extra;
+}
+
+TEST(Cli, EverythingWritesRecordsWithEveryField) {
+  SEGANY_REQUIRE_GOLDEN();
+  const std::string dir = test::temp_dir("cli_everything"), out = dir + "/out";
+  const CliRun r = segany(everything_args(dog(), "--output-mode coco_rle --overlay --out " + q(out)), dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(read_text(out + "/dog.json"));
+  EXPECT_EQ(j.at("image").at("file_name"), "dog.jpg");
+  EXPECT_EQ(j.at("image").at("height"), 534);
+  EXPECT_EQ(j.at("image").at("width"), 800);
+  ASSERT_FALSE(j.at("annotations").empty());
+  for (const nlohmann::json& a : j["annotations"]) {
+    EXPECT_EQ(a.at("segmentation").at("size"), nlohmann::json({534, 800}));
+    EXPECT_TRUE(a.at("segmentation").at("counts").is_string());
+    EXPECT_GT(a.at("area").get<int64_t>(), 0);
+    EXPECT_EQ(a.at("bbox").size(), 4u);
+    EXPECT_TRUE(a.at("predicted_iou").is_number());
+    EXPECT_TRUE(a.at("stability_score").is_number());
+    EXPECT_EQ(a.at("point_coords").size(), 1u);
+    EXPECT_EQ(a.at("crop_box"), nlohmann::json({0, 0, 800, 534}));
+  }
+  const Image overlay = load_image(out + "/dog_overlay.png");
+  EXPECT_EQ(overlay.width, 800);
+  EXPECT_EQ(overlay.height, 534);
+
+  // Uncompressed RLE counts cover the image; binary masks are PNG files named in the record.
+  ASSERT_EQ(segany(everything_args(dog(), "--output-mode uncompressed_rle --out " + q(out)), dir).code, 0);
+  const nlohmann::json u = nlohmann::json::parse(read_text(out + "/dog.json"));
+  int64_t covered = 0;
+  for (int64_t c : u["annotations"][0]["segmentation"]["counts"]) covered += c;
+  EXPECT_EQ(covered, 534 * 800);
+  ASSERT_EQ(segany(everything_args(dog(), "--output-mode binary_mask --out " + q(out)), dir).code, 0);
+  const nlohmann::json b = nlohmann::json::parse(read_text(out + "/dog.json"));
+  const Image mask = load_image(out + "/" + b["annotations"][0]["segmentation"].get<std::string>());
+  EXPECT_EQ(mask.width, 800);
+
+  EXPECT_FAILS_WITH(segany(everything_args(dog(), "--output-mode png --out " + q(out)), dir), "--output-mode");
+  EXPECT_FAILS_WITH(segany(everything_args(dog(), "--points-per-batch 0 --out " + q(out)), dir), "--points-per-batch");
+  EXPECT_FAILS_WITH(segany(everything_args(dir + "/missing.jpg", "--out " + q(out)), dir), "missing.jpg");
+}
+
+TEST(Cli, EverythingOnAFolderSkipsABadImageAndResumes) {
+  SEGANY_REQUIRE_GOLDEN();
+  const std::string dir = test::temp_dir("cli_everything_dir"), in = dir + "/in", out = dir + "/out";
+  fs::create_directories(in);
+  fs::copy_file(dog(), in + "/a_dog.jpg");
+  fs::copy_file(dog(), in + "/c_dog.jpg");
+  std::ofstream(in + "/b_broken.png") << "not a png";
+  std::ofstream(in + "/notes.txt") << "not an image, not looked at";
+  const CliRun first = segany(everything_args(in, "--out " + q(out)), dir);
+  EXPECT_FAILS_WITH(first, "b_broken.png");
+  EXPECT_CONTAINS(first.err, "1 of 3 images");
+  EXPECT_CONTAINS(first.err, "img/s");
+  EXPECT_CONTAINS(first.err, "ETA");
+  EXPECT_TRUE(fs::exists(out + "/a_dog.json"));
+  EXPECT_TRUE(fs::exists(out + "/c_dog.json"));
+  EXPECT_FALSE(fs::exists(out + "/b_broken.json"));
+  const nlohmann::json coco = nlohmann::json::parse(read_text(out + "/annotations.json"));
+  ASSERT_EQ(coco.at("images").size(), 2u);
+  EXPECT_EQ(coco["images"][0].at("file_name"), "a_dog.jpg");
+  EXPECT_EQ(coco["images"][1].at("file_name"), "c_dog.jpg");
+  ASSERT_FALSE(coco.at("annotations").empty());
+  std::set<int64_t> ids;
+  for (const nlohmann::json& a : coco["annotations"]) {
+    ids.insert(a.at("id").get<int64_t>());
+    const int64_t image_id = a.at("image_id").get<int64_t>();
+    EXPECT_TRUE(image_id == coco["images"][0]["id"] || image_id == coco["images"][1]["id"]);
+    for (const char* key : {"segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords", "crop_box"})
+      EXPECT_TRUE(a.contains(key)) << key;
+  }
+  EXPECT_EQ(ids.size(), coco["annotations"].size());
+
+  // Fixed image, second run: the two done are skipped, the third is segmented.
+  fs::remove(in + "/b_broken.png");
+  fs::copy_file(dog(), in + "/b_broken.jpg");
+  const auto a_time = fs::last_write_time(out + "/a_dog.json");
+  const CliRun second = segany(everything_args(in, "--out " + q(out)), dir);
+  EXPECT_EQ(second.code, 0) << second.err;
+  EXPECT_CONTAINS(second.err, "2 of 3 images already done");
+  EXPECT_CONTAINS(second.err, "[1/1] b_broken.jpg");
+  EXPECT_EQ(fs::last_write_time(out + "/a_dog.json"), a_time);
+  EXPECT_EQ(nlohmann::json::parse(read_text(out + "/annotations.json")).at("images").size(), 3u);
+
+  // Other parameters: nothing is taken as done.
+  const CliRun third = segany(everything_args(in, "--box-nms-thresh 0.5 --out " + q(out)), dir);
+  EXPECT_EQ(third.code, 0) << third.err;
+  EXPECT_CONTAINS(third.err, "[3/3]");
 }
 
 }  // namespace

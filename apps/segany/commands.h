@@ -20,6 +20,7 @@ struct Command {
 };
 
 Command add_segment(CLI::App& parent);
+Command add_everything(CLI::App& parent);
 Command add_info(CLI::App& parent);
 Command add_convert(CLI::App& parent);
 Command add_init(CLI::App& parent);

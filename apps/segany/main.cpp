@@ -19,8 +19,8 @@ int main(int argc, char** argv) {
   // At most one subcommand; "none" is reported after parsing, so that a misspelt one is named as
   // such rather than reported as a missing subcommand.
   app.require_subcommand(0, 1);
-  const std::vector<Command> commands = {add_segment(app), add_embed(app), add_info(app),
-                                         add_convert(app), add_init(app),  add_bench(app)};
+  const std::vector<Command> commands = {add_segment(app), add_everything(app), add_embed(app), add_info(app),
+                                         add_convert(app), add_init(app),       add_bench(app)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -29,7 +29,7 @@ int main(int argc, char** argv) {
     return code == 0 ? 0 : 2;
   }
   if (app.get_subcommands().empty()) {
-    std::cerr << "segany: a subcommand is required: segment, embed, info, convert, init or bench\n"
+    std::cerr << "segany: a subcommand is required: segment, everything, embed, info, convert, init or bench\n"
               << "Run with --help for more information.\n";
     return 2;
   }

@@ -891,10 +891,10 @@ struct Sm90Traits {
   // K/V ring depth: what the shared memory holds (227 KB). The loads are L2 hits mostly, but their
   // latency (~1 us) spans more than a key tile's compute, so depth is what keeps the consumers fed.
 #ifndef SEGANY_SM90_STAGES_D64
-#define SEGANY_SM90_STAGES_D64 6
+#define SEGANY_SM90_STAGES_D64 3
 #endif
 #ifndef SEGANY_SM90_STAGES_D80
-#define SEGANY_SM90_STAGES_D80 4
+#define SEGANY_SM90_STAGES_D80 3
 #endif
   static constexpr int kStages = kD == 64 ? SEGANY_SM90_STAGES_D64 : SEGANY_SM90_STAGES_D80;
   static constexpr int kBoxBytes = 64 * 128;  // one TMA box: 64 tokens x 64 bf16
@@ -948,6 +948,13 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
       : "memory");
 }
+// Named barriers 1 and 2 order the two consumer warpgroups' GEMM issues (pingpong).
+__device__ __forceinline__ void named_bar_sync(int id) {
+  asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id) {
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -1000,6 +1007,15 @@ __device__ __forceinline__ void wgmma_m64n80k16_rs_tb(float (&d)[40], const uint
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
 }
 
+
+// d (+)= A B, m64n64k16, A from registers, B from shared memory K-major, fp32 accumulate.
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
 
 template <int D>
 __device__ __forceinline__ void wgmma_pv(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t desc_b) {
@@ -1084,8 +1100,8 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
 
   // Bias prologue (as in the mma.sync kernel, one m16 tile per warp).
   float rw[32];  // rel_w * log2 e at this thread's S accumulator positions
+  uint32_t qf[1][KC][4];  // the warp's 16 query rows as A fragments (also the S = Q K^T A operand)
   {
-    uint32_t qf[1][KC][4];
     load_q_frags<KC>(qf[0], q_head, tok_stride, tok_cta + row0, T, lane);
     rel_logits<KC, 1, 8>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int, int hr, int pi, float val) {
       const int il = row0 + g + 8 * hr;
@@ -1118,15 +1134,25 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   for (int i = 0; i < DT * 4; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
+#ifndef SEGANY_SM90_Q_REGS
+#define SEGANY_SM90_Q_REGS 1
+#endif
+  // Q as the S GEMM's A operand: from registers (the prologue's fragments; K alone is read from
+  // shared memory) or from the TMA copy in shared memory.
+  constexpr bool kQRegs = SEGANY_SM90_Q_REGS != 0;
   const uint32_t q_wg = q_s + cw * 64 * 128;  // this warpgroup's 64 rows inside each Q column block
   auto issue_s = [&](float (&s)[32], int kt) {
     const uint32_t k_tile = k_s + (kt % S) * Tr::kTileBytes;
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc) {
-      const uint64_t da = sw128_desc(q_wg + (kc / 4) * Tr::kQBlockBytes + (kc % 4) * 32, 16, 1024);
       const uint64_t db = sw128_desc(k_tile + (kc / 4) * Tr::kBoxBytes + (kc % 4) * 32, 16, 1024);
-      wgmma_m64n64k16_ss(s, da, db, kc > 0);
+      if constexpr (kQRegs) {
+        wgmma_m64n64k16_rs(s, qf[0][kc], db, kc > 0);
+      } else {
+        const uint64_t da = sw128_desc(q_wg + (kc / 4) * Tr::kQBlockBytes + (kc % 4) * 32, 16, 1024);
+        wgmma_m64n64k16_ss(s, da, db, kc > 0);
+      }
     }
     wgmma_commit();
   };
@@ -1138,29 +1164,31 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
     const float relh_now[2] = {relh_row0[kt], relh_row1[kt]};
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      float mx = -INFINITY;
+      // Max and sum as 4-way trees: short dependency chains (only 2 warps per scheduler here).
+      float mx4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int i = 4 * j + 2 * hr + e;
           s[i] = fmaf(s[i], scale_log2, rw[i]);
-          mx = fmaxf(mx, s[i]);
+          mx4[(2 * j + e) & 3] = fmaxf(mx4[(2 * j + e) & 3], s[i]);
         }
+      const float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
       const float m_new = fmaxf(m_run[hr], quad_max(mx) + relh_now[hr]);
       corr[hr] = m_run[hr] == -INFINITY ? 0.f : exp2_approx(m_run[hr] - m_new);
       m_run[hr] = m_new;
       const float c = m_new - relh_now[hr];
-      float rs = 0.f;
+      float rs4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int i = 4 * j + 2 * hr + e;
           s[i] = exp2_approx(s[i] - c);
-          rs += s[i];
+          rs4[(2 * j + e) & 3] += s[i];
         }
-      l_run[hr] = l_run[hr] * corr[hr] + rs;
+      l_run[hr] = l_run[hr] * corr[hr] + ((rs4[0] + rs4[1]) + (rs4[2] + rs4[3]));
     }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -1178,12 +1206,31 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
     wgmma_commit();
   };
 
+  // Pingpong: the warpgroups take turns issuing their GEMMs (named barrier 1 + cw is this warpgroup's
+  // turn), so that one's softmax runs under the other's GEMMs instead of both in step. Warpgroup 1
+  // hands warpgroup 0 the first turn and skips its very last hand-over, which balances the barriers.
+#ifndef SEGANY_SM90_PINGPONG
+#define SEGANY_SM90_PINGPONG 1
+#endif
+  constexpr bool kPingpong = SEGANY_SM90_PINGPONG != 0;
+  auto my_turn = [&] {
+    if constexpr (kPingpong) named_bar_sync(1 + cw);
+  };
+  auto their_turn = [&](bool last) {
+    if constexpr (kPingpong) {
+      if (!(last && cw == 1)) named_bar_arrive(2 - cw);
+    }
+  };
+  if (kPingpong && cw == 1) named_bar_arrive(1);
+
   float s[32];
   uint32_t pa[4][4], pa_next[4][4];
   float corr[2];
   mbar_wait(bar_q, 0);
   mbar_wait(bar_full, 0);
+  my_turn();
   issue_s(s, 0);
+  their_turn(false);
   wgmma_wait<0>();
   fence_regs(s);
   softmax(s, pa, 0, corr);  // O is zero: nothing to rescale
@@ -1193,8 +1240,10 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   // (the loop is unrolled by two) so that no copy redefines a wgmma input in flight.
   auto step = [&](int kt, uint32_t (&pa_cur)[4][4], uint32_t (&pa_nxt)[4][4]) {
     mbar_wait(bar_full + 8 * (kt % S), (kt / S) & 1);
+    my_turn();
     issue_s(s, kt);
     issue_pv(pa_cur, kt - 1);
+    their_turn(false);
     wgmma_wait<1>();  // S(kt) complete
     fence_regs(s);
     softmax(s, pa_nxt, kt, corr);
@@ -1220,11 +1269,15 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   }
   if (kt < n_tiles) {
     step(kt, pa, pa_next);
+    my_turn();
     issue_pv(pa_next, n_tiles - 1);
+    their_turn(true);
     wgmma_wait<0>();
     fence_regs(pa_next);
   } else {
+    my_turn();
     issue_pv(pa, n_tiles - 1);
+    their_turn(true);
     wgmma_wait<0>();
     fence_regs(pa);
   }
