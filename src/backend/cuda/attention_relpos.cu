@@ -41,9 +41,14 @@
 // * Kernel traits and a launch template per head dim (64: vit_b/l, 80: vit_h; 80 = 5 k16 steps of
 //   Q K^T and 10 n8 tiles of P V), in the style of flash-attention.
 //
+// * Global attention on Hopper (compute capability 9.0, binary built for sm_90a): a separate kernel,
+//   relpos_attention_global_sm90 (wgmma + TMA + a producer warpgroup, flash-attention-3 style; its
+//   own comment below), chosen at run time; the mma.sync global kernel stays the sm_80 path and the
+//   fallback (attention_relpos_enable_sm90(false) forces it).
+//
 // Measured on an H100 (ATTENTION_NOTES.md; FLOPs counted as 4*B*heads*T^2*D, bias included in the
-// time): windows ~118-125 TFLOP/s, global ~200-225 TFLOP/s. ANCHORS' 350 on global attention needs
-// wgmma with a producer warp and TMA, as flash-attention 3 does: the natural next step there.
+// time): windows ~118-125 TFLOP/s; global ~291-294 (head dim 64) and ~340 (head dim 80) TFLOP/s with
+// the sm_90a kernel, ~200-225 with mma.sync.
 #include <cuda.h>
 
 #include <algorithm>
@@ -875,9 +880,12 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
 //   rel_pos tables, Q fragments from global memory) scatters rel_h into shared memory (one scalar
 //   per row and key tile) and rel_w into a scratch from which each thread gathers the 32 values of
 //   its own S accumulator positions: rel_w then lives in registers for the whole key loop.
-// * Pipelining inside a warpgroup: S of key tile kt + 1 is issued (async) before the softmax of
-//   tile kt, and P V of tile kt is issued right after it, so the tensor core has the next GEMM
-//   while the warpgroup does its exponentials; the two consumer warpgroups overlap each other too.
+// * Pipelining inside a warpgroup: step kt issues S(kt) and P(kt-1) V(kt-1) together, waits for S
+//   alone, runs the softmax of tile kt under P V, then waits for P V (FA3's intra-warpgroup overlap).
+//   Q is the S GEMM's A operand from registers (the prologue's fragments), K alone from shared memory.
+//   The two consumer warpgroups take turns issuing (named barriers, "pingpong"). Caveat seen in the
+//   SASS: ptxas sinks the exponentials below the P V wait anyway (into the next S GEMM's issue);
+//   pinning them with a branch was slower (SEGANY_SM90_PIN_SOFTMAX).
 
 template <int kHeadDim>
 struct Sm90Traits {
@@ -1222,6 +1230,13 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
     }
   };
   if (kPingpong && cw == 1) named_bar_arrive(1);
+  // Off: measured 271 vs 291 TFLOP/s (vit_b) with it on, i.e. the sunk exponentials overlap the
+  // next S GEMM well enough and the extra branch costs more (ATTENTION_NOTES.md).
+#ifndef SEGANY_SM90_PIN_SOFTMAX
+#define SEGANY_SM90_PIN_SOFTMAX 0
+#endif
+  // (Head dim 80 spills under the 168-register cap when the exponentials are pinned: not there.)
+  constexpr bool kPinSoftmax = SEGANY_SM90_PIN_SOFTMAX != 0 && D == 64;
 
   float s[32];
   uint32_t pa[4][4], pa_next[4][4];
@@ -1236,21 +1251,13 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   softmax(s, pa, 0, corr);  // O is zero: nothing to rescale
 
   // Step kt: S(kt) and P(kt - 1) V(kt - 1) on the tensor core while the softmax of tile kt waits
-  // only for S(kt); O takes the rescale once P V is done. P alternates between two register sets
-  // (the loop is unrolled by two) so that no copy redefines a wgmma input in flight.
-  auto step = [&](int kt, uint32_t (&pa_cur)[4][4], uint32_t (&pa_nxt)[4][4]) {
-    mbar_wait(bar_full + 8 * (kt % S), (kt / S) & 1);
-    my_turn();
-    issue_s(s, kt);
-    issue_pv(pa_cur, kt - 1);
-    their_turn(false);
-    wgmma_wait<1>();  // S(kt) complete
-    fence_regs(s);
-    softmax(s, pa_nxt, kt, corr);
-    wgmma_wait<0>();  // P V (kt - 1) complete: its K/V stage is free, O may be rescaled
-    fence_regs(o);
-    fence_regs(pa_cur);
-    if (lane == 0) mbar_arrive(bar_empty + 8 * ((kt - 1) % S));
+  // only for S(kt). O takes tile kt - 1's rescale just before P V (kt - 1) is issued (O is not in
+  // flight there), as flash-attention 3 does: after the last wait of a step nothing but the stage
+  // release is left, so the compiler has no reason to sink the exponentials below that wait (with
+  // the rescale after the wait it did, and they ran after P V instead of under it). P alternates
+  // between two register sets (the loop is unrolled by two) so that no copy redefines a wgmma input
+  // in flight.
+  auto rescale_o = [&] {
     if (__any_sync(0xffffffffu, (corr[0] != 1.f) | (corr[1] != 1.f))) {
 #pragma unroll
       for (int dn = 0; dn < DT; ++dn) {
@@ -1261,6 +1268,27 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
       }
     }
   };
+  auto step = [&](int kt, uint32_t (&pa_cur)[4][4], uint32_t (&pa_nxt)[4][4]) {
+    mbar_wait(bar_full + 8 * (kt % S), (kt / S) & 1);
+    my_turn();
+    issue_s(s, kt);
+    rescale_o();  // corr of tile kt - 1
+    issue_pv(pa_cur, kt - 1);
+    their_turn(false);
+    wgmma_wait<1>();  // S(kt) complete
+    fence_regs(s);
+    softmax(s, pa_nxt, kt, corr);
+    fence_regs(pa_nxt);
+    if constexpr (kPinSoftmax) {
+      // Never taken (row sums are >= 0, NaN compares false), but a branch on the row sums ends the
+      // basic block: ptxas otherwise sank the exponentials below the wait that follows (SASS).
+      if (fminf(l_run[0], l_run[1]) < 0.f) __trap();
+    }
+    wgmma_wait<0>();  // P V (kt - 1) complete: its K/V stage is free
+    fence_regs(o);
+    fence_regs(pa_cur);
+    if (lane == 0) mbar_arrive(bar_empty + 8 * ((kt - 1) % S));
+  };
   int kt = 1;
 #pragma unroll 1
   for (; kt + 1 < n_tiles; kt += 2) {
@@ -1270,12 +1298,14 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   if (kt < n_tiles) {
     step(kt, pa, pa_next);
     my_turn();
+    rescale_o();
     issue_pv(pa_next, n_tiles - 1);
     their_turn(true);
     wgmma_wait<0>();
     fence_regs(pa_next);
   } else {
     my_turn();
+    rescale_o();
     issue_pv(pa, n_tiles - 1);
     their_turn(true);
     wgmma_wait<0>();

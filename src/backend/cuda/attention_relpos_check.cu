@@ -6,6 +6,8 @@
 //        -lpthread -o attention_relpos_check src/backend/cuda/attention_relpos_check.cu
 //        src/backend/cuda/attention_relpos.cu
 //   ./attention_relpos_check            # all cases;  --quick: the small correctness cases only
+// On compute capability 9.0 every global case runs twice: on the sm_90a (wgmma) kernel and, with
+// the suffix " sm80", on the mma.sync kernel; each line names the kernel that ran.
 //
 // For every case: random bf16 qkv (std 1) and rel_pos tables, output poisoned (NaN) and followed by
 // a guard region; after the kernel every output must be finite, the guard untouched, and the
