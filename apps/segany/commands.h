@@ -27,6 +27,22 @@ Command add_init(CLI::App& parent);
 Command add_bench(CLI::App& parent);
 Command add_embed(CLI::App& parent);
 
+// What every subcommand that runs the model takes: the checkpoint (the first positional argument),
+// --config, --device and --threads.
+struct ModelArgs {
+  std::string checkpoint, config, device = "cpu";
+  int threads = 0;
+  PredictorOptions predictor_options() const {
+    PredictorOptions p;
+    p.device = device;
+    p.config = config;
+    p.threads = threads;
+    return p;
+  }
+};
+// Declares them on `app`; call it before the subcommand's own positional arguments.
+void add_model_args(CLI::App* app, ModelArgs& m);
+
 // "X,Y" or "X,Y,LABEL" (LABEL an integer; 1 foreground when absent). Throws segany::Error naming
 // the option and the text on anything else. Range and finiteness are the Predictor's to check.
 Point parse_point(const std::string& text);

@@ -76,4 +76,18 @@ std::string group_thousands(int64_t n) {
   return n < 0 ? "-" + out : out;
 }
 
+void add_model_args(CLI::App* app, ModelArgs& m) {
+  app->add_option("checkpoint", m.checkpoint, "SAM checkpoint: the official .pth or a .safetensors")
+      ->required()
+      ->check(CLI::ExistingFile);
+  app->add_option("--config", m.config, "config.json with the architecture, for checkpoints whose shapes do not say it all")
+      ->check(CLI::ExistingFile);
+  app->add_option("--device", m.device, "cpu, or cuda (needs a CUDA build and a GPU)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  app->add_option("--threads", m.threads, "CPU threads; 0: all cores")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+}
+
 }  // namespace segany::cli

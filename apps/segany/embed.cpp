@@ -20,9 +20,10 @@ namespace segany::cli {
 namespace {
 
 struct EmbedOptions {
-  std::string checkpoint, config, out = "out", device = "cpu";
+  ModelArgs model;
+  std::string out = "out";
   std::vector<std::string> images;
-  int batch = 1, threads = 0, workers = 0;
+  int batch = 1, workers = 0;
 };
 
 Tensor pair_i32(int a, int b) {
@@ -44,12 +45,12 @@ void run_embed(const EmbedOptions& o) {
                      (fs::path(o.out) / (stem + ".safetensors")).string());
   }
   EmbedderOptions eo;
-  eo.device = o.device;
-  eo.config = o.config;
-  eo.threads = o.threads;
+  eo.device = o.model.device;
+  eo.config = o.model.config;
+  eo.threads = o.model.threads;
   eo.batch = o.batch;
   eo.workers = o.workers;
-  Embedder embedder(o.checkpoint, eo);
+  Embedder embedder(o.model.checkpoint, eo);
   fs::create_directories(o.out);
 
   const auto start = std::chrono::steady_clock::now();
@@ -67,7 +68,7 @@ void run_embed(const EmbedOptions& o) {
                              {{"image_embedding", e.embedding},
                               {"original_size", pair_i32(e.original_h, e.original_w)},
                               {"input_size", pair_i32(e.input_h, e.input_w)}},
-                             {{"format", "pt"}, {"image", e.name}, {"checkpoint", o.checkpoint}});
+                             {{"format", "pt"}, {"image", e.name}, {"checkpoint", o.model.checkpoint}});
         ++written;
       },
       [&](const EmbedBatchStats& b) {
@@ -77,7 +78,7 @@ void run_embed(const EmbedOptions& o) {
       });
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::printf("embedded %zu of %zu images with %s on %s in %.2f s (%.2f img/s) into %s\n", written, o.images.size(),
-              embedder.arch().c_str(), o.device.c_str(), s, s > 0 ? written / s : 0.0, o.out.c_str());
+              embedder.arch().c_str(), o.model.device.c_str(), s, s > 0 ? written / s : 0.0, o.out.c_str());
   check(failed == 0, std::to_string(failed) + " of " + std::to_string(o.images.size()) +
                          " images could not be embedded (named above)");
 }
@@ -91,21 +92,10 @@ Command add_embed(CLI::App& parent) {
       "Image embeddings for many images, in batches: DIR/<image stem>.safetensors with image_embedding float32 "
       "[1, C, 64, 64], original_size and input_size int32 [2] (h, w). An image that cannot be read is reported and "
       "skipped; the exit code is then 2.");
-  app->add_option("checkpoint", o->checkpoint, "SAM checkpoint: the official .pth or a .safetensors")
-      ->required()
-      ->check(CLI::ExistingFile);
+  add_model_args(app, o->model);
   app->add_option("images", o->images, "JPEG or PNG images")->required();
-  app->add_option("--config", o->config,
-                  "config.json with the architecture, for checkpoints whose shapes do not say it all")
-      ->check(CLI::ExistingFile);
-  app->add_option("--device", o->device, "cpu, or cuda (needs a CUDA build and a GPU)")
-      ->check(CLI::IsMember({"cpu", "cuda"}))
-      ->capture_default_str();
   app->add_option("--batch", o->batch, "images per encoder call")->check(CLI::PositiveNumber)->capture_default_str();
   app->add_option("--out", o->out, "output folder (created if missing)")->capture_default_str();
-  app->add_option("--threads", o->threads, "CPU threads; 0: all cores")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
   app->add_option("--workers", o->workers, "image decoding threads; 0: min(4, cores)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();

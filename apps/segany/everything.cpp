@@ -33,10 +33,10 @@ namespace fs = std::filesystem;
 using nlohmann::ordered_json;
 
 struct EverythingOptions {
-  std::string checkpoint, input, config, out = "out", device = "cpu", output_mode = "coco_rle";
+  ModelArgs model;
+  std::string input, out = "out", output_mode = "coco_rle";
   MaskGeneratorOptions gen;
   bool overlay = false;
-  int threads = 0;
 };
 
 bool is_image_file(const fs::path& p) {
@@ -81,7 +81,7 @@ ordered_json params_json(const EverythingOptions& o) {
                       {"crop_n_points_downscale_factor", g.crop_n_points_downscale_factor},
                       {"min_mask_region_area", g.min_mask_region_area},
                       {"output_mode", o.output_mode},
-                      {"checkpoint", fs::path(o.checkpoint).filename().string()}};
+                      {"checkpoint", fs::path(o.model.checkpoint).filename().string()}};
 }
 
 // A record as the original's, with the segmentation in the chosen form; binary masks are PNG files
@@ -217,11 +217,7 @@ void run_everything(EverythingOptions o) {
   } else {
     images.push_back(o.input);
   }
-  PredictorOptions po;
-  po.device = o.device;
-  po.config = o.config;
-  po.threads = o.threads;
-  Predictor predictor(o.checkpoint, po);
+  Predictor predictor(o.model.checkpoint, o.model.predictor_options());
   MaskGenerator generator(predictor, o.gen);  // checks the parameters before any image is read
   fs::create_directories(o.out);
 
@@ -290,19 +286,8 @@ Command add_everything(CLI::App& parent) {
       "Segment everything: the automatic mask generator (a grid of point prompts, filtered and de-duplicated) on "
       "an image or a folder of images. Writes DIR/<stem>.json per image and, for a folder, DIR/annotations.json "
       "(COCO); a folder run resumes where it stopped.");
-  app->add_option("checkpoint", o->checkpoint, "SAM checkpoint: the official .pth or a .safetensors")
-      ->required()
-      ->check(CLI::ExistingFile);
+  add_model_args(app, o->model);
   app->add_option("input", o->input, "a JPEG or PNG image, or a folder of them")->required()->check(CLI::ExistingPath);
-  app->add_option("--config", o->config,
-                  "config.json with the architecture, for checkpoints whose shapes do not say it all")
-      ->check(CLI::ExistingFile);
-  app->add_option("--device", o->device, "cpu, or cuda (needs a CUDA build and a GPU)")
-      ->check(CLI::IsMember({"cpu", "cuda"}))
-      ->capture_default_str();
-  app->add_option("--threads", o->threads, "CPU threads; 0: all cores")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
   MaskGeneratorOptions& g = o->gen;
   app->add_option("--points-per-side", g.points_per_side, "points per side of the prompt grid")
       ->check(CLI::PositiveNumber)

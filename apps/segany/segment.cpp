@@ -24,11 +24,11 @@ namespace segany::cli {
 namespace {
 
 struct SegmentOptions {
-  std::string checkpoint, image, config, mask_input, out = "out", dump, device = "cpu";
+  ModelArgs model;
+  std::string image, mask_input, out = "out", dump;
   std::vector<std::string> points;
   std::string box;
   bool multimask = false;
-  int threads = 0;
 };
 
 bool is_floating(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16 || t == DType::F64; }
@@ -95,11 +95,7 @@ void run_segment(const SegmentOptions& o) {
         "segment: give at least one --point, a --box or a --mask-input");
   const Image image = load_image(o.image);
 
-  PredictorOptions popts;
-  popts.device = o.device;
-  popts.config = o.config;
-  popts.threads = o.threads;
-  Predictor predictor(o.checkpoint, popts);
+  Predictor predictor(o.model.checkpoint, o.model.predictor_options());
 
   auto start = std::chrono::steady_clock::now();
   predictor.set_image(image);
@@ -115,7 +111,7 @@ void run_segment(const SegmentOptions& o) {
   result["image"] = o.image;
   result["width"] = W;
   result["height"] = H;
-  result["checkpoint"] = o.checkpoint;
+  result["checkpoint"] = o.model.checkpoint;
   result["arch"] = predictor.arch();
   nlohmann::ordered_json& pj = result["prompt"];
   pj["points"] = nlohmann::json::array();
@@ -126,7 +122,7 @@ void run_segment(const SegmentOptions& o) {
   result["masks"] = nlohmann::json::array();
 
   std::printf("%s: %dx%d, model %s (%s parameters) on %s: encoder %.0f ms, prompt %.1f ms\n", o.image.c_str(), W,
-              H, predictor.arch().c_str(), group_thousands(predictor.parameter_count()).c_str(), o.device.c_str(),
+              H, predictor.arch().c_str(), group_thousands(predictor.parameter_count()).c_str(), o.model.device.c_str(),
               encoder_ms, decoder_ms);
   std::vector<uint8_t> gray(static_cast<size_t>(W) * H);
   for (int m = 0; m < M; ++m) {
@@ -162,7 +158,7 @@ void run_segment(const SegmentOptions& o) {
                           {"low_res_logits", low},
                           {"iou_predictions", masks.scores},
                           {"mask_input", best_logits}},
-                         {{"format", "pt"}, {"image", o.image}, {"checkpoint", o.checkpoint}});
+                         {{"format", "pt"}, {"image", o.image}, {"checkpoint", o.model.checkpoint}});
     std::printf("  %s\n", o.dump.c_str());
   }
 }
@@ -175,13 +171,8 @@ Command add_segment(CLI::App& parent) {
       "segment",
       "Masks for one image and one prompt (points, a box, a low-res mask). Writes DIR/mask_<i>.png (0/255), "
       "DIR/overlay.png and DIR/result.json (score, area and bbox of each mask).");
-  app->add_option("checkpoint", o->checkpoint, "SAM checkpoint: the official .pth or a .safetensors")
-      ->required()
-      ->check(CLI::ExistingFile);
+  add_model_args(app, o->model);
   app->add_option("image", o->image, "JPEG or PNG image")->required()->check(CLI::ExistingFile);
-  app->add_option("--config", o->config,
-                  "config.json with the architecture, for checkpoints whose shapes do not say it all")
-      ->check(CLI::ExistingFile);
   app->add_option("--point", o->points,
                   "X,Y[,LABEL]: a point in pixels of the image; LABEL 1 foreground (default), 0 background. "
                   "Repeat for several points")
@@ -198,12 +189,6 @@ Command add_segment(CLI::App& parent) {
                   "also write the raw tensors to this safetensors file: image_embedding [1, C, 64, 64], "
                   "low_res_logits [M, 256, 256], iou_predictions [M], mask_input [1, 256, 256] (the best mask's "
                   "logits)");
-  app->add_option("--device", o->device, "cpu, or cuda (needs a CUDA build and a GPU)")
-      ->check(CLI::IsMember({"cpu", "cuda"}))
-      ->capture_default_str();
-  app->add_option("--threads", o->threads, "CPU threads; 0: all cores")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
   return {app, [o] { run_segment(*o); }};
 }
 
