@@ -2,8 +2,10 @@
 // the original's PyTorch code): the reference every faster backend is held to.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
+#include <vector>
 
 #include "backend/backend.h"
 #include "model/layers.h"
@@ -59,48 +61,12 @@ TEST_F(CpuOps, LinearEpilogues) {
   EXPECT_LE(max_diff(y, ref), 1e-6f);
 }
 
-TEST_F(CpuOps, LayerNormWindowPartitionAndBack) {
-  const int B = 2, H = 9, W = 11, C = 6, ws = 4;  // pads to 12 x 12: 9 windows
-  const Tensor x = randn({B, H, W, C}, 5), g = randn({C}, 6), bt = randn({C}, 7);
-  Tensor normed = Tensor::empty({B, H, W, C});
-  be->layer_norm(x, g, bt, 1e-6f, normed);
-  // Naive LayerNorm of one row.
-  for (int i = 0; i < B * H * W; ++i) {
-    double mean = 0, var = 0;
-    for (int c = 0; c < C; ++c) mean += x.data_as<float>()[i * C + c];
-    mean /= C;
-    for (int c = 0; c < C; ++c) var += std::pow(x.data_as<float>()[i * C + c] - mean, 2);
-    var /= C;
-    for (int c = 0; c < C; ++c) {
-      const double want = (x.data_as<float>()[i * C + c] - mean) / std::sqrt(var + 1e-6) * g.data_as<float>()[c] +
-                          bt.data_as<float>()[c];
-      ASSERT_NEAR(normed.data_as<float>()[i * C + c], want, 1e-5);
-    }
-  }
-  const int nh = 3, nw = 3;
-  Tensor win = Tensor::empty({B * nh * nw, ws * ws, C});
-  be->layer_norm_window_partition(x, g, bt, 1e-6f, ws, win);
-  for (int b = 0; b < B; ++b)
-    for (int r = 0; r < nh * ws; ++r)
-      for (int c = 0; c < nw * ws; ++c)
-        for (int k = 0; k < C; ++k) {
-          const float got = win.data_as<float>()[(((b * nh + r / ws) * nw + c / ws) * ws * ws + (r % ws) * ws + c % ws) * C + k];
-          const float want = (r < H && c < W) ? normed.data_as<float>()[((b * H + r) * W + c) * C + k] : 0.0f;
-          ASSERT_EQ(got, want) << b << " " << r << " " << c;
-        }
-  // Unpartition-add of the windows onto zeros gives back the normalised grid.
-  Tensor back = Tensor::zeros({B, H, W, C});
-  be->window_unpartition_add(win, ws, back);
-  EXPECT_EQ(max_diff(back, normed), 0.0f);
-}
-
-// logits = scale q.k + q.Rh[qh - kh + gh - 1] + q.Rw[qw - kw + gw - 1], as add_decomposed_rel_pos.
-TEST_F(CpuOps, AttentionRelPosMatchesDefinition) {
-  const int B = 2, heads = 3, D = 8, gh = 4, gw = 5, T = gh * gw;
-  const Tensor qkv = randn({B, T, 3 * heads * D}, 8), rh = randn({2 * gh - 1, D}, 9, 0.5f),
-               rw = randn({2 * gw - 1, D}, 10, 0.5f);
+// SAM's Attention with use_rel_pos, straight from the definition (add_decomposed_rel_pos):
+// logits = scale q.k + q.Rh[qh - kh + gh - 1] + q.Rw[qw - kw + gw - 1]. qkv [B, gh*gw, 3, heads, D].
+Tensor attention_relpos_by_definition(const Tensor& qkv, const Tensor& rh, const Tensor& rw, int heads, int gh,
+                                      int gw) {
+  const int T = gh * gw, D = int(qkv.dim(-1)) / (3 * heads), B = int(qkv.numel() / (int64_t(T) * 3 * heads * D));
   Tensor out = Tensor::empty({B, T, heads * D});
-  be->attention_relpos(qkv, rh, rw, heads, gh, gw, out);
   const float* p = qkv.data_as<float>();
   auto at = [&](int b, int t, int which, int h, int d) { return p[((b * T + t) * 3 + which) * heads * D + h * D + d]; };
   for (int b = 0; b < B; ++b)
@@ -123,9 +89,67 @@ TEST_F(CpuOps, AttentionRelPosMatchesDefinition) {
         for (int d = 0; d < D; ++d) {
           double o = 0;
           for (int j = 0; j < T; ++j) o += logit[j] / sum * at(b, j, 2, h, d);
-          ASSERT_NEAR(out.data_as<float>()[(b * T + i) * heads * D + h * D + d], o, 2e-5);
+          out.data_as<float>()[(b * T + i) * heads * D + h * D + d] = float(o);
         }
       }
+  return out;
+}
+
+TEST_F(CpuOps, AttentionRelPosMatchesDefinition) {
+  const int B = 2, heads = 3, D = 8, gh = 4, gw = 5, T = gh * gw;
+  const Tensor qkv = randn({B, T, 3 * heads * D}, 8), rh = randn({2 * gh - 1, D}, 9, 0.5f),
+               rw = randn({2 * gw - 1, D}, 10, 0.5f);
+  Tensor out = Tensor::empty({B, T, heads * D});
+  be->attention_relpos(qkv, rh, rw, heads, gh, gw, out);
+  EXPECT_LE(max_diff(out, attention_relpos_by_definition(qkv, rh, rw, heads, gh, gw)), 2e-5f);
+}
+
+// window_attention_relpos on the grid == SAM's windowed block written out: LayerNorm, zero-pad to
+// a multiple of the window, qkv linear on every padded token (a padding token gets the bias),
+// window partition, attention per window, unpartition with the padding cropped.
+TEST_F(CpuOps, WindowAttentionRelPosIsSamsWindowedAttention) {
+  const int B = 2, H = 9, W = 11, heads = 2, D = 8, C = heads * D, ws = 4;  // pads to 12 x 12: 9 windows
+  const int nh = 3, nw = 3, T = ws * ws;
+  const Tensor x = randn({B, H, W, C}, 30), g = randn({C}, 31), bt = randn({C}, 32);
+  const Tensor wq = randn({3 * C, C}, 33, 0.3f), bq = randn({3 * C}, 34), rh = randn({2 * ws - 1, D}, 35, 0.5f),
+               rw = randn({2 * ws - 1, D}, 36, 0.5f);
+  auto qkv_lin = be->prepare_linear("qkv", wq, &bq);
+
+  // The op: norm and qkv on the real tokens only, attention on the grid.
+  Tensor xn = Tensor::empty({B, H, W, C}), qkv = Tensor::empty({B, H, W, 3 * C}), out = Tensor::empty({B, H, W, C});
+  be->layer_norm(x, g, bt, 1e-6f, xn);
+  be->linear(xn, *qkv_lin, qkv);
+  be->window_attention_relpos(qkv, bq, rh, rw, heads, ws, out);
+
+  // The original, naively: pad the normalised grid with zeros, qkv per padded token.
+  Tensor padded = Tensor::zeros({B, nh * ws, nw * ws, C});
+  for (int b = 0; b < B; ++b)
+    for (int r = 0; r < H; ++r)
+      for (int c = 0; c < W; ++c)
+        for (int k = 0; k < C; ++k)
+          padded.data_as<float>()[((b * nh * ws + r) * nw * ws + c) * C + k] = xn.data_as<float>()[((b * H + r) * W + c) * C + k];
+  Tensor windows = Tensor::empty({B * nh * nw, T, 3 * C});
+  for (int b = 0; b < B; ++b)
+    for (int r = 0; r < nh * ws; ++r)
+      for (int c = 0; c < nw * ws; ++c) {
+        const float* in = padded.data_as<float>() + ((b * nh * ws + r) * nw * ws + c) * C;
+        float* dst = windows.data_as<float>() + (((b * nh + r / ws) * nw + c / ws) * T + (r % ws) * ws + c % ws) * 3 * C;
+        for (int o = 0; o < 3 * C; ++o) {
+          double s = bq.data_as<float>()[o];
+          for (int k = 0; k < C; ++k) s += double(in[k]) * wq.data_as<float>()[o * C + k];
+          dst[o] = float(s);
+        }
+      }
+  const Tensor attn = attention_relpos_by_definition(windows, rh, rw, heads, ws, ws);
+  Tensor want = Tensor::empty({B, H, W, C});
+  for (int b = 0; b < B; ++b)
+    for (int r = 0; r < H; ++r)
+      for (int c = 0; c < W; ++c)
+        for (int k = 0; k < C; ++k)
+          want.data_as<float>()[((b * H + r) * W + c) * C + k] =
+              attn.data_as<float>()[(((b * nh + r / ws) * nw + c / ws) * T + (r % ws) * ws + c % ws) * C + k];
+  EXPECT_LE(max_diff(out, want), 5e-5f);
+  EXPECT_THROW(be->window_attention_relpos(qkv, randn({C}, 1), rh, rw, heads, ws, out), Error);
 }
 
 TEST_F(CpuOps, AttentionBroadcastsBatchOne) {

@@ -220,30 +220,6 @@ TEST_F(CudaOps, LayerNorm) {
   EXPECT_CLOSE(host(y), want, 1e-2, 2e-2);
 }
 
-TEST_F(CudaOps, LayerNormWindowPartitionAndUnpartitionAdd) {
-  const int B = 2, G = 64, ws = 14, nw = 5;  // 64 x 64 padded to 70 x 70: 25 windows per image
-  uint64_t seed = 400;
-  for (const Vit& v : kVits) {
-    SCOPED_TRACE(v.name);
-    const int64_t C = v.C;
-    const Tensor x = random_bf16({B, G, G, C}, seed += 10, 1.0f, 0.5f);
-    const Tensor g = random_bf16({C}, seed + 1, 0.3f, 1.0f), b = random_bf16({C}, seed + 2, 0.3f);
-    Tensor want = Tensor::empty({B * nw * nw, ws * ws, C});
-    cpu->layer_norm_window_partition(x, g, b, 1e-6f, ws, want);
-    Tensor y = poisoned({B * nw * nw, ws * ws, C});
-    gpu->layer_norm_window_partition(dev(x), gpu->upload(g), gpu->upload(b), 1e-6f, ws, y);
-    EXPECT_CLOSE(host(y), want, 1e-2, 2e-2);
-
-    // x += unpartition(windows), padding dropped.
-    const Tensor win = random_bf16({B * nw * nw, ws * ws, C}, seed + 3);
-    Tensor want_x = x.clone();
-    cpu->window_unpartition_add(win, ws, want_x);
-    Tensor xg = dev(x);
-    gpu->window_unpartition_add(dev(win), ws, xg);
-    EXPECT_CLOSE(host(xg), want_x, 1e-2, 2e-2);
-  }
-}
-
 // ---- attention -------------------------------------------------------------------------------
 
 void attention_relpos_case(CudaOps& t, Backend& gpu, Backend& cpu, int B, int heads, int hd, int gh, int gw,
@@ -263,11 +239,37 @@ void attention_relpos_case(CudaOps& t, Backend& gpu, Backend& cpu, int B, int he
   EXPECT_CLOSE(gpu.download(out), want, 1e-2, 3e-2);
 }
 
-TEST_F(CudaOps, AttentionRelPosWindows) {
-  // 2 images x 25 windows of 14 x 14 tokens.
-  attention_relpos_case(*this, *gpu, *cpu, 50, 12, 64, 14, 14, 500);  // vit_b
-  attention_relpos_case(*this, *gpu, *cpu, 50, 16, 64, 14, 14, 510);  // vit_l
-  attention_relpos_case(*this, *gpu, *cpu, 50, 16, 80, 14, 14, 520);  // vit_h
+// Windows cut from a B x H x W grid of qkv (padding tokens = pad_qkv), written back to the grid.
+void window_attention_relpos_case(CudaOps& t, Backend& gpu, Backend& cpu, int B, int H, int W, int heads, int hd,
+                                  int window, uint64_t seed) {
+  SCOPED_TRACE("B=" + std::to_string(B) + " grid " + std::to_string(H) + "x" + std::to_string(W) + " heads=" +
+               std::to_string(heads) + " hd=" + std::to_string(hd) + " window " + std::to_string(window));
+  const int64_t C = int64_t(heads) * hd;
+  const Tensor qkv = random_bf16({B, H, W, 3 * C}, seed), pad = random_bf16({3 * C}, seed + 3);
+  const Tensor rh = random_bf16({2 * window - 1, hd}, seed + 1, 0.1f), rw = random_bf16({2 * window - 1, hd}, seed + 2, 0.1f);
+  Tensor want = Tensor::empty({B, H, W, C});
+  cpu.window_attention_relpos(qkv, pad, rh, rw, heads, window, want);
+  Tensor out = t.poisoned({B, H, W, C});
+  gpu.window_attention_relpos(t.dev(qkv), t.dev(pad), gpu.upload(rh), gpu.upload(rw), heads, window, out);
+  EXPECT_CLOSE(gpu.download(out), want, 1e-2, 3e-2);
+}
+
+TEST_F(CudaOps, WindowAttentionRelPos) {
+  // SAM: 64 x 64 grids, 14 x 14 windows (padded to 70 x 70: 25 windows per image).
+  window_attention_relpos_case(*this, *gpu, *cpu, 2, 64, 64, 12, 64, 14, 500);  // vit_b
+  window_attention_relpos_case(*this, *gpu, *cpu, 1, 64, 64, 16, 64, 14, 510);  // vit_l
+  window_attention_relpos_case(*this, *gpu, *cpu, 2, 64, 64, 16, 80, 14, 520);  // vit_h
+  // Odd grids (padding on both sides of a window row), windows that divide the grid, and shapes
+  // the flash kernel does not take (head dim 32, windows of 20: the reference kernel).
+  window_attention_relpos_case(*this, *gpu, *cpu, 3, 9, 23, 2, 64, 7, 530);
+  window_attention_relpos_case(*this, *gpu, *cpu, 1, 28, 28, 3, 80, 14, 540);
+  window_attention_relpos_case(*this, *gpu, *cpu, 2, 17, 30, 2, 32, 14, 550);
+  window_attention_relpos_case(*this, *gpu, *cpu, 1, 25, 21, 2, 64, 20, 560);
+}
+
+TEST_F(CudaOps, AttentionRelPosWindowSequences) {
+  // attention_relpos on sequences of window size (the flash window kernel without a grid).
+  attention_relpos_case(*this, *gpu, *cpu, 50, 16, 80, 14, 14, 570);
 }
 
 TEST_F(CudaOps, AttentionRelPosGlobal) {
@@ -413,28 +415,30 @@ TEST_F(CudaOps, MatmulNT) {
 // ---- graphs and profiling --------------------------------------------------------------------
 
 TEST_F(CudaOps, GraphReplayMatchesEager) {
-  // A block-like sequence: windowed norm, qkv, attention, proj, unpartition-add, MLP with residual.
-  const int B = 1, G = 64, ws = 14, nw = 5, C = 768, heads = 12;
-  const int64_t wrows = int64_t(B) * nw * nw * ws * ws, rows = int64_t(B) * G * G;
+  // A windowed block: norm, qkv, window attention, proj with residual, MLP with residual.
+  const int B = 1, G = 64, ws = 14, C = 768, heads = 12;
+  const int64_t rows = int64_t(B) * G * G;
   const Tensor g = random_bf16({C}, 1600, 0.3f, 1.0f), bt = random_bf16({C}, 1601, 0.3f);
   const Tensor wqkv = random_bf16({3 * C, C}, 1602, 1.0f / std::sqrt(float(C))), bqkv = random_bf16({3 * C}, 1603);
+  const Tensor wp = random_bf16({C, C}, 1612, 1.0f / std::sqrt(float(C))), bp = random_bf16({C}, 1613);
   const Tensor w1 = random_bf16({4 * C, C}, 1604, 1.0f / std::sqrt(float(C))), b1 = random_bf16({4 * C}, 1605);
   const Tensor w2 = random_bf16({C, 4 * C}, 1606, 0.5f / std::sqrt(float(C))), b2 = random_bf16({C}, 1607);
   const Tensor rh = random_bf16({2 * ws - 1, C / heads}, 1608, 0.1f), rw = random_bf16({2 * ws - 1, C / heads}, 1609, 0.1f);
   auto qkv_w = gpu->prepare_linear("qkv", wqkv, &bqkv);
+  auto proj_w = gpu->prepare_linear("proj", wp, &bp);
   auto lin1 = gpu->prepare_linear("lin1", w1, &b1);
   auto lin2 = gpu->prepare_linear("lin2", w2, &b2);
   const Tensor gg = gpu->upload(g), bg = gpu->upload(bt), rhg = gpu->upload(rh), rwg = gpu->upload(rw);
-  Tensor x = gpu->alloc({B, G, G, C}), xn = gpu->alloc({wrows, C}), qkv = gpu->alloc({wrows, 3 * C});
-  Tensor attn = gpu->alloc({wrows, C}), hidden = gpu->alloc({rows, 4 * C});
-  Tensor xn_g = gpu->alloc({rows, C});
+  const Tensor pad = dev(bqkv);
+  Tensor x = gpu->alloc({B, G, G, C}), xn = gpu->alloc({rows, C}), qkv = gpu->alloc({B, G, G, 3 * C});
+  Tensor attn = gpu->alloc({B, G, G, C}), hidden = gpu->alloc({rows, 4 * C});
   auto body = [&] {
-    gpu->layer_norm_window_partition(x, gg, bg, 1e-6f, ws, xn);
+    gpu->layer_norm(x, gg, bg, 1e-6f, xn);
     gpu->linear(xn, *qkv_w, qkv);
-    gpu->attention_relpos(qkv, rhg, rwg, heads, ws, ws, attn);
-    gpu->window_unpartition_add(attn, ws, x);
-    gpu->layer_norm(x, gg, bg, 1e-6f, xn_g);
-    gpu->linear(xn_g, *lin1, hidden, Activation::GELU);
+    gpu->window_attention_relpos(qkv, pad, rhg, rwg, heads, ws, attn);
+    gpu->linear(attn, *proj_w, x, Activation::None, &x);
+    gpu->layer_norm(x, gg, bg, 1e-6f, xn);
+    gpu->linear(xn, *lin1, hidden, Activation::GELU);
     gpu->linear(hidden, *lin2, x, Activation::None, &x);
   };
   auto run = [&](const Tensor& input, bool graph) {

@@ -94,14 +94,6 @@ class Backend {
   // y = LayerNorm(x) over the last dim, statistics in fp32. y may alias x.
   virtual void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y) = 0;
 
-  // LayerNorm then window partition: x [B, H, W, C] -> y [B * nWh * nWw, window*window, C], where the
-  // grid is zero-padded (after the norm, as SAM pads) to a multiple of `window` bottom and right.
-  virtual void layer_norm_window_partition(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps,
-                                           int window, Tensor& y) = 0;
-
-  // x [B, H, W, C] += unpartition(y [B * nWh * nWw, window*window, C]) with the padding cropped.
-  virtual void window_unpartition_add(const Tensor& y, int window, Tensor& x) = 0;
-
   // Multi-head self-attention with SAM's decomposed relative position bias, over a grid of
   // grid_h x grid_w tokens per sequence:
   //   qkv [B, T=grid_h*grid_w, 3, heads, head_dim] (the qkv linear's output, viewed)
@@ -110,6 +102,17 @@ class Backend {
   //   logits(q, k) = scale * q.k + q.Rh[qh - kh + grid_h - 1] + q.Rw[qw - kw + grid_w - 1]
   virtual void attention_relpos(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads,
                                 int grid_h, int grid_w, Tensor& out) = 0;
+
+  // The same attention inside SAM's windows, read from and written to the image grid:
+  //   qkv [B, H, W, 3*C] (the qkv linear's output on the grid; per token [3, heads, head_dim])
+  //   pad_qkv [3*C] in the activation dtype: q, k, v of the padding tokens (the qkv bias, since
+  //     SAM pads the normalised input with zeros)
+  //   rel_pos_h, rel_pos_w [2*window-1, head_dim]; out [B, H, W, heads*head_dim]
+  // The grid is padded bottom and right to a multiple of `window` with pad_qkv tokens and cut into
+  // window x window windows; each attends over all its tokens, padding included (as SAM does), and
+  // only the real tokens' outputs are written.
+  virtual void window_attention_relpos(const Tensor& qkv, const Tensor& pad_qkv, const Tensor& rel_pos_h,
+                                       const Tensor& rel_pos_w, int heads, int window, Tensor& out) = 0;
 
   // Plain multi-head attention on already projected q [B, Tq, D], k [B, Tk, D], v [B, Tk, D]
   // (D = heads * head_dim): out [B, Tq, D] = softmax(q k^T / sqrt(head_dim)) v per head.

@@ -30,10 +30,11 @@ class ImageEncoder {
     Norm norm1, norm2;
     std::unique_ptr<LinearWeights> qkv, proj, lin1, lin2;
     Tensor rel_pos_h, rel_pos_w;  // [2*size-1, head_dim]
+    Tensor pad_qkv;               // windowed: q, k, v of the window padding (the qkv bias) [3*C]
   };
   // Every activation of one forward pass, allocated once per batch size and reused by each block.
   struct Workspace {
-    Tensor input, patches, x, xn, qkv, attn, proj, hidden, neck_a, neck_cols, out;
+    Tensor input, patches, x, xn, qkv, attn, hidden, neck_a, neck_cols, out;
   };
   Workspace& workspace(int64_t batch);
   void run(Workspace& ws, int64_t batch);

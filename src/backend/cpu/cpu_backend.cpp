@@ -154,48 +154,6 @@ class CpuBackend final : public Backend {
                y.data_as<float>() + i * C);
   }
 
-  void layer_norm_window_partition(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, int ws,
-                                   Tensor& y) override {
-    require_f32_cpu(x, "layer_norm_window_partition input");
-    const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
-    const int64_t nh = (H + ws - 1) / ws, nw = (W + ws - 1) / ws;
-    check(y.numel() == B * nh * nw * ws * ws * C,
-          "layer_norm_window_partition: output " + shape_str(y.shape()) + " for input " + shape_str(x.shape()));
-    const float* xs = x.data_as<const float>();
-    float* ys = y.data_as<float>();
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t r = 0; r < nh * ws; ++r)
-        for (int64_t c = 0; c < nw * ws; ++c) {
-          const int64_t win = (b * nh + r / ws) * nw + c / ws, tok = (r % ws) * ws + c % ws;
-          float* dst = ys + (win * ws * ws + tok) * C;
-          if (r < H && c < W)
-            norm_row(xs + ((b * H + r) * W + c) * C, gamma.data_as<const float>(), beta.data_as<const float>(), C,
-                     eps, dst);
-          else
-            std::memset(dst, 0, C * sizeof(float));
-        }
-  }
-
-  void window_unpartition_add(const Tensor& y, int ws, Tensor& x) override {
-    require_f32_cpu(x, "window_unpartition_add output");
-    const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
-    const int64_t nh = (H + ws - 1) / ws, nw = (W + ws - 1) / ws;
-    check(y.numel() == B * nh * nw * ws * ws * C,
-          "window_unpartition_add: windows " + shape_str(y.shape()) + " for grid " + shape_str(x.shape()));
-    const float* ys = y.data_as<const float>();
-    float* xs = x.data_as<float>();
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t r = 0; r < H; ++r)
-        for (int64_t c = 0; c < W; ++c) {
-          const int64_t win = (b * nh + r / ws) * nw + c / ws, tok = (r % ws) * ws + c % ws;
-          const float* src = ys + (win * ws * ws + tok) * C;
-          float* dst = xs + ((b * H + r) * W + c) * C;
-          for (int64_t k = 0; k < C; ++k) dst[k] += src[k];
-        }
-  }
-
   void attention_relpos(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads, int gh,
                         int gw, Tensor& out) override {
     require_f32_cpu(qkv, "attention_relpos qkv");
@@ -209,45 +167,50 @@ class CpuBackend final : public Backend {
           "attention_relpos: rel_pos tables " + shape_str(rel_pos_h.shape()) + ", " + shape_str(rel_pos_w.shape()) +
               " for a " + std::to_string(gh) + "x" + std::to_string(gw) + " grid of head dim " + std::to_string(D));
     check(out.numel() == B * T * heads * D, "attention_relpos: output " + shape_str(out.shape()));
-    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    const int64_t stride = 3 * heads * D;
-    float* q = scratch(0, T * D);
-    float* k = scratch(1, T * D);
-    float* v = scratch(2, T * D);
-    float* o = scratch(3, T * D);
-    float* s = scratch(4, T * T);
-    float* inv = scratch(5, T);
-    float* qrh = scratch(6, T * (2 * gh - 1));
-    float* qrw = scratch(7, T * (2 * gw - 1));
     for (int64_t b = 0; b < B; ++b)
-      for (int h = 0; h < heads; ++h) {
-        const float* base = qkv.data_as<const float>() + b * T * stride + h * D;
-        gather_head(base, T, stride, D, q);
-        gather_head(base + heads * D, T, stride, D, k);
-        gather_head(base + 2 * heads * D, T, stride, D, v);
-        // q against every relative offset: qrh[i, r] = q_i . rel_pos_h[r]
-        sgemm_nt(T, 2 * gh - 1, D, 1.0f, q, D, rel_pos_h.data_as<const float>(), D, 0.0f, qrh,
-                 2 * gh - 1);
-        sgemm_nt(T, 2 * gw - 1, D, 1.0f, q, D, rel_pos_w.data_as<const float>(), D, 0.0f, qrw,
-                 2 * gw - 1);
-        sgemm_nt(T, T, D, scale, q, D, k, D, 0.0f, s, T);
-        // logit[i, j] += rel_h[i, row(j)] + rel_w[i, col(j)], offsets qh - kh + gh - 1
-#pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < T; ++i) {
-          const int64_t qi = i / gw, qj = i % gw;
-          const float* rh = qrh + i * (2 * gh - 1) + qi + gh - 1;
-          const float* rw = qrw + i * (2 * gw - 1) + qj + gw - 1;
-          float* row = s + i * T;
-          for (int64_t kr = 0; kr < gh; ++kr) {
-            const float bh = rh[-kr];
-            float* seg = row + kr * gw;
-            for (int64_t kc = 0; kc < gw; ++kc) seg[kc] += bh + rw[-kc];
+      relpos_sequence(qkv.data_as<const float>() + b * T * 3 * heads * D, rel_pos_h.data_as<const float>(),
+                      rel_pos_w.data_as<const float>(), heads, D, gh, gw, out.data_as<float>() + b * T * heads * D);
+  }
+
+  // Each window gathered into a [window^2, 3C] sequence (padding rows = pad_qkv), attended as
+  // attention_relpos does, and its real rows scattered back to the grid.
+  void window_attention_relpos(const Tensor& qkv, const Tensor& pad_qkv, const Tensor& rel_pos_h,
+                               const Tensor& rel_pos_w, int heads, int ws, Tensor& out) override {
+    require_f32_cpu(qkv, "window_attention_relpos qkv");
+    require_f32_cpu(pad_qkv, "window_attention_relpos pad_qkv");
+    require_f32_cpu(out, "window_attention_relpos output");
+    check(qkv.ndim() == 4 && heads > 0 && ws > 0 && qkv.dim(3) % (3 * heads) == 0,
+          "window_attention_relpos: qkv " + shape_str(qkv.shape()) + " must be [B, H, W, 3 x " +
+              std::to_string(heads) + " heads x head_dim]");
+    const int64_t B = qkv.dim(0), H = qkv.dim(1), W = qkv.dim(2), C3 = qkv.dim(3), C = C3 / 3, D = C / heads;
+    check(pad_qkv.numel() == C3, "window_attention_relpos: pad_qkv " + shape_str(pad_qkv.shape()) + " for qkv " +
+                                     shape_str(qkv.shape()));
+    check(rel_pos_h.numel() == (2 * ws - 1) * D && rel_pos_w.numel() == (2 * ws - 1) * D,
+          "window_attention_relpos: rel_pos tables " + shape_str(rel_pos_h.shape()) + ", " +
+              shape_str(rel_pos_w.shape()) + " for windows of " + std::to_string(ws) + " and head dim " +
+              std::to_string(D));
+    check(out.numel() == B * H * W * C, "window_attention_relpos: output " + shape_str(out.shape()) + " for qkv " +
+                                            shape_str(qkv.shape()));
+    const int64_t T = int64_t(ws) * ws, nh = (H + ws - 1) / ws, nw = (W + ws - 1) / ws;
+    float* win_qkv = scratch(8, T * C3);
+    float* win_out = scratch(9, T * C);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t wy = 0; wy < nh; ++wy)
+        for (int64_t wx = 0; wx < nw; ++wx) {
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t r = wy * ws + t / ws, c = wx * ws + t % ws;
+            const float* src = (r < H && c < W) ? qkv.data_as<const float>() + ((b * H + r) * W + c) * C3
+                                                : pad_qkv.data_as<const float>();
+            std::memcpy(win_qkv + t * C3, src, C3 * sizeof(float));
+          }
+          relpos_sequence(win_qkv, rel_pos_h.data_as<const float>(), rel_pos_w.data_as<const float>(), heads, D, ws,
+                          ws, win_out);
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t r = wy * ws + t / ws, c = wx * ws + t % ws;
+            if (r < H && c < W)
+              std::memcpy(out.data_as<float>() + ((b * H + r) * W + c) * C, win_out + t * C, C * sizeof(float));
           }
         }
-        exp_rows(s, T, T, inv);
-        sgemm_nn(T, D, T, s, T, v, D, o, D);
-        scatter_scaled(o, T, D, inv, out.data_as<float>() + b * T * heads * D + h * D, heads * D);
-      }
   }
 
   void attention(const Tensor& qt, const Tensor& kt, const Tensor& vt, int heads, Tensor& out) override {
@@ -379,7 +342,49 @@ class CpuBackend final : public Backend {
     if (static_cast<int64_t>(b.size()) < n) b.resize(n);
     return b.data();
   }
-  std::vector<float> scratch_[8];
+  std::vector<float> scratch_[10];
+
+  // attention_relpos of one sequence: qkv [T, 3, heads, D] -> out [T, heads * D], T = gh * gw.
+  void relpos_sequence(const float* qkv, const float* rel_pos_h, const float* rel_pos_w, int heads, int64_t D, int gh,
+                       int gw, float* out) {
+    const int64_t T = int64_t(gh) * gw;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    const int64_t stride = 3 * heads * D;
+    float* q = scratch(0, T * D);
+    float* k = scratch(1, T * D);
+    float* v = scratch(2, T * D);
+    float* o = scratch(3, T * D);
+    float* s = scratch(4, T * T);
+    float* inv = scratch(5, T);
+    float* qrh = scratch(6, T * (2 * gh - 1));
+    float* qrw = scratch(7, T * (2 * gw - 1));
+    for (int h = 0; h < heads; ++h) {
+      const float* base = qkv + h * D;
+      gather_head(base, T, stride, D, q);
+      gather_head(base + heads * D, T, stride, D, k);
+      gather_head(base + 2 * heads * D, T, stride, D, v);
+      // q against every relative offset: qrh[i, r] = q_i . rel_pos_h[r]
+      sgemm_nt(T, 2 * gh - 1, D, 1.0f, q, D, rel_pos_h, D, 0.0f, qrh, 2 * gh - 1);
+      sgemm_nt(T, 2 * gw - 1, D, 1.0f, q, D, rel_pos_w, D, 0.0f, qrw, 2 * gw - 1);
+      sgemm_nt(T, T, D, scale, q, D, k, D, 0.0f, s, T);
+      // logit[i, j] += rel_h[i, row(j)] + rel_w[i, col(j)], offsets qh - kh + gh - 1
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t qi = i / gw, qj = i % gw;
+        const float* rh = qrh + i * (2 * gh - 1) + qi + gh - 1;
+        const float* rw = qrw + i * (2 * gw - 1) + qj + gw - 1;
+        float* row = s + i * T;
+        for (int64_t kr = 0; kr < gh; ++kr) {
+          const float bh = rh[-kr];
+          float* seg = row + kr * gw;
+          for (int64_t kc = 0; kc < gw; ++kc) seg[kc] += bh + rw[-kc];
+        }
+      }
+      exp_rows(s, T, T, inv);
+      sgemm_nn(T, D, T, s, T, v, D, o, D);
+      scatter_scaled(o, T, D, inv, out + h * D, heads * D);
+    }
+  }
 
   static void norm_row(const float* x, const float* g, const float* b, int64_t C, float eps, float* y) {
     double sum = 0.0;

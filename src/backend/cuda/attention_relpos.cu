@@ -27,7 +27,10 @@
 //     windows (grid <= 16, SAM 14 x 14): persistent CTAs (one per SM, 13 warps = 416 threads), each
 //       taking (window, head) items blockIdx.x, +gridDim.x, ...; Q, K and V of an item sit in shared
 //       memory (dense, T rows each) in one of two stages, and the next item's copy (cp.async) flies
-//       while this one is computed. Warp w owns query m16 tile w (13 tiles at 14 x 14: one round). Key
+//       while this one is computed. The copy gathers the window's rows straight from the image grid
+//       (SAM's 64 x 64, padded to 70 x 70 by 14 x 14 windows): a padding token's row is pad_qkv (q, k, v
+//       of a zero input, i.e. the qkv bias), so neither the qkv GEMM nor a partition pass ever sees
+//       the padding; the output rows of real tokens go straight back to the grid. Warp w owns query m16 tile w (13 tiles at 14 x 14: one round). Key
 //       tiles are SEGANY_WINDOW_ROWS_PER_TILE (2) grid rows, each padded to 16 slots in the ldmatrix
 //       addresses only: slots past grid_w read the row's last key and get rel_w = -inf, the whole key
 //       mask. The rel_pos tables are staged once per CTA (bf16, 32 zero-padded rows) and the prologue
@@ -670,7 +673,10 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
   constexpr int kCopies = Tr::kCopiesPerRow, kRS = Tr::kRelStride;
   extern __shared__ __align__(128) unsigned char smem[];
   const int gh = p.grid_h, gw = p.grid_w, T = gh * gw;
-  const int n_items = p.batch * p.heads;
+  // The image grid the windows are cut from (sequences: one window per image, no padding).
+  const int img_h = p.image_h > 0 ? p.image_h : gh, img_w = p.image_h > 0 ? p.image_w : gw;
+  const int n_wy = (img_h + gh - 1) / gh, n_wx = (img_w + gw - 1) / gw;
+  const int n_items = p.batch * n_wy * n_wx * p.heads;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   bf16* const tab_h = reinterpret_cast<bf16*>(smem);
   bf16* const tab_w = tab_h + Tr::kTableRows * kStride;
@@ -678,17 +684,42 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
   const size_t stage_elems = Tr::stage_elems(T);
   const int q_rows = Tr::q_rows(T);
   const size_t hd = static_cast<size_t>(p.heads) * D, tok_stride = 3 * hd;
+  const int inv_gw = (65536 + gw - 1) / gw;  // tok / gw == (tok * inv_gw) >> 16 for tok < 4096
 
-  // Q, K, V of one item into one stage: token-major, kCopies 16 B pieces per row.
+  // item = ((b * n_wy + wy) * n_wx + wx) * heads + h. Token tok of the item's window is grid token
+  // (y0 + tok / gw, x0 + tok % gw) of image b; grid_token() gives its index in the image batch, or
+  // -1 for a padding token.
+  struct Item {
+    int b, y0, x0, h;
+  };
+  auto item_of = [&](int item) {
+    Item it;
+    const int win = item / p.heads;
+    it.h = item - win * p.heads;
+    const int b_wy = win / n_wx, wx = win - b_wy * n_wx;
+    it.b = b_wy / n_wy;
+    it.y0 = (b_wy - it.b * n_wy) * gh;
+    it.x0 = wx * gw;
+    return it;
+  };
+  auto grid_token = [&](const Item& it, int tok) -> long long {
+    const int ty = (tok * inv_gw) >> 16;
+    const int y = it.y0 + ty, x = it.x0 + tok - ty * gw;
+    return (y < img_h && x < img_w) ? (static_cast<long long>(it.b) * img_h + y) * img_w + x : -1;
+  };
+
+  // Q, K, V of one item into one stage: token-major, kCopies 16 B pieces per row; padding tokens
+  // copy pad_qkv.
   auto issue = [&](int item, bf16* st) {
-    const int b = item / p.heads, h = item - b * p.heads;
-    const bf16* src0 = p.qkv + static_cast<size_t>(b) * T * tok_stride + static_cast<size_t>(h) * D;
+    const Item it = item_of(item);
     bf16* const qd = st;
     bf16* const kd = st + static_cast<size_t>(q_rows) * kStride;
     bf16* const vd = kd + static_cast<size_t>(T) * kStride;
     for (int i = tid; i < T * kCopies; i += Tr::kThreads) {
       const int tok = i / kCopies, ch = i - tok * kCopies;
-      const bf16* src = src0 + static_cast<size_t>(tok) * tok_stride + ch * 8;
+      const long long gt = grid_token(it, tok);
+      const bf16* src = (gt >= 0 ? p.qkv + static_cast<size_t>(gt) * tok_stride : p.pad_qkv) +
+                        static_cast<size_t>(it.h) * D + ch * 8;
       const int dst = tok * kStride + ch * 8;
       cp_async_16(qd + dst, src);
       cp_async_16(kd + dst, src + hd);
@@ -728,7 +759,6 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
   const int row_step = gw * kStride;  // one grid row of keys
   const int n_units = q_rows / 16;
   const int n_tiles = (gh + Tr::kRowsPerTile - 1) / Tr::kRowsPerTile;
-  const int inv_gw = (65536 + gw - 1) / gw;  // tok / gw == (tok * inv_gw) >> 16 for tok < 4096
   const bool out_16b = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
 
   bf16* stage_cur = stage0;
@@ -744,11 +774,11 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
     }
     __syncthreads();  // this item's Q, K, V (and the tables) are in shared memory for every thread
 
-    const int b = item / p.heads, h = item - b * p.heads;
+    const Item it = item_of(item);
     bf16* const q_s = stage_cur;
     const bf16* const k_s = stage_cur + static_cast<size_t>(q_rows) * kStride;
     const bf16* const v_s = k_s + static_cast<size_t>(T) * kStride;
-    bf16* const out_head = p.out + static_cast<size_t>(b) * T * hd + static_cast<size_t>(h) * D;
+    bf16* const out_head = p.out + static_cast<size_t>(it.h) * D;
 
     for (int u = warp; u < n_units; u += Tr::kWarps) {
       const int tok0 = u * 16;
@@ -831,19 +861,22 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
           *reinterpret_cast<uint32_t*>(dst + 8 * dn) = pack_bf16x2(o[0][dn][2 * hr] * inv, o[0][dn][2 * hr + 1] * inv);
       }
       __syncwarp();
+      // Only real tokens are written (padding tokens and padded query rows are dropped).
       if (out_16b) {
 #pragma unroll
         for (int i = lane; i < 16 * kCopies; i += 32) {
           const int r = i / kCopies, ch = i - r * kCopies;
-          if (tok0 + r < T)
-            *reinterpret_cast<uint4*>(out_head + static_cast<size_t>(tok0 + r) * hd + ch * 8) =
+          const long long gt = tok0 + r < T ? grid_token(it, tok0 + r) : -1;
+          if (gt >= 0)
+            *reinterpret_cast<uint4*>(out_head + static_cast<size_t>(gt) * hd + ch * 8) =
                 *reinterpret_cast<const uint4*>(region + r * kStride + ch * 8);
         }
       } else {  // out only 4-byte aligned (the API's minimum)
         for (int i = lane; i < 16 * (D / 2); i += 32) {
           const int r = i / (D / 2), c = 2 * (i - r * (D / 2));
-          if (tok0 + r < T)
-            *reinterpret_cast<uint32_t*>(out_head + static_cast<size_t>(tok0 + r) * hd + c) =
+          const long long gt = tok0 + r < T ? grid_token(it, tok0 + r) : -1;
+          if (gt >= 0)
+            *reinterpret_cast<uint32_t*>(out_head + static_cast<size_t>(gt) * hd + c) =
                 *reinterpret_cast<const uint32_t*>(region + r * kStride + c);
         }
       }
@@ -1538,6 +1571,14 @@ DeviceLimits device_limits() {
   return cache[device];
 }
 
+// Sequences (windows) the params describe: batch, or batch * windows per image.
+long long windows_of(const RelPosAttentionParams& p) {
+  if (p.image_h <= 0 || p.grid_h <= 0 || p.grid_w <= 0) return p.batch;
+  return static_cast<long long>(p.batch) * ((p.image_h + p.grid_h - 1) / p.grid_h) *
+         ((p.image_w + p.grid_w - 1) / p.grid_w);
+}
+long long window_items(const RelPosAttentionParams& p) { return windows_of(p) * p.heads; }
+
 template <int kHeadDim>
 auto window_plan(const RelPosAttentionParams& p) {
   using Tr = WindowTraits<kHeadDim>;
@@ -1552,8 +1593,7 @@ auto window_plan(const RelPosAttentionParams& p) {
   if (smem > static_cast<size_t>(lim.smem_optin))
     throw std::invalid_argument("attention_relpos: window grid needs more shared memory than the device has");
   raise_smem_limit_once(kernel, static_cast<size_t>(lim.smem_optin), smem_raised);
-  const long long items = static_cast<long long>(p.batch) * p.heads;
-  const dim3 grid(static_cast<unsigned>(std::min<long long>(items, lim.sms)));  // one CTA per SM
+  const dim3 grid(static_cast<unsigned>(std::min<long long>(window_items(p), lim.sms)));  // one CTA per SM
   return LaunchPlan<decltype(kernel)>{kernel,
                                       kHeadDim == 64 ? "relpos_attention_window<64>" : "relpos_attention_window<80>",
                                       grid, Tr::kThreads, smem, stages};
@@ -1571,14 +1611,20 @@ void with_plan(const RelPosAttentionParams& p, F&& f) {
       !(is_window_grid(p.grid_h, p.grid_w) || is_global_grid(p.grid_h, p.grid_w)))
     fail("unsupported shape: head_dim must be 64 or 80 and the grid at most 16x16 (windows) or Hx64 with H <= 64");
   if (p.batch < 0 || p.heads <= 0) fail("bad batch or heads");
+  const bool on_image = p.image_h > 0 || p.image_w > 0;
+  if (on_image) {
+    if (!is_window_grid(p.grid_h, p.grid_w)) fail("windows on an image grid must be at most 16x16");
+    if (p.image_h <= 0 || p.image_w <= 0 || p.image_h > 4096 || p.image_w > 4096) fail("bad image grid");
+  }
   if (p.batch > 0) {
     if (!p.qkv || !p.out || !p.rel_pos_h || !p.rel_pos_w) fail("null pointer");
     if (!aligned(p.qkv, 16)) fail("qkv must be 16-byte aligned");
+    if (on_image && (!p.pad_qkv || !aligned(p.pad_qkv, 16))) fail("pad_qkv must be given, 16-byte aligned");
     if (!aligned(p.out, 4)) fail("out must be 4-byte aligned");
     const size_t table_align = p.rel_pos_fp32 ? 8 : 4;
     if (!aligned(p.rel_pos_h, table_align) || !aligned(p.rel_pos_w, table_align)) fail("rel_pos tables misaligned");
   }
-  if (is_global_grid(p.grid_h, p.grid_w)) {
+  if (!on_image && is_global_grid(p.grid_h, p.grid_w)) {
     if (p.batch > 65535 || p.heads > 65535) fail("batch and heads must be below 65536 for global attention");
     const bool sm90 = g_sm90_enabled.load(std::memory_order_relaxed);
     if (p.head_dim == 64) {
@@ -1593,7 +1639,7 @@ void with_plan(const RelPosAttentionParams& p, F&& f) {
         f(global_plan<80>(p));
     }
   } else {
-    if (static_cast<long long>(p.batch) * p.heads > 0x7fffffffLL) fail("batch * heads too large");
+    if (window_items(p) > 0x7fffffffLL) fail("batch * windows * heads too large");
     if (p.head_dim == 64)
       f(window_plan<64>(p));
     else
@@ -1609,7 +1655,7 @@ bool attention_relpos_supported(int head_dim, int grid_h, int grid_w) {
 
 double attention_relpos_flops(const RelPosAttentionParams& p) {
   const double T = static_cast<double>(p.grid_h) * p.grid_w;
-  return 4.0 * p.batch * p.heads * T * T * p.head_dim;
+  return 4.0 * static_cast<double>(windows_of(p)) * p.heads * T * T * p.head_dim;
 }
 
 void attention_relpos(const RelPosAttentionParams& p, cudaStream_t stream) {

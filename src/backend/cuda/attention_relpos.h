@@ -9,6 +9,12 @@
 //   logit[i, j]  = D^-0.5 * q[i] . k[j] + rel_h[i, row(j)] + rel_w[i, col(j)]
 //   out[b, i, h*D:(h+1)*D] = softmax_j(logit[i, :]) @ v
 // The T x T bias is never materialised; the two small products are the kernel's prologue.
+//
+// Windowed attention on an image grid (image_h > 0, windows only): qkv is [batch, image_h, image_w,
+// 3, heads, head_dim] and out [batch, image_h, image_w, heads*head_dim]. The grid is padded bottom
+// and right to multiples of grid_h x grid_w and cut into windows, each a sequence as above; token
+// (ty, tx) of window (wy, wx) is grid token (wy*grid_h + ty, wx*grid_w + tx), and a padding token
+// (outside the image) has q, k, v = pad_qkv [3, heads, head_dim]. Only real tokens are written.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,7 +25,7 @@
 namespace segany::cuda {
 
 struct RelPosAttentionParams {
-  const __nv_bfloat16* qkv = nullptr;  // [batch, T, 3, heads, head_dim], 16-byte aligned
+  const __nv_bfloat16* qkv = nullptr;  // [batch, T, 3, heads, head_dim] (or the grid), 16-byte aligned
   // [2*grid_h-1, head_dim] and [2*grid_w-1, head_dim], contiguous. float32 (as the checkpoint
   // stores them) when rel_pos_fp32, else bf16. Either way the kernel rounds them to bf16 and
   // forms q.rel_pos with bf16 tensor-core products accumulated in fp32 (q is bf16 already).
@@ -27,11 +33,15 @@ struct RelPosAttentionParams {
   const void* rel_pos_w = nullptr;
   bool rel_pos_fp32 = false;
   __nv_bfloat16* out = nullptr;  // [batch, T, heads*head_dim]
-  int batch = 0;                 // sequences: images (global) or images * windows (windowed)
+  int batch = 0;                 // sequences, or images when image_h > 0
   int heads = 0;
   int head_dim = 0;  // 64 (vit_b, vit_l) or 80 (vit_h)
-  int grid_h = 0;
+  int grid_h = 0;    // the attention grid: the image (global) or a window
   int grid_w = 0;
+  // Windows cut from an image grid (see above); 0: qkv and out are sequences of grid_h x grid_w.
+  int image_h = 0;
+  int image_w = 0;
+  const __nv_bfloat16* pad_qkv = nullptr;  // [3, heads, head_dim], 16-byte aligned (image_h > 0)
 };
 
 // Shapes the kernels take: head_dim 64 or 80, and either
@@ -66,7 +76,7 @@ RelPosAttentionLaunchInfo attention_relpos_launch_info(const RelPosAttentionPara
 // (for comparisons and checks); process-wide, default true.
 void attention_relpos_enable_sm90(bool enabled);
 
-// 4 * batch * heads * T^2 * head_dim: the FLOPs of QK^T and PV, the convention for TFLOP/s
+// 4 * sequences * heads * T^2 * head_dim (sequences: batch, or batch * windows): the FLOPs of QK^T and PV, the convention for TFLOP/s
 // figures (the bias prologue, a few percent, is not counted).
 double attention_relpos_flops(const RelPosAttentionParams& params);
 

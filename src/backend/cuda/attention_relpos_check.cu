@@ -9,6 +9,10 @@
 // On compute capability 9.0 every global case runs twice: on the sm_90a (wgmma) kernel and, with
 // the suffix " sm80", on the mma.sync kernel; each line names the kernel that ran.
 //
+// Window cases run either on sequences of grid_h x grid_w tokens or, as SAM's encoder runs them, on
+// an image grid (image_h x image_w, e.g. 64 x 64 cut into 14 x 14 windows with padding tokens whose
+// q, k, v are pad_qkv): the reference gathers each window from the grid the same way.
+//
 // For every case: random bf16 qkv (std 1) and rel_pos tables, output poisoned (NaN) and followed by
 // a guard region; after the kernel every output must be finite, the guard untouched, and the
 // outputs of sampled (sequence, head, query) rows must match a double-precision CPU reference of
@@ -134,6 +138,19 @@ struct Case {
   bool timed;        // SAM-sized: time it
   int ref_pairs;     // (sequence, head) pairs checked against the CPU; 0 = all
   int ref_row_step;  // check every n-th query row of those (plus the last)
+  int image_h = 0;   // > 0: windows cut from a batch x image_h x image_w grid (batch = images)
+  int image_w = 0;
+  int windows_y() const { return image_h > 0 ? (image_h + grid_h - 1) / grid_h : 1; }
+  int windows_x() const { return image_h > 0 ? (image_w + grid_w - 1) / grid_w : 1; }
+  int sequences() const { return batch * windows_y() * windows_x(); }
+  size_t tokens() const { return image_h > 0 ? size_t(batch) * image_h * image_w : size_t(batch) * grid_h * grid_w; }
+  // Token tok of sequence (window) s: its index among all tokens, or -1 for a padding token.
+  long long token(int s, int tok) const {
+    if (image_h == 0) return static_cast<long long>(s) * grid_h * grid_w + tok;
+    const int per_image = windows_y() * windows_x(), b = s / per_image, w = s % per_image;
+    const int y = (w / windows_x()) * grid_h + tok / grid_w, x = (w % windows_x()) * grid_w + tok % grid_w;
+    return y < image_h && x < image_w ? (static_cast<long long>(b) * image_h + y) * image_w + x : -1;
+  }
 };
 
 struct RowSample {
@@ -141,12 +158,15 @@ struct RowSample {
 };
 
 // Double-precision reference of SAM's Attention with use_rel_pos, for one query row.
-void reference_row(const std::vector<float>& qkv, const std::vector<float>& rh, const std::vector<float>& rw,
-                   const Case& c, int b, int h, int i, double* out_row) {
+// b: the sequence (window); padding tokens read pad [3, heads, D].
+void reference_row(const std::vector<float>& qkv, const std::vector<float>& pad, const std::vector<float>& rh,
+                   const std::vector<float>& rw, const Case& c, int b, int h, int i, double* out_row) {
   const int D = c.head_dim, gh = c.grid_h, gw = c.grid_w, T = gh * gw, H = c.heads;
   const size_t tok_stride = size_t(3) * H * D;
   auto at = [&](int tok, int which) {
-    return &qkv[(size_t(b) * T + tok) * tok_stride + size_t(which) * H * D + size_t(h) * D];
+    const long long g = c.token(b, tok);
+    const size_t off = size_t(which) * H * D + size_t(h) * D;
+    return g >= 0 ? &qkv[size_t(g) * tok_stride + off] : &pad[off];
   };
   const float* q = at(i, 0);
   const int qr = i / gw, qc = i % gw;
@@ -194,17 +214,18 @@ constexpr uint16_t kGuardBits = 0x5A5A;      // a finite bf16 pattern
 constexpr unsigned char kPoisonByte = 0xFF;  // 0xFFFF is a bf16 NaN
 
 bool run_case(const Case& c, bool do_time, int seed) {
-  const int B = c.batch, H = c.heads, D = c.head_dim, gh = c.grid_h, gw = c.grid_w, T = gh * gw;
-  const size_t n_qkv = size_t(B) * T * 3 * H * D, n_out = size_t(B) * T * H * D;
+  const int B = c.sequences(), H = c.heads, D = c.head_dim, gh = c.grid_h, gw = c.grid_w, T = gh * gw;
+  const size_t n_qkv = c.tokens() * 3 * H * D, n_out = c.tokens() * H * D, n_pad = size_t(3) * H * D;
   const size_t n_rh = size_t(2 * gh - 1) * D, n_rw = size_t(2 * gw - 1) * D;
 
   // Inputs: bf16 values, kept as floats for the reference. fp32 tables hold bf16-representable
   // values, so that the check isolates the kernel's math from the documented bf16 rounding of rel_pos.
-  std::vector<__nv_bfloat16> qkv_h(n_qkv), rh_h(n_rh), rw_h(n_rw);
-  std::vector<float> qkv_f(n_qkv), rh_f(n_rh), rw_f(n_rw);
+  std::vector<__nv_bfloat16> qkv_h(n_qkv), rh_h(n_rh), rw_h(n_rw), pad_h(n_pad);
+  std::vector<float> qkv_f(n_qkv), rh_f(n_rh), rw_f(n_rw), pad_f(n_pad);
   fill_normal(qkv_h, qkv_f, 1.f, seed * 3);
   fill_normal(rh_h, rh_f, c.rel_std, seed * 3 + 1);
   fill_normal(rw_h, rw_f, c.rel_std, seed * 3 + 2);
+  fill_normal(pad_h, pad_f, 1.f, seed * 3 + 7);
   std::mt19937_64 rng(seed);
 
   // "unaligned out" cases: the output 4-byte aligned only (the API's minimum), 2 elements in.
@@ -215,6 +236,8 @@ bool run_case(const Case& c, bool do_time, int seed) {
     __nv_bfloat16* get() const { return p; }
   } out_d{out_buf.get() + out_off};
   DeviceBuffer<float> rh32_d(n_rh), rw32_d(n_rw);
+  DeviceBuffer<__nv_bfloat16> pad_d(n_pad);
+  CUDA_CHECK(cudaMemcpy(pad_d.get(), pad_h.data(), n_pad * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice));
   CUDA_CHECK(cudaMemcpy(qkv_d.get(), qkv_h.data(), n_qkv * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice));
   CUDA_CHECK(cudaMemcpy(rh_d.get(), rh_h.data(), n_rh * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice));
   CUDA_CHECK(cudaMemcpy(rw_d.get(), rw_h.data(), n_rw * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice));
@@ -228,11 +251,14 @@ bool run_case(const Case& c, bool do_time, int seed) {
   p.rel_pos_h = c.rel_fp32 ? static_cast<const void*>(rh32_d.get()) : static_cast<const void*>(rh_d.get());
   p.rel_pos_w = c.rel_fp32 ? static_cast<const void*>(rw32_d.get()) : static_cast<const void*>(rw_d.get());
   p.out = out_d.get();
-  p.batch = B;
+  p.batch = c.batch;
   p.heads = H;
   p.head_dim = D;
   p.grid_h = gh;
   p.grid_w = gw;
+  p.image_h = c.image_h;
+  p.image_w = c.image_w;
+  p.pad_qkv = c.image_h > 0 ? pad_d.get() : nullptr;
 
   // Poison the output, mark the guard, run once.
   std::vector<uint16_t> guard(kGuard, kGuardBits);
@@ -260,7 +286,7 @@ bool run_case(const Case& c, bool do_time, int seed) {
 
   // Sampled reference rows.
   std::vector<std::pair<int, int>> pairs;
-  if (c.ref_pairs == 0 || c.ref_pairs >= B * H) {
+  if (c.ref_pairs == 0 || c.ref_pairs >= B * H) {  // B: sequences (windows)
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < H; ++h) pairs.push_back({b, h});
   } else {
@@ -270,13 +296,14 @@ bool run_case(const Case& c, bool do_time, int seed) {
     while (int(pairs.size()) < c.ref_pairs) pairs.push_back({pick_b(rng), pick_h(rng)});
   }
   std::vector<RowSample> rows;
-  for (auto [b, h] : pairs) {
-    for (int i = 0; i < T; i += c.ref_row_step) rows.push_back({b, h, i});
-    if ((T - 1) % c.ref_row_step != 0) rows.push_back({b, h, T - 1});
+  for (auto [b, h] : pairs) {  // real tokens only: padding tokens have no output
+    for (int i = 0; i < T; i += c.ref_row_step)
+      if (c.token(b, i) >= 0) rows.push_back({b, h, i});
+    if ((T - 1) % c.ref_row_step != 0 && c.token(b, T - 1) >= 0) rows.push_back({b, h, T - 1});
   }
   std::vector<double> ref(rows.size() * D);
   parallel_for(int(rows.size()), [&](int n) {
-    reference_row(qkv_f, rh_f, rw_f, c, rows[n].b, rows[n].h, rows[n].i, &ref[size_t(n) * D]);
+    reference_row(qkv_f, pad_f, rh_f, rw_f, c, rows[n].b, rows[n].h, rows[n].i, &ref[size_t(n) * D]);
   });
   double diff2 = 0, ref2 = 0;
   size_t bad = 0;
@@ -285,7 +312,7 @@ bool run_case(const Case& c, bool do_time, int seed) {
     for (int d = 0; d < D; ++d) {
       const auto& s = rows[n];
       const double want = ref[n * D + d];
-      const double got = bf16_to_float(out_h[(size_t(s.b) * T + s.i) * H * D + size_t(s.h) * D + d]);
+      const double got = bf16_to_float(out_h[size_t(c.token(s.b, s.i)) * H * D + size_t(s.h) * D + d]);
       const double e = std::fabs(got - want);
       diff2 += (got - want) * (got - want);
       ref2 += want * want;
@@ -310,9 +337,11 @@ bool run_case(const Case& c, bool do_time, int seed) {
     r.why += "relative L2 error too large; ";
   }
 
+  char image[32] = "";
+  if (c.image_h > 0) std::snprintf(image, sizeof image, " on %dx%d", c.image_h, c.image_w);
   std::printf(
-      "%-28s B=%-4d H=%-3d D=%-3d grid=%2dx%-2d rel_pos %s std %.2f | max_abs %.2e rel_l2 %.2e (%zu checked) %s",
-      c.name.c_str(), B, H, D, gh, gw, c.rel_fp32 ? "f32 " : "bf16", c.rel_std, r.max_abs, r.rel_l2, r.checked,
+      "%-30s B=%-4d H=%-3d D=%-3d grid=%2dx%-2d%s rel_pos %s std %.2f | max_abs %.2e rel_l2 %.2e (%zu checked) %s",
+      c.name.c_str(), B, H, D, gh, gw, image, c.rel_fp32 ? "f32 " : "bf16", c.rel_std, r.max_abs, r.rel_l2, r.checked,
       r.ok ? "ok" : "FAIL");
   if (!r.ok) std::printf(": %s", r.why.c_str());
   if (!do_time) std::printf(" [%s]", segany::cuda::attention_relpos_launch_info(p).kernel);
@@ -331,7 +360,7 @@ bool run_case(const Case& c, bool do_time, int seed) {
     CUDA_CHECK(cudaEventElapsedTime(&ms, start.get(), stop.get()));
     const double sec = ms / 1e3 / iters;
     const double tflops = segany::cuda::attention_relpos_flops(p) / sec / 1e12;
-    const double gbs = double(n_qkv + n_out) * sizeof(__nv_bfloat16) / sec / 1e9;
+    const double gbs = double(n_qkv + n_out) * sizeof(__nv_bfloat16) / sec / 1e9;  // real tokens only
     std::printf(" | %9.1f us  %6.1f TFLOP/s  %6.0f GB/s", sec * 1e6, tflops, gbs);
     const auto info = segany::cuda::attention_relpos_launch_info(p);
     std::printf(" | %s: %lld blocks x %d threads, %d regs, %zu B local, %zu B smem, %d blocks/SM", info.kernel,
@@ -345,17 +374,18 @@ bool run_case(const Case& c, bool do_time, int seed) {
 
 // The launch is graph-capturable, also as a kernel's very first launch (which sets its shared
 // memory limit): capture it, replay, and expect the bits of a direct launch. Runs first.
-bool check_graph_capture(const char* name, int B, int H, int D, int gh, int gw) {
-  const int T = gh * gw;
-  const size_t n_qkv = size_t(B) * T * 3 * H * D, n_out = size_t(B) * T * H * D;
+bool check_graph_capture(const char* name, int B, int H, int D, int gh, int gw, int image_h, int image_w) {
+  const size_t tokens = image_h > 0 ? size_t(B) * image_h * image_w : size_t(B) * gh * gw;
+  const size_t n_qkv = tokens * 3 * H * D, n_out = tokens * H * D;
   const size_t n_rh = size_t(2 * gh - 1) * D, n_rw = size_t(2 * gw - 1) * D;
   std::vector<__nv_bfloat16> qkv_h(n_qkv), rh_h(n_rh), rw_h(n_rw);
   std::vector<float> qkv_f(n_qkv), rh_f(n_rh), rw_f(n_rw);
   fill_normal(qkv_h, qkv_f, 1.f, 101);
   fill_normal(rh_h, rh_f, 0.5f, 102);
   fill_normal(rw_h, rw_f, 0.5f, 103);
-  DeviceBuffer<__nv_bfloat16> qkv_d(n_qkv), rh_d(n_rh), rw_d(n_rw), out1(n_out), out2(n_out);
+  DeviceBuffer<__nv_bfloat16> qkv_d(n_qkv), rh_d(n_rh), rw_d(n_rw), out1(n_out), out2(n_out), pad_d(size_t(3) * H * D);
   CUDA_CHECK(cudaMemcpy(qkv_d.get(), qkv_h.data(), n_qkv * 2, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(pad_d.get(), qkv_h.data(), size_t(3) * H * D * 2, cudaMemcpyHostToDevice));
   CUDA_CHECK(cudaMemcpy(rh_d.get(), rh_h.data(), n_rh * 2, cudaMemcpyHostToDevice));
   CUDA_CHECK(cudaMemcpy(rw_d.get(), rw_h.data(), n_rw * 2, cudaMemcpyHostToDevice));
   CUDA_CHECK(cudaMemset(out1.get(), kPoisonByte, n_out * 2));
@@ -371,6 +401,9 @@ bool check_graph_capture(const char* name, int B, int H, int D, int gh, int gw) 
   p.head_dim = D;
   p.grid_h = gh;
   p.grid_w = gw;
+  p.image_h = image_h;
+  p.image_w = image_w;
+  p.pad_qkv = image_h > 0 ? pad_d.get() : nullptr;
   p.out = out1.get();
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
@@ -425,6 +458,19 @@ bool check_refusals() {
     }
     ok &= threw && !segany::cuda::attention_relpos_supported(bad.head_dim, bad.gh, bad.gw);
   }
+  // Windows on an image grid: at most 16 x 16, and pad_qkv required.
+  p.head_dim = 64;
+  p.image_h = p.image_w = 64;
+  for (int window : {64, 14}) {
+    p.grid_h = p.grid_w = window;
+    bool threw = false;
+    try {
+      segany::cuda::attention_relpos(p, nullptr);  // pad_qkv is null
+    } catch (const std::invalid_argument&) {
+      threw = true;
+    }
+    ok &= threw;
+  }
   std::printf("%-28s unsupported shapes throw std::invalid_argument: %s\n", "refusals", ok ? "ok" : "FAIL");
   return ok;
 }
@@ -472,10 +518,19 @@ int main(int argc, char** argv) {
         {"global 33x64 d80 big rel", 1, 3, 80, 33, 64, 2.0f, false, false, 0, 3},
         {"global 3x64 d80 f32", 2, 3, 80, 3, 64, 1.0f, true, false, 0, 1},
         {"global 64x64 d80", 1, 2, 80, 64, 64, 0.3f, false, false, 0, 7},
-        // SAM at batch 8 (windows: 8 images x 25 windows), sampled and timed.
-        {"vit_b windows", 200, 12, 64, 14, 14, 0.5f, false, true, 4, 1},
-        {"vit_l windows", 200, 16, 64, 14, 14, 0.5f, false, true, 4, 1},
-        {"vit_h windows", 200, 16, 80, 14, 14, 0.5f, false, true, 4, 1},
+        // Windows cut from an image grid (padding tokens = pad_qkv), every window checked: SAM's
+        // 64 x 64 by 14 (25 windows, 6 padding rows and columns), odd grids, exact tiling, many items.
+        {"image windows 64x64 d64", 1, 3, 64, 14, 14, 0.5f, false, false, 0, 2, 64, 64},
+        {"image windows 64x64 d80 f32", 2, 2, 80, 14, 14, 1.0f, true, false, 0, 3, 64, 64},
+        {"image windows 9x23 d64", 3, 2, 64, 7, 7, 0.5f, false, false, 0, 1, 9, 23},
+        {"image windows 13x5 d80", 2, 3, 80, 4, 6, 0.5f, false, false, 0, 1, 13, 5},
+        {"image windows 28x28 d80", 2, 2, 80, 14, 14, 0.5f, false, false, 0, 1, 28, 28},
+        {"image windows 30x17 d64 16", 3, 2, 64, 16, 16, 0.5f, false, false, 0, 1, 30, 17},
+        {"image windows 64x64 d80 many", 6, 5, 80, 14, 14, 0.5f, false, false, 0, 5, 64, 64},
+        // SAM at batch 8 (windows: 8 images of 64 x 64, 25 windows each), sampled and timed.
+        {"vit_b windows", 8, 12, 64, 14, 14, 0.5f, false, true, 4, 1, 64, 64},
+        {"vit_l windows", 8, 16, 64, 14, 14, 0.5f, false, true, 4, 1, 64, 64},
+        {"vit_h windows", 8, 16, 80, 14, 14, 0.5f, false, true, 4, 1, 64, 64},
         {"vit_b global", 8, 12, 64, 64, 64, 0.5f, false, true, 3, 29},
         {"vit_l global", 8, 16, 64, 64, 64, 0.5f, false, true, 3, 29},
         {"vit_h global", 8, 16, 80, 64, 64, 0.5f, false, true, 3, 29},
@@ -487,13 +542,14 @@ int main(int argc, char** argv) {
     if (only.empty()) {
       struct Capture {
         const char* name;
-        int B, H, D, gh, gw;
+        int B, H, D, gh, gw, image_h, image_w;
       };
-      for (const Capture& g : {Capture{"graph capture windows", 3, 2, 64, 14, 14},
-                               Capture{"graph capture global d80", 2, 3, 80, 3, 64},
-                               Capture{"graph capture global d64", 2, 2, 64, 2, 64}}) {
+      for (const Capture& g : {Capture{"graph capture windows", 3, 2, 64, 14, 14, 0, 0},
+                               Capture{"graph capture image windows", 2, 2, 80, 14, 14, 64, 64},
+                               Capture{"graph capture global d80", 2, 3, 80, 3, 64, 0, 0},
+                               Capture{"graph capture global d64", 2, 2, 64, 2, 64, 0, 0}}) {
         try {
-          tally(check_graph_capture(g.name, g.B, g.H, g.D, g.gh, g.gw));
+          tally(check_graph_capture(g.name, g.B, g.H, g.D, g.gh, g.gw, g.image_h, g.image_w));
         } catch (const std::exception& e) {
           std::printf("%-28s FAIL: %s\n", g.name, e.what());
           tally(false);
@@ -502,7 +558,7 @@ int main(int argc, char** argv) {
     }
     int seed = 1;
     for (const Case& c0 : cases) {
-      const bool global = c0.grid_w == 64;
+      const bool global = c0.grid_w == 64 && c0.image_h == 0;
       for (int path = 0; path < (global && two_paths ? 2 : 1); ++path) {
         Case c = c0;
         if (path == 1) c.name += " sm80";

@@ -287,15 +287,6 @@ class CudaBackend final : public Backend {
     timed(kNorm, [&] { cuda::layer_norm(x, gamma, beta, eps, y, stream()); });
   }
 
-  void layer_norm_window_partition(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, int window,
-                                   Tensor& y) override {
-    timed(kNorm, [&] { cuda::layer_norm_window_partition(x, gamma, beta, eps, window, y, stream()); });
-  }
-
-  void window_unpartition_add(const Tensor& y, int window, Tensor& x) override {
-    timed(kNorm, [&] { cuda::window_unpartition_add(y, window, x, stream()); });
-  }
-
   void attention_relpos(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads, int gh, int gw,
                         Tensor& out) override {
     require_cuda(qkv, "attention_relpos qkv");
@@ -342,6 +333,61 @@ class CudaBackend final : public Backend {
         throw;
       } catch (const std::exception& e) {
         throw Error(std::string("cuda attention_relpos: ") + e.what());
+      }
+    });
+  }
+
+  void window_attention_relpos(const Tensor& qkv, const Tensor& pad_qkv, const Tensor& rel_pos_h,
+                               const Tensor& rel_pos_w, int heads, int window, Tensor& out) override {
+    require_cuda(qkv, "window_attention_relpos qkv");
+    require_cuda(pad_qkv, "window_attention_relpos pad_qkv");
+    require_cuda(out, "window_attention_relpos output");
+    require_cuda(rel_pos_h, "window_attention_relpos rel_pos_h");
+    require_cuda(rel_pos_w, "window_attention_relpos rel_pos_w");
+    check(qkv.ndim() == 4 && heads > 0 && window > 0 && qkv.dim(3) % (3 * heads) == 0,
+          "window_attention_relpos: qkv " + shape_str(qkv.shape()) + " must be [B, H, W, 3 x " +
+              std::to_string(heads) + " heads x head_dim]");
+    const int64_t B = qkv.dim(0), H = qkv.dim(1), W = qkv.dim(2), C = qkv.dim(3) / 3, D = C / heads;
+    check(pad_qkv.numel() == 3 * C && pad_qkv.dtype() == qkv.dtype(),
+          "window_attention_relpos: pad_qkv " + std::string(dtype_name(pad_qkv.dtype())) + " " +
+              shape_str(pad_qkv.shape()) + " for qkv " + dtype_name(qkv.dtype()) + " " + shape_str(qkv.shape()));
+    check(rel_pos_h.numel() == (2 * window - 1) * D && rel_pos_w.numel() == (2 * window - 1) * D,
+          "window_attention_relpos: rel_pos tables " + shape_str(rel_pos_h.shape()) + ", " +
+              shape_str(rel_pos_w.shape()) + " for windows of " + std::to_string(window) + " and head dim " +
+              std::to_string(D));
+    check(out.numel() == B * H * W * C, "window_attention_relpos: output " + shape_str(out.shape()) + " for qkv " +
+                                            shape_str(qkv.shape()));
+    const bool tables_ok = rel_pos_h.dtype() == rel_pos_w.dtype() &&
+                           (rel_pos_h.dtype() == DType::F32 || rel_pos_h.dtype() == DType::BF16);
+    auto aligned16 = [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; };
+    const bool flash = !options_.reference_attention && qkv.dtype() == DType::BF16 && out.dtype() == DType::BF16 &&
+                       tables_ok && aligned16(qkv) && aligned16(out) && aligned16(pad_qkv) && B <= INT32_MAX &&
+                       H <= 4096 && W <= 4096 && window <= 16 &&
+                       cuda::attention_relpos_supported(static_cast<int>(D), window, window);
+    timed(kAttention, [&] {
+      if (!flash) {
+        cuda::window_attention_relpos_reference(qkv, pad_qkv, rel_pos_h, rel_pos_w, heads, window, out, stream());
+        return;
+      }
+      cuda::RelPosAttentionParams p;
+      p.qkv = static_cast<const __nv_bfloat16*>(qkv.data());
+      p.pad_qkv = static_cast<const __nv_bfloat16*>(pad_qkv.data());
+      p.rel_pos_h = rel_pos_h.data();
+      p.rel_pos_w = rel_pos_w.data();
+      p.rel_pos_fp32 = rel_pos_h.dtype() == DType::F32;
+      p.out = static_cast<__nv_bfloat16*>(out.data());
+      p.batch = static_cast<int>(B);
+      p.heads = heads;
+      p.head_dim = static_cast<int>(D);
+      p.grid_h = p.grid_w = window;
+      p.image_h = static_cast<int>(H);
+      p.image_w = static_cast<int>(W);
+      try {
+        cuda::attention_relpos(p, stream());
+      } catch (const Error&) {
+        throw;
+      } catch (const std::exception& e) {
+        throw Error(std::string("cuda window_attention_relpos: ") + e.what());
       }
     });
   }

@@ -1,5 +1,4 @@
-// Memory-bound kernels of the CUDA backend (norms, window (un)partition, elementwise, layout
-// changes) and a plain, exact attention kernel for the mask decoder. Each is the twin of the CPU
+// Memory-bound kernels of the CUDA backend (norms, elementwise, layout changes) and a plain, exact attention kernel for the mask decoder. Each is the twin of the CPU
 // backend's op of the same name (src/backend/cpu/cpu_backend.cpp); tests/test_cuda.cpp holds them
 // to it.
 //
@@ -129,12 +128,12 @@ unsigned blocks_for(int64_t work, int threads) {
 
 constexpr int kThreads = 256;
 
-// ---- runs: copy (or add) contiguous runs of elements from one layout to another -----------------
+// ---- runs: copy contiguous runs of elements from one layout to another -----------------
 //
-// patchify, unpatchify, im2col, window unpartition and copy_tokens all move runs of `len`
+// patchify, unpatchify, im2col and copy_tokens all move runs of `len`
 // contiguous elements; a map says where run r comes from (-1: zeros) and where it goes.
 
-template <class Map, class TS, class TD, int V, bool kAdd>
+template <class Map, class TS, class TD, int V>
 __global__ void run_copy_kernel(const TS* src, TD* dst, Map map, int64_t runs, int64_t len) {
   const int64_t chunks = len / V, total = runs * chunks;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
@@ -148,18 +147,12 @@ __global__ void run_copy_kernel(const TS* src, TD* dst, Map map, int64_t runs, i
 #pragma unroll
       for (int k = 0; k < V; ++k) v[k] = 0.0f;
     }
-    if constexpr (kAdd) {
-      float o[V];
-      load_vec<V>(dst + d + e, o);
-#pragma unroll
-      for (int k = 0; k < V; ++k) v[k] += o[k];
-    }
     store_vec<V>(dst + d + e, v);
   }
 }
 
 // `vec_ok`: every run offset the map produces is a multiple of 8 elements (and len too).
-template <bool kAdd, class Map>
+template <class Map>
 void launch_runs(const Tensor& src, Tensor& dst, const Map& map, int64_t runs, int64_t len, bool vec_ok,
                  cudaStream_t stream, const char* what) {
   if (runs * len == 0) return;
@@ -171,9 +164,9 @@ void launch_runs(const Tensor& src, Tensor& dst, const Map& map, int64_t runs, i
       const auto* s = static_cast<const TS*>(src.data());
       auto* d = static_cast<TD*>(dst.data());
       if (v8)
-        run_copy_kernel<Map, TS, TD, 8, kAdd><<<blocks_for(runs * len / 8, kThreads), kThreads, 0, stream>>>(s, d, map, runs, len);
+        run_copy_kernel<Map, TS, TD, 8><<<blocks_for(runs * len / 8, kThreads), kThreads, 0, stream>>>(s, d, map, runs, len);
       else
-        run_copy_kernel<Map, TS, TD, 1, kAdd><<<blocks_for(runs * len, kThreads), kThreads, 0, stream>>>(s, d, map, runs, len);
+        run_copy_kernel<Map, TS, TD, 1><<<blocks_for(runs * len, kThreads), kThreads, 0, stream>>>(s, d, map, runs, len);
     });
   });
   CUDA_CHECK_LAUNCH(what);
@@ -222,18 +215,6 @@ struct Im2colMap {
   }
 };
 
-// run = (b*H + r)*W + c over x, len C; the source is the token of the window holding (r, c).
-struct UnpartitionMap {
-  int64_t H, W, C, ws, nh, nw;
-  __device__ void operator()(int64_t run, int64_t& s, int64_t& d) const {
-    const int64_t c = run % W, t = run / W;
-    const int64_t r = t % H, b = t / H;
-    const int64_t win = (b * nh + r / ws) * nw + c / ws, tok = (r % ws) * ws + c % ws;
-    s = (win * ws * ws + tok) * C;
-    d = run * C;
-  }
-};
-
 // run = b, len count*C.
 struct TokensMap {
   int64_t Ts, Td, sb, db, C;
@@ -270,36 +251,17 @@ __global__ void activation_kernel(T* x, int64_t n, bool gelu) {
 
 // ---- LayerNorm: one warp per output row ---------------------------------------------------------
 
-// Output row -> input row, or -1 for a row of the window padding (zeros).
-struct RowMap {
-  int64_t H = 0, W = 0, ws = 0, nh = 0, nw = 0;
-  bool windowed = false;
-  __device__ int64_t operator()(int64_t row) const {
-    if (!windowed) return row;
-    const int64_t win = row / (ws * ws), tok = row % (ws * ws);
-    const int64_t b = win / (nh * nw), w = win % (nh * nw);
-    const int64_t r = (w / nw) * ws + tok / ws, c = (w % nw) * ws + tok % ws;
-    return (r < H && c < W) ? (b * H + r) * W + c : -1;
-  }
-};
-
 // C % 8 == 0 and C <= 256 * VPT: each lane holds VPT vectors of 8 in registers, statistics by two
 // passes over the registers (mean, then the centred sum of squares), all fp32.
 template <int VPT, class TX, class TY>
 __global__ void layer_norm_vec_kernel(const TX* x, const float* gamma, const float* beta, TY* y, int64_t rows, int C,
-                                      float eps, RowMap map) {
+                                      float eps) {
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
   const int nvec = C / 8;
   TY* yr = y + row * C;
-  const int64_t src = map(row);
-  if (src < 0) {
-    const float z[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int v = lane; v < nvec; v += 32) store_vec<8>(yr + v * 8, z);
-    return;
-  }
-  const TX* xr = x + src * C;
+  const TX* xr = x + row * C;
   float v[VPT][8];
   float sum = 0.0f;
 #pragma unroll
@@ -341,17 +303,12 @@ __global__ void layer_norm_vec_kernel(const TX* x, const float* gamma, const flo
 // Any C and alignment: three passes over the row in memory (it stays in L1).
 template <class TX, class TY>
 __global__ void layer_norm_any_kernel(const TX* x, const float* gamma, const float* beta, TY* y, int64_t rows, int C,
-                                      float eps, RowMap map) {
+                                      float eps) {
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
   TY* yr = y + row * C;
-  const int64_t src = map(row);
-  if (src < 0) {
-    for (int k = lane; k < C; k += 32) yr[k] = from_float<TY>(0.0f);
-    return;
-  }
-  const TX* xr = x + src * C;
+  const TX* xr = x + row * C;
   float sum = 0.0f;
   for (int k = lane; k < C; k += 32) sum += to_float(xr[k]);
   const float mean = warp_sum(sum) / C;
@@ -366,12 +323,12 @@ __global__ void layer_norm_any_kernel(const TX* x, const float* gamma, const flo
 
 template <int VPT, class TX, class TY>
 void launch_layer_norm_vec(const TX* x, const float* g, const float* b, TY* y, int64_t rows, int C, float eps,
-                           const RowMap& map, unsigned blocks, cudaStream_t stream) {
-  layer_norm_vec_kernel<VPT, TX, TY><<<blocks, kThreads, 0, stream>>>(x, g, b, y, rows, C, eps, map);
+                           unsigned blocks, cudaStream_t stream) {
+  layer_norm_vec_kernel<VPT, TX, TY><<<blocks, kThreads, 0, stream>>>(x, g, b, y, rows, C, eps);
 }
 
 void launch_layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, int64_t rows,
-                       int C, const RowMap& map, cudaStream_t stream) {
+                       int C, cudaStream_t stream) {
   if (rows == 0 || C == 0) return;
   const unsigned blocks = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
   const int vpt = (C / 8 + 31) / 32;
@@ -386,18 +343,18 @@ void launch_layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta,
       const auto* g = gamma.data_as<const float>();
       const auto* b = beta.data_as<const float>();
       if (!vec) {
-        layer_norm_any_kernel<TX, TY><<<blocks, kThreads, 0, stream>>>(xs, g, b, ys, rows, C, eps, map);
+        layer_norm_any_kernel<TX, TY><<<blocks, kThreads, 0, stream>>>(xs, g, b, ys, rows, C, eps);
         return;
       }
       switch (vpt) {
-        case 1: launch_layer_norm_vec<1>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
-        case 2: launch_layer_norm_vec<2>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
-        case 3: launch_layer_norm_vec<3>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
-        case 4: launch_layer_norm_vec<4>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
-        case 5: launch_layer_norm_vec<5>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
-        case 6: launch_layer_norm_vec<6>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
-        case 7: launch_layer_norm_vec<7>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
-        default: launch_layer_norm_vec<8>(xs, g, b, ys, rows, C, eps, map, blocks, stream); break;
+        case 1: launch_layer_norm_vec<1>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
+        case 2: launch_layer_norm_vec<2>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
+        case 3: launch_layer_norm_vec<3>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
+        case 4: launch_layer_norm_vec<4>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
+        case 5: launch_layer_norm_vec<5>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
+        case 6: launch_layer_norm_vec<6>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
+        case 7: launch_layer_norm_vec<7>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
+        default: launch_layer_norm_vec<8>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
       }
     });
   });
@@ -426,6 +383,21 @@ struct AttnParams {
   const float* rel_h;  // [2*grid_h-1, head_dim], null without rel-pos
   const float* rel_w;  // [2*grid_w-1, head_dim]
   int grid_h, grid_w;
+  // Windows cut from an image grid (img_h > 0; q_batch, k_batch, v_batch, o_batch 0): sequence b is
+  // window b % (n_wy * n_wx) of image b / (n_wy * n_wx), token t its grid token (wy*grid_h + t/grid_w,
+  // wx*grid_w + t%grid_w); rows are grid tokens, padding tokens read pad_q/k/v and are not written.
+  int img_h, img_w, n_wy, n_wx;
+  const void* pad_q;
+  const void* pad_k;
+  const void* pad_v;
+
+  // Row of token t of sequence b (times the row strides above), or -1 for a padding token.
+  __device__ int64_t row(int64_t b, int t) const {
+    if (img_h == 0) return t;
+    const int64_t img = b / (int64_t(n_wy) * n_wx), w = b % (int64_t(n_wy) * n_wx);
+    const int y = int(w / n_wx) * grid_h + t / grid_w, x = int(w % n_wx) * grid_w + t % grid_w;
+    return (y < img_h && x < img_w) ? (img * img_h + y) * img_w + x : -1;
+  }
 };
 
 size_t attention_smem_bytes(int hd, int gh, int gw, bool relpos) {
@@ -453,10 +425,14 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(AttnParams p
   const TI* qg = static_cast<const TI*>(p.q) + b * p.q_batch + int64_t(h) * hd;
   const TI* kg = static_cast<const TI*>(p.k) + b * p.k_batch + int64_t(h) * hd;
   const TI* vg = static_cast<const TI*>(p.v) + b * p.v_batch + int64_t(h) * hd;
+  const TI* qpad = p.pad_q ? static_cast<const TI*>(p.pad_q) + int64_t(h) * hd : nullptr;
+  const TI* kpad = p.pad_k ? static_cast<const TI*>(p.pad_k) + int64_t(h) * hd : nullptr;
+  const TI* vpad = p.pad_v ? static_cast<const TI*>(p.pad_v) + int64_t(h) * hd : nullptr;
 
   for (int i = tid; i < kAttnQueries * hd; i += blockDim.x) {
     const int qi = i / hd, d = i % hd, t = q0 + qi;
-    q_s[i] = t < p.Tq ? to_float(qg[int64_t(t) * p.q_row + d]) : 0.0f;
+    const int64_t r = t < p.Tq ? p.row(b, t) : 0;
+    q_s[i] = t < p.Tq ? to_float(r >= 0 ? qg[r * p.q_row + d] : qpad[d]) : 0.0f;
   }
   __syncthreads();
   if (relpos) {
@@ -486,8 +462,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(AttnParams p
     for (int i = tid; i < kAttnKeys * hd; i += blockDim.x) {
       const int j = i / hd, d = i % hd, key = j0 + j;
       const bool ok = key < p.Tk;
-      k_s[j * (hd + 1) + d] = ok ? to_float(kg[int64_t(key) * p.k_row + d]) : 0.0f;
-      v_s[j * hd + d] = ok ? to_float(vg[int64_t(key) * p.v_row + d]) : 0.0f;
+      const int64_t r = ok ? p.row(b, key) : 0;
+      k_s[j * (hd + 1) + d] = ok ? to_float(r >= 0 ? kg[r * p.k_row + d] : kpad[d]) : 0.0f;
+      v_s[j * hd + d] = ok ? to_float(r >= 0 ? vg[r * p.v_row + d] : vpad[d]) : 0.0f;
     }
     __syncthreads();
     const int key = j0 + lane;
@@ -528,11 +505,13 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(AttnParams p
   for (int n = 0; n < kAttnQueriesPerWarp; ++n) {
     const int t = q0 + warp * kAttnQueriesPerWarp + n;
     if (t >= p.Tq) continue;
+    const int64_t r = p.row(b, t);
+    if (r < 0) continue;
     const float inv = 1.0f / l[n];
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
       const int d = lane + 32 * c;
-      if (d < hd) og[int64_t(t) * p.o_row + d] = from_float<TO>(o[n][c] * inv);
+      if (d < hd) og[r * p.o_row + d] = from_float<TO>(o[n][c] * inv);
     }
   }
 }
@@ -619,35 +598,7 @@ void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
                                              shape_str(y.shape()));
   require_f32_param(gamma, C, "layer_norm", "weight");
   require_f32_param(beta, C, "layer_norm", "bias");
-  launch_layer_norm(x, gamma, beta, eps, y, x.numel() / C, static_cast<int>(C), RowMap{}, stream);
-}
-
-void layer_norm_window_partition(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, int ws,
-                                 Tensor& y, cudaStream_t stream) {
-  require_device(x, "layer_norm_window_partition", "input");
-  require_device(y, "layer_norm_window_partition", "output");
-  check(x.ndim() == 4 && ws > 0, "cuda layer_norm_window_partition: input must be [B, H, W, C], found " +
-                                     shape_str(x.shape()));
-  const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
-  const int64_t nh = (H + ws - 1) / ws, nw = (W + ws - 1) / ws;
-  check(y.numel() == B * nh * nw * ws * ws * C,
-        "cuda layer_norm_window_partition: output " + shape_str(y.shape()) + " for input " + shape_str(x.shape()));
-  require_f32_param(gamma, C, "layer_norm_window_partition", "weight");
-  require_f32_param(beta, C, "layer_norm_window_partition", "bias");
-  RowMap map{H, W, ws, nh, nw, true};
-  launch_layer_norm(x, gamma, beta, eps, y, B * nh * nw * ws * ws, static_cast<int>(C), map, stream);
-}
-
-void window_unpartition_add(const Tensor& y, int ws, Tensor& x, cudaStream_t stream) {
-  require_device(y, "window_unpartition_add", "windows");
-  require_device(x, "window_unpartition_add", "grid");
-  check(x.ndim() == 4 && ws > 0, "cuda window_unpartition_add: grid must be [B, H, W, C], found " + shape_str(x.shape()));
-  const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
-  const int64_t nh = (H + ws - 1) / ws, nw = (W + ws - 1) / ws;
-  check(y.numel() == B * nh * nw * ws * ws * C,
-        "cuda window_unpartition_add: windows " + shape_str(y.shape()) + " for grid " + shape_str(x.shape()));
-  launch_runs<true>(y, x, UnpartitionMap{H, W, C, ws, nh, nw}, B * H * W, C, C % 8 == 0, stream,
-                    "window_unpartition_add kernel");
+  launch_layer_norm(x, gamma, beta, eps, y, x.numel() / C, static_cast<int>(C), stream);
 }
 
 void add(const Tensor& a, const Tensor& b, Tensor& y, cudaStream_t stream) {
@@ -696,7 +647,7 @@ void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, i
                                  B, cudaMemcpyDeviceToDevice, stream));
     return;
   }
-  launch_runs<false>(src, dst, TokensMap{Ts, Td, src_begin, dst_begin, C}, B, count * C, C % 8 == 0, stream,
+  launch_runs(src, dst, TokensMap{Ts, Td, src_begin, dst_begin, C}, B, count * C, C % 8 == 0, stream,
                      "copy_tokens kernel");
 }
 
@@ -724,7 +675,7 @@ void patchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream) {
   const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3), Ho = H / p, Wo = W / p;
   check(H % p == 0 && W % p == 0 && y.numel() == x.numel(),
         "cuda patchify: " + shape_str(x.shape()) + " by " + std::to_string(p) + " into " + shape_str(y.shape()));
-  launch_runs<false>(x, y, PatchifyMap{H, W, C, Ho, Wo, p}, B * Ho * Wo * p, p * C, (p * C) % 8 == 0, stream,
+  launch_runs(x, y, PatchifyMap{H, W, C, Ho, Wo, p}, B * Ho * Wo * p, p * C, (p * C) % 8 == 0, stream,
                      "patchify kernel");
 }
 
@@ -735,7 +686,7 @@ void unpatchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream) {
   const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3) / (int64_t(p) * p);
   check(x.dim(3) == C * p * p && y.numel() == x.numel(),
         "cuda unpatchify: " + shape_str(x.shape()) + " by " + std::to_string(p) + " into " + shape_str(y.shape()));
-  launch_runs<false>(x, y, UnpatchifyMap{H, W, C, p}, B * H * W * p, p * C, (p * C) % 8 == 0, stream,
+  launch_runs(x, y, UnpatchifyMap{H, W, C, p}, B * H * W * p, p * C, (p * C) % 8 == 0, stream,
                      "unpatchify kernel");
 }
 
@@ -745,7 +696,7 @@ void im2col3x3(const Tensor& x, Tensor& y, cudaStream_t stream) {
   check(x.ndim() == 4 && y.numel() == 9 * x.numel(),
         "cuda im2col3x3: " + shape_str(x.shape()) + " into " + shape_str(y.shape()));
   const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
-  launch_runs<false>(x, y, Im2colMap{H, W, C}, B * H * W * 9, C, C % 8 == 0, stream, "im2col3x3 kernel");
+  launch_runs(x, y, Im2colMap{H, W, C}, B * H * W * 9, C, C % 8 == 0, stream, "im2col3x3 kernel");
 }
 
 void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Tensor& out, cudaStream_t stream) {
@@ -806,6 +757,43 @@ void attention_relpos_reference(const Tensor& qkv, const Tensor& rel_pos_h, cons
   p.rel_h = rel_pos_h.data_as<const float>(), p.rel_w = rel_pos_w.data_as<const float>();
   p.grid_h = gh, p.grid_w = gw;
   launch_attention(p, qkv.dtype(), out.dtype(), heads, B, stream);
+}
+
+void window_attention_relpos_reference(const Tensor& qkv, const Tensor& pad_qkv, const Tensor& rel_pos_h,
+                                       const Tensor& rel_pos_w, int heads, int ws, Tensor& out, cudaStream_t stream) {
+  require_device(qkv, "window_attention_relpos", "qkv");
+  require_device(pad_qkv, "window_attention_relpos", "pad_qkv");
+  require_device(out, "window_attention_relpos", "output");
+  check(qkv.ndim() == 4 && heads > 0 && ws > 0 && qkv.dim(3) % (3 * heads) == 0,
+        "cuda window_attention_relpos: qkv " + shape_str(qkv.shape()) + " must be [B, H, W, 3 x " +
+            std::to_string(heads) + " heads x head_dim]");
+  const int64_t B = qkv.dim(0), H = qkv.dim(1), W = qkv.dim(2), HD = qkv.dim(3) / 3, D = HD / heads;
+  check(pad_qkv.numel() == 3 * HD && pad_qkv.dtype() == qkv.dtype(),
+        "cuda window_attention_relpos: pad_qkv " + std::string(dtype_name(pad_qkv.dtype())) + " " +
+            shape_str(pad_qkv.shape()) + " for qkv " + dtype_name(qkv.dtype()) + " " + shape_str(qkv.shape()));
+  require_f32_param(rel_pos_h, (2 * ws - 1) * D, "window_attention_relpos", "rel_pos_h");
+  require_f32_param(rel_pos_w, (2 * ws - 1) * D, "window_attention_relpos", "rel_pos_w");
+  check(out.numel() == B * H * W * HD, "cuda window_attention_relpos: output " + shape_str(out.shape()));
+  const size_t es = dtype_size(qkv.dtype());
+  const int64_t n_wy = (H + ws - 1) / ws, n_wx = (W + ws - 1) / ws;
+  AttnParams p{};
+  p.q = qkv.data();
+  p.k = static_cast<const char*>(qkv.data()) + HD * es;
+  p.v = static_cast<const char*>(qkv.data()) + 2 * HD * es;
+  p.out = out.data();
+  p.q_batch = p.k_batch = p.v_batch = p.o_batch = 0;
+  p.q_row = p.k_row = p.v_row = 3 * HD;
+  p.o_row = HD;
+  p.Tq = p.Tk = ws * ws, p.head_dim = static_cast<int>(D);
+  p.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  p.rel_h = rel_pos_h.data_as<const float>(), p.rel_w = rel_pos_w.data_as<const float>();
+  p.grid_h = p.grid_w = ws;
+  p.img_h = static_cast<int>(H), p.img_w = static_cast<int>(W);
+  p.n_wy = static_cast<int>(n_wy), p.n_wx = static_cast<int>(n_wx);
+  p.pad_q = pad_qkv.data();
+  p.pad_k = static_cast<const char*>(pad_qkv.data()) + HD * es;
+  p.pad_v = static_cast<const char*>(pad_qkv.data()) + 2 * HD * es;
+  launch_attention(p, qkv.dtype(), out.dtype(), heads, B * n_wy * n_wx, stream);
 }
 
 void gemm_reference(const GemmArgs& g, cudaStream_t stream) {

@@ -17,13 +17,6 @@ struct GemmArgs;  // gemm.h
 // y = LayerNorm(x) over the last dim (y may alias x). gamma, beta: fp32 [C].
 void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, cudaStream_t stream);
 
-// x [B, H, W, C] -> LayerNorm -> zero-pad to multiples of `window` -> y [B*nh*nw, window^2, C].
-void layer_norm_window_partition(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, int window,
-                                 Tensor& y, cudaStream_t stream);
-
-// x [B, H, W, C] += unpartition(y [B*nh*nw, window^2, C]), the padding dropped.
-void window_unpartition_add(const Tensor& y, int window, Tensor& x, cudaStream_t stream);
-
 // y = a + b with b repeated over a (b's numel divides a's, same last dim). y may alias a.
 void add(const Tensor& a, const Tensor& b, Tensor& y, cudaStream_t stream);
 
@@ -48,6 +41,13 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Ten
 // rel_pos_w [2*gw-1, hd] in fp32, out [B, T, heads*hd].
 void attention_relpos_reference(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads,
                                 int grid_h, int grid_w, Tensor& out, cudaStream_t stream);
+
+// The same inside SAM's windows on an image grid (Backend::window_attention_relpos): qkv
+// [B, H, W, 3*heads*hd], pad_qkv [3*heads*hd] (same dtype), rel_pos tables [2*window-1, hd] in fp32,
+// out [B, H, W, heads*hd], real tokens only.
+void window_attention_relpos_reference(const Tensor& qkv, const Tensor& pad_qkv, const Tensor& rel_pos_h,
+                                       const Tensor& rel_pos_w, int heads, int window, Tensor& out,
+                                       cudaStream_t stream);
 
 // D = act(A B^T + bias) + C as GemmArgs describes it, in plain fp32 arithmetic (GELU exact):
 // the fallback for products cuBLASLt has no algorithm for (tiny or oddly aligned shapes).
