@@ -19,6 +19,7 @@
 #include "io/checkpoint.h"
 #include "model/config.h"
 #include "model/sam.h"
+#include "pipeline/amg_utils.h"
 #include "segany/image.h"
 #include "test_util.h"
 
@@ -85,7 +86,8 @@ int64_t golden_parameters() {
 TEST(Cli, HelpOfEverySubcommandListsItsOptions) {
   const std::string dir = test::temp_dir("cli_help");
   const std::vector<std::pair<std::string, std::vector<std::string>>> commands = {
-      {"segment", {"--point", "--box", "--mask-input", "--multimask", "--out", "--dump", "--device", "--threads", "--config"}},
+      {"segment", {"--point", "--box", "--mask-input", "--multimask", "--out", "--dump", "--device", "--threads", "--config",
+                   "--prompts", "--png"}},
       {"info", {"--config", "--json"}},
       {"convert", {"--dtype"}},
       {"init", {"--arch", "--seed", "--config"}},
@@ -509,6 +511,89 @@ TEST(Cli, EverythingOnAFolderSkipsABadImageAndResumes) {
   const CliRun third = segany(everything_args(in, "--box-nms-thresh 0.5 --out " + q(out)), dir);
   EXPECT_EQ(third.code, 0) << third.err;
   EXPECT_CONTAINS(third.err, "[3/3]");
+}
+
+}  // namespace
+}  // namespace segany
+
+// ---------------------------------------------------------------------------------------------
+// segment --prompts (appended: many images, many prompt sets each)
+
+namespace segany {
+namespace {
+
+// A mask PNG (0/255) as 0/1, row-major.
+std::vector<uint8_t> png_mask(const std::string& path) {
+  const Image im = load_image(path);
+  std::vector<uint8_t> out(static_cast<size_t>(im.width) * im.height);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = im.rgb[i * 3] ? 1 : 0;
+  return out;
+}
+
+TEST(Cli, SegmentPromptsFileMatchesSingleRunsAndSkipsABadImage) {
+  SEGANY_REQUIRE_GOLDEN();
+  const std::string dir = test::temp_dir("cli_prompts"), in = dir + "/in", out = dir + "/out";
+  fs::create_directories(in);
+  fs::copy_file(dog(), in + "/dog.jpg");
+  std::ofstream(in + "/broken.png") << "not a png";
+  std::ofstream(in + "/prompts.json") << R"({"images": [
+    {"file": "broken.png", "prompts": [{"points": [[10, 10, 1]]}]},
+    {"file": "dog.jpg", "prompts": [
+      {"points": [[400, 250, 1]]},
+      {"points": [[400, 250, 1], [100, 80, 0]], "box": [200, 100, 600, 500], "multimask": true}]}]})";
+  const CliRun r = segany("segment " + q(checkpoint()) + " --config " + q(config()) + " --prompts " +
+                              q(in + "/prompts.json") + " --png --out " + q(out),
+                          dir);
+  EXPECT_FAILS_WITH(r, "broken.png");
+  EXPECT_CONTAINS(r.err, "1 of 2 images");
+
+  // The same prompts one by one, as plain `segment` runs.
+  const std::vector<std::string> plain = {"--point 400,250", "--point 400,250 --point 100,80,0 --box 200,100,600,500 --multimask"};
+  const nlohmann::json j = nlohmann::json::parse(read_text(out + "/results.json"));
+  ASSERT_EQ(j.at("images").size(), 1u);
+  const nlohmann::json& im = j["images"][0];
+  EXPECT_EQ(im.at("file"), "dog.jpg");
+  EXPECT_EQ(im.at("width"), 800);
+  EXPECT_EQ(im.at("height"), 534);
+  ASSERT_EQ(im.at("results").size(), plain.size());
+  for (size_t k = 0; k < plain.size(); ++k) {
+    const std::string single = dir + "/single" + std::to_string(k);
+    ASSERT_EQ(segany(segment_args(plain[k] + " --out " + q(single)), dir).code, 0);
+    const nlohmann::json s = nlohmann::json::parse(read_text(single + "/result.json"));
+    const nlohmann::json& res = im["results"][k];
+    EXPECT_EQ(res.at("prompt"), k);
+    ASSERT_EQ(res.at("masks").size(), s.at("masks").size()) << "prompt " << k;
+    for (size_t m = 0; m < s["masks"].size(); ++m) {
+      SCOPED_TRACE("prompt " + std::to_string(k) + ", mask " + std::to_string(m));
+      const nlohmann::json& got = res["masks"][m];
+      EXPECT_EQ(got.at("score"), s["masks"][m].at("score"));
+      EXPECT_EQ(got.at("area"), s["masks"][m].at("area"));
+      EXPECT_EQ(got.at("bbox"), s["masks"][m].at("bbox"));
+      EXPECT_EQ(got.at("segmentation").at("size"), nlohmann::json({534, 800}));
+      const Rle rle = amg::rle_from_coco_string(got["segmentation"].at("counts").get<std::string>(), 534, 800);
+      const std::vector<uint8_t> want = png_mask(single + "/" + s["masks"][m].at("file").get<std::string>());
+      EXPECT_TRUE(amg::rle_to_mask(rle) == want) << "the RLE is not the plain run's mask";
+      EXPECT_TRUE(png_mask(out + "/dog_" + std::to_string(k) + "_" + std::to_string(m) + ".png") == want);
+    }
+  }
+
+  // Errors in the file name the image and the prompt; the positional image and --prompts exclude each other.
+  std::ofstream(in + "/bad_prompt.json") << R"({"images": [{"file": "dog.jpg", "prompts": [{"points": [[1, 1]]}, {"points": [[900, 10, 1]]}]}]})";
+  EXPECT_FAILS_WITH(segany("segment " + q(checkpoint()) + " --config " + q(config()) + " --prompts " +
+                               q(in + "/bad_prompt.json") + " --out " + q(out),
+                           dir),
+                    "image 0 (dog.jpg), prompt 1: point (900, 10) lies outside");
+  std::ofstream(in + "/bad_key.json") << R"({"images": [{"file": "dog.jpg", "prompts": [{"point": [[1, 1]]}]}]})";
+  EXPECT_FAILS_WITH(segany("segment " + q(checkpoint()) + " --config " + q(config()) + " --prompts " +
+                               q(in + "/bad_key.json") + " --out " + q(out),
+                           dir),
+                    "image 0 (dog.jpg), prompt 0: unknown key 'point'");
+  std::ofstream(in + "/bad.json") << R"({"images": [)";
+  EXPECT_FAILS_WITH(segany("segment " + q(checkpoint()) + " --config " + q(config()) + " --prompts " +
+                               q(in + "/bad.json") + " --out " + q(out),
+                           dir),
+                    "not valid JSON");
+  EXPECT_FAILS_WITH(segany(segment_args("--prompts " + q(in + "/prompts.json")), dir), "excludes");
 }
 
 }  // namespace

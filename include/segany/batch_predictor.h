@@ -1,0 +1,64 @@
+// BatchPredictor: many images, any number of prompt sets each, in one call. Each image comes as
+// pixels (encoded first) or as an embedding computed earlier (Predictor::image_embedding, the
+// Embedder, `segany embed`). Every prompt set gives the same Masks as Predictor::predict would.
+//
+//   segany::BatchPredictor predictor("sam_vit_h_4b8939.pth", {.device = "cuda"});
+//   std::vector<segany::BatchInput> batch;
+//   batch.push_back(segany::BatchInput::of_image(image, {prompt_a, prompt_b}));
+//   batch.push_back(segany::BatchInput::of_embedding(embedding, {prompt_c}));
+//   auto masks = predictor.predict(batch);  // masks[image][prompt set]
+//
+// Inside, each image's embedding stays on the device and is shared by all of its prompts; the
+// prompts of an image decode together in groups of equal shape, and the results come back to
+// the host with one wait for the whole batch.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "segany/embedder.h"
+#include "segany/image.h"
+#include "segany/predictor.h"
+#include "segany/tensor.h"
+
+namespace segany {
+
+// One image of a batch and its prompt sets (any number, none included: an image without prompts
+// is not encoded and gets no results).
+struct BatchInput {
+  // The image: pixels to encode (borrowed: they must outlive predict()) ...
+  const Image* image = nullptr;
+  // ... or its embedding, float32 [1, C, 64, 64] on the host, with the image's size and its size
+  // once resized (input_h/input_w 0: computed from the original size, as the encoder resizes).
+  Tensor embedding;
+  int original_h = 0, original_w = 0, input_h = 0, input_w = 0;
+  std::vector<Prompt> prompts;
+  // How errors name this image; empty: "image <index in the batch>".
+  std::string name;
+
+  static BatchInput of_image(const Image& image, std::vector<Prompt> prompts = {});
+  static BatchInput of_embedding(Tensor embedding, int original_h, int original_w, std::vector<Prompt> prompts = {});
+  static BatchInput of_embedding(const Embedding& e, std::vector<Prompt> prompts = {});
+};
+
+class BatchPredictor {
+ public:
+  explicit BatchPredictor(const std::string& checkpoint, const PredictorOptions& options = {});
+  ~BatchPredictor();
+  BatchPredictor(BatchPredictor&&) noexcept;
+  BatchPredictor& operator=(BatchPredictor&&) noexcept;
+
+  // Masks for every prompt set of every image: result[i][k] for batch[i].prompts[k], as
+  // Predictor::predict gives them. Everything is validated before the model runs; errors name
+  // the image and the prompt ("image 2, prompt 5: point (900, 10) lies outside the 800x534 image").
+  std::vector<std::vector<Masks>> predict(const std::vector<BatchInput>& batch);
+
+  std::string arch() const;  // vit_b, vit_l, vit_h or custom
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace segany

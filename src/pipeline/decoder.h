@@ -1,0 +1,71 @@
+// What Predictor (one image) and BatchPredictor (many images) share: image embeddings in the layout
+// the mask decoder reads, prompts validated and moved into the model's frame, and the Decoder,
+// which turns prompts into masks against embeddings already on the device.
+//
+// The Decoder groups each image's prompts into sets that decode in one batch (the same number of
+// sparse tokens, and all or none with a mask input), queues every group of every image, and only
+// then copies the outputs to the host, with one wait for all of them. The image embedding
+// [1, G*G, C] is shared by every prompt of its image: MaskDecoder::forward broadcasts it.
+#pragma once
+
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/sam.h"
+#include "segany/predictor.h"
+
+namespace segany {
+
+// Where an image sits in the model's input: its size, and its size once resized (longest side
+// img_size) inside the padded square.
+struct ImageFrame {
+  int original_h = 0, original_w = 0, input_h = 0, input_w = 0;
+};
+// The frame of an image of original_h x original_w pixels (throws if it cannot be resized).
+ImageFrame image_frame(int original_h, int original_w, int img_size);
+
+// Image pixels u8 [h, w, 3] (host memory the backend reads: the image itself on the CPU, pinned
+// on CUDA) -> the image embedding [1, G*G, C] on the device, in a tensor of its own. Records
+// `pixels_read`, if given, once the device no longer needs the pixels.
+Tensor encode_image(Sam& sam, const Tensor& pixels, Backend::Fence* pixels_read = nullptr);
+// Throws unless `nchw` is an image embedding of this model: float32 [1, C, G, G] on the host.
+void check_embedding(const Sam& sam, const Tensor& nchw, const std::string& what);
+// float32 [1, C, G, G] on the host (Predictor::image_embedding, Embedder) <-> [1, G*G, C] on the device.
+Tensor embedding_to_device(Sam& sam, const Tensor& nchw, const std::string& what);
+Tensor embedding_to_host(Sam& sam, const Tensor& tokens);
+
+// A prompt in the model's frame, validated. mask_input points into the caller's Prompt.
+struct PreparedPrompt {
+  PromptSet set;
+  const Tensor* mask_input = nullptr;
+  bool multimask = false;
+};
+// Checks `p` against the image and the model; errors start with `where` ("prompt 3: ").
+PreparedPrompt prepare_prompt(const Prompt& p, const ImageFrame& frame, const SamConfig& cfg, const std::string& where);
+
+class Decoder {
+ public:
+  explicit Decoder(Sam& sam);
+
+  // One image's prompts: its embedding [1, G*G, C] on the device, and where its Masks go
+  // (out.size() == prompts.size()).
+  struct Job {
+    const Tensor* embedding = nullptr;
+    ImageFrame frame;
+    std::span<const PreparedPrompt> prompts;
+    std::span<Masks> out;
+  };
+  // Decodes every job's prompts, grouped as above, with one wait for the device. Fills each Masks'
+  // low-res logits and scores, and its masks at the image's size when masks_at_image_size.
+  void decode(std::span<const Job> jobs, bool masks_at_image_size);
+
+ private:
+  Sam& sam_;
+  Tensor staging_low_, staging_iou_;  // host (pinned on CUDA), grown as needed and reused
+  std::unique_ptr<Backend::Fence> done_;
+};
+
+}  // namespace segany

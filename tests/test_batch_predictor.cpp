@@ -1,0 +1,255 @@
+// The BatchPredictor against the Predictor and the golden outputs (../shared/golden): a batch that
+// holds each model's image twice, as pixels and as a precomputed embedding, with 0, 1 and 16
+// prompt sets of every shape gives, for each set, what Predictor::predict gives for it alone.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <memory>
+
+#include "io/checkpoint.h"
+#include "segany/batch_predictor.h"
+#include "segany/predictor.h"
+#include "test_util.h"
+
+namespace segany {
+namespace {
+
+struct Model {
+  std::string dir, image;
+};
+
+const std::map<std::string, Model>& models() {
+  static const std::map<std::string, Model> m = {
+      {"micro_h80", {"micro_h80", "truck.jpg"}},
+      {"micro_h64", {"micro_h64", "dog.jpg"}},
+  };
+  return m;
+}
+
+std::string model_dir(const std::string& name) { return test::golden_dir() + "/" + models().at(name).dir; }
+
+PredictorOptions options_for(const std::string& name) {
+  PredictorOptions opt;
+  opt.config = model_dir(name) + "/config.json";
+  return opt;
+}
+
+float max_abs_diff(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.numel(), b.numel());
+  const Tensor fa = a.to_f32(), fb = b.to_f32();
+  float m = 0;
+  for (int64_t i = 0; i < std::min(a.numel(), b.numel()); ++i) {
+    const float d = std::fabs(fa.data_as<float>()[i] - fb.data_as<float>()[i]);
+    if (!(d <= m)) m = d;  // NaN propagates as a failure
+  }
+  return m;
+}
+
+// IoU of mask m (uint8 [H, W]) with reference mask r unpacked from numpy.packbits rows.
+double mask_iou(const uint8_t* m, const uint8_t* packed, int H, int W) {
+  const int row_bytes = (W + 7) / 8;
+  int64_t inter = 0, uni = 0;
+  for (int y = 0; y < H; ++y)
+    for (int x = 0; x < W; ++x) {
+      const bool r = (packed[y * row_bytes + x / 8] >> (7 - x % 8)) & 1;
+      const bool a = m[static_cast<size_t>(y) * W + x] != 0;
+      inter += (a && r);
+      uni += (a || r);
+    }
+  return uni == 0 ? 1.0 : static_cast<double>(inter) / static_cast<double>(uni);
+}
+
+// As test_golden.cpp: `got` against the golden tensors under `prefix` (element `index` of a batch
+// case), with golden/README.md's tolerances.
+void expect_matches_golden(const Masks& got, const io::TensorMap& g, const std::string& prefix, int64_t index) {
+  Tensor iou = g.at(prefix + ".iou"), low = g.at(prefix + ".low_res_logits"), packed = g.at(prefix + ".masks_packed");
+  if (index >= 0) {
+    iou = iou.slice0(index, index + 1);
+    low = low.slice0(index, index + 1);
+    packed = packed.slice0(index, index + 1);
+  }
+  const int64_t M = iou.numel();
+  ASSERT_EQ(got.count(), M) << prefix;
+  EXPECT_LE(max_abs_diff(got.scores, iou.view({M})), 1e-4f) << prefix << ": IoU predictions";
+  EXPECT_LE(max_abs_diff(got.low_res_logits, low.view({M, 256, 256})), 1e-3f) << prefix << ": low-res logits";
+  const int H = static_cast<int>(got.masks.dim(1)), W = static_cast<int>(got.masks.dim(2));
+  ASSERT_EQ(packed.numel(), M * H * ((W + 7) / 8)) << prefix << ": mask size";
+  for (int64_t m = 0; m < M; ++m)
+    EXPECT_GE(
+        mask_iou(got.masks.data_as<uint8_t>() + m * H * W, packed.data_as<uint8_t>() + m * H * ((W + 7) / 8), H, W),
+        0.995)
+        << prefix << ": mask " << m;
+}
+
+Prompt golden_prompt(const io::TensorMap& g, const std::string& c) {
+  Prompt p;
+  if (g.contains(c + ".point_coords")) {
+    const Tensor pc = g.at(c + ".point_coords").to_f32(), pl = g.at(c + ".point_labels");
+    for (int64_t i = 0; i < pc.dim(0); ++i)
+      p.points.push_back({pc.data_as<float>()[2 * i], pc.data_as<float>()[2 * i + 1], pl.data_as<int32_t>()[i]});
+  }
+  if (g.contains(c + ".box")) {
+    const float* b = g.at(c + ".box").data_as<const float>();
+    p.box = Box{b[0], b[1], b[2], b[3]};
+  }
+  if (g.contains(c + ".mask_input")) p.mask_input = g.at(c + ".mask_input").to_f32();
+  p.multimask = g.at(c + ".multimask").data_as<const int32_t>()[0] != 0;
+  return p;
+}
+
+// A prompt set and, for a golden case, where its reference is.
+struct Case {
+  Prompt prompt;
+  std::string golden;  // prefix in golden.safetensors, or empty
+  int64_t index = -1;  // element of a batch case
+};
+
+// The golden cases: the five prompt cases and the three boxes of batch_boxes.
+std::vector<Case> golden_cases(const io::TensorMap& g) {
+  std::vector<Case> out;
+  for (const std::string c : {"point1", "points_fg_bg", "box", "box_point", "mask_input"})
+    out.push_back({golden_prompt(g, c), c, -1});
+  const Tensor boxes = g.at("batch_boxes.boxes").to_f32();
+  for (int64_t i = 0; i < boxes.dim(0); ++i) {
+    const float* b = boxes.data_as<float>() + 4 * i;
+    Prompt p;
+    p.box = Box{b[0], b[1], b[2], b[3]};
+    out.push_back({p, "batch_boxes", i});
+  }
+  return out;
+}
+
+// A variation of the golden prompts with `n` points spread over the W x H image, every third one
+// background; with the golden box when n % 3 == 0, the golden mask input when n % 4 == 1, and
+// multimask for even n.
+Case variation(const io::TensorMap& g, int n, int W, int H) {
+  const Prompt base = golden_prompt(g, "box_point");
+  Prompt p;
+  for (int j = 0; j < n; ++j) {
+    const float x = std::fmod(base.points[0].x + 53.7f * j, static_cast<float>(W));
+    const float y = std::fmod(base.points[0].y + 29.3f * j * j, static_cast<float>(H));
+    p.points.push_back({x, y, j % 3 == 2 ? 0 : 1});
+  }
+  if (n % 3 == 0) p.box = base.box;
+  if (n % 4 == 1) p.mask_input = golden_prompt(g, "mask_input").mask_input;
+  p.multimask = n % 2 == 0;
+  return {p, "", -1};
+}
+
+std::vector<Prompt> prompts_of(const std::vector<Case>& cases) {
+  std::vector<Prompt> out;
+  for (const Case& c : cases) out.push_back(c.prompt);
+  return out;
+}
+
+class BatchGolden : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(BatchGolden, EveryPromptSetAsAloneAndAsGolden) {
+  SEGANY_REQUIRE_GOLDEN();
+  const std::string name = GetParam();
+  const io::TensorMap g = io::load_safetensors(model_dir(name) + "/golden.safetensors");
+  const Image image = load_image(test::shared_dir() + "/images/" + models().at(name).image);
+  Predictor predictor(model_dir(name) + "/checkpoint.pth", options_for(name));
+  predictor.set_image(image);
+  const Tensor embedding = predictor.image_embedding();
+  BatchPredictor batch_predictor(model_dir(name) + "/checkpoint.pth", options_for(name));
+
+  // 16 sets each: the golden cases with variations of 9..16 points; the same for 1..8 points,
+  // reversed (so that the golden cases come in another order); and one set of 3 points.
+  std::vector<Case> a = golden_cases(g), b = golden_cases(g);
+  for (int n = 9; n <= 16; ++n) a.push_back(variation(g, n, image.width, image.height));
+  for (int n = 1; n <= 8; ++n) b.push_back(variation(g, n, image.width, image.height));
+  std::reverse(b.begin(), b.end());
+  ASSERT_EQ(a.size(), 16u);
+  ASSERT_EQ(b.size(), 16u);
+  const std::vector<Case> one = {variation(g, 3, image.width, image.height)};
+  const std::vector<std::vector<Case>> cases = {a, {}, one, b, {}};
+
+  std::vector<BatchInput> batch = {
+      BatchInput::of_image(image, prompts_of(a)),
+      BatchInput::of_image(image),  // no prompts: not encoded, no results
+      BatchInput::of_embedding(embedding, image.height, image.width, prompts_of(one)),
+      BatchInput::of_embedding(embedding, image.height, image.width, prompts_of(b)),
+      BatchInput::of_embedding(embedding, image.height, image.width),
+  };
+  batch[2].name = "embedded";
+  const std::vector<std::vector<Masks>> got = batch_predictor.predict(batch);
+  ASSERT_EQ(got.size(), batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    ASSERT_EQ(got[i].size(), cases[i].size()) << "image " << i;
+    for (size_t k = 0; k < cases[i].size(); ++k) {
+      SCOPED_TRACE("image " + std::to_string(i) + ", prompt " + std::to_string(k));
+      const Masks alone = predictor.predict(cases[i][k].prompt);
+      const Masks& m = got[i][k];
+      ASSERT_EQ(m.count(), alone.count());
+      ASSERT_EQ(m.masks.shape(), alone.masks.shape());
+      EXPECT_LE(max_abs_diff(m.low_res_logits, alone.low_res_logits), 1e-5f);
+      EXPECT_LE(max_abs_diff(m.scores, alone.scores), 1e-6f);
+      // Masks identical, but for pixels whose logit is within float rounding of the threshold: a
+      // batch of prompts runs the decoder's GEMMs with other shapes than one prompt, which moves
+      // logits by ~1e-7 (bit-identical for a prompt decoded alone, as image 2's).
+      const Tensor logits = predictor.upscale_logits(alone.low_res_logits);  // [M, H, W]
+      int64_t differ = 0;
+      for (int64_t j = 0; j < m.masks.numel(); ++j)
+        if (m.masks.data_as<uint8_t>()[j] != alone.masks.data_as<uint8_t>()[j]) {
+          ++differ;
+          EXPECT_LE(std::fabs(logits.data_as<float>()[j]), 1e-5f) << "mask pixel " << j << " differs";
+        }
+      EXPECT_LE(differ, 16) << "mask pixels differ";
+      if (cases[i].size() == 1) {
+        EXPECT_EQ(differ, 0) << "a prompt decoded alone";
+      }
+      if (!cases[i][k].golden.empty()) expect_matches_golden(m, g, cases[i][k].golden, cases[i][k].index);
+    }
+  }
+  // An empty batch is no work.
+  EXPECT_TRUE(batch_predictor.predict({}).empty());
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, BatchGolden, ::testing::Values("micro_h80", "micro_h64"));
+
+// Errors name the image (its index, or the name it was given) and the prompt; nothing runs.
+TEST(BatchPredictor, ErrorsNameImageAndPrompt) {
+  SEGANY_REQUIRE_GOLDEN();
+  const std::string name = "micro_h64";
+  const Image image = load_image(test::shared_dir() + "/images/dog.jpg");  // 800x534
+  BatchPredictor bp(model_dir(name) + "/checkpoint.pth", options_for(name));
+  const Tensor embedding = Tensor::zeros({1, 128, 64, 64});
+  Prompt good;
+  good.points = {{400, 250, 1}};
+  Prompt outside;
+  outside.points = {{400, 250, 1}, {900, 10, 1}};
+  auto expect_error = [&](const std::vector<BatchInput>& batch, const std::vector<std::string>& parts) {
+    try {
+      bp.predict(batch);
+      ADD_FAILURE() << "no error; expected " << parts[0];
+    } catch (const Error& e) {
+      for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+    }
+  };
+  expect_error({BatchInput::of_image(image, {good}), BatchInput::of_image(image, {good, good, outside})},
+               {"image 1, prompt 2: ", "point (900, 10) lies outside the 800x534 image"});
+  BatchInput named = BatchInput::of_embedding(embedding, 534, 800, {Prompt{}});
+  named.name = "dog.jpg";
+  expect_error({named}, {"dog.jpg, prompt 0: ", "needs at least one point"});
+  BatchInput both = BatchInput::of_image(image, {good});
+  both.embedding = embedding;
+  expect_error({both}, {"image 0: ", "an image or an embedding"});
+  expect_error({BatchInput{}}, {"image 0: ", "an image or an embedding"});
+  expect_error({BatchInput::of_image(image), BatchInput::of_embedding(Tensor::zeros({1, 256, 64, 64}), 534, 800)},
+               {"image 1: ", "float32 [1, 128, 64, 64]", "[1, 256, 64, 64]"});
+  expect_error({BatchInput::of_embedding(embedding, 0, 800, {good})}, {"image 0: ", "size"});
+  BatchInput wrong_input = BatchInput::of_embedding(embedding, 534, 800, {good});
+  wrong_input.input_h = 1024;
+  wrong_input.input_w = 684;
+  expect_error({wrong_input}, {"image 0: ", "684x1024"});
+  Prompt bad_mask = good;
+  bad_mask.mask_input = Tensor::zeros({1, 64, 64});
+  expect_error({BatchInput::of_image(image, {good, bad_mask})}, {"image 0, prompt 1: ", "mask input"});
+}
+
+}  // namespace
+}  // namespace segany
