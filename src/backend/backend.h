@@ -163,6 +163,8 @@ class Backend {
   virtual std::map<std::string, double> profile() { return {}; }
 };
 
+// The backend of a device named as users name it: "cpu" or "cuda" (throws on anything else).
+std::unique_ptr<Backend> make_backend(const std::string& device, int threads = 0);
 std::unique_ptr<Backend> make_cpu_backend(int threads = 0);  // 0: OpenMP's default
 std::unique_ptr<Backend> make_cuda_backend(int device = 0);   // throws where CUDA is unavailable
 bool cuda_available();

@@ -47,12 +47,7 @@ struct BatchPredictor::Impl {
 
 BatchPredictor::BatchPredictor(const std::string& checkpoint, const PredictorOptions& options)
     : impl_(std::make_unique<Impl>()) {
-  if (options.device == "cpu")
-    impl_->backend = make_cpu_backend(options.threads);
-  else if (options.device == "cuda")
-    impl_->backend = make_cuda_backend(0);
-  else
-    throw Error("unknown device '" + options.device + "' (expected cpu or cuda)");
+  impl_->backend = make_backend(options.device, options.threads);
   impl_->sam = Sam::load(checkpoint, options.config, *impl_->backend);
   impl_->decoder = std::make_unique<Decoder>(*impl_->sam);
   impl_->pixels_read = impl_->backend->make_fence();

@@ -151,12 +151,7 @@ Embedder::Embedder(const std::string& checkpoint, const EmbedderOptions& options
   check(options.batch > 0, "embedder: batch must be positive, found " + std::to_string(options.batch));
   check(options.workers >= 0, "embedder: workers must be 0 (automatic) or more");
   impl_->options = options;
-  if (options.device == "cpu")
-    impl_->backend = make_cpu_backend(options.threads);
-  else if (options.device == "cuda")
-    impl_->backend = make_cuda_backend(0);
-  else
-    throw Error("unknown device '" + options.device + "' (expected cpu or cuda)");
+  impl_->backend = make_backend(options.device, options.threads);
   impl_->sam = Sam::load(checkpoint, options.config, *impl_->backend);
   for (Impl::Slot& s : impl_->slots) s.fence = impl_->backend->make_fence();
 }
