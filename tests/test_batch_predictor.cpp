@@ -17,6 +17,9 @@
 namespace segany {
 namespace {
 
+using test::mask_iou;
+using test::max_abs_diff;
+
 struct Model {
   std::string dir, image;
 };
@@ -35,31 +38,6 @@ PredictorOptions options_for(const std::string& name) {
   PredictorOptions opt;
   opt.config = model_dir(name) + "/config.json";
   return opt;
-}
-
-float max_abs_diff(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.numel(), b.numel());
-  const Tensor fa = a.to_f32(), fb = b.to_f32();
-  float m = 0;
-  for (int64_t i = 0; i < std::min(a.numel(), b.numel()); ++i) {
-    const float d = std::fabs(fa.data_as<float>()[i] - fb.data_as<float>()[i]);
-    if (!(d <= m)) m = d;  // NaN propagates as a failure
-  }
-  return m;
-}
-
-// IoU of mask m (uint8 [H, W]) with reference mask r unpacked from numpy.packbits rows.
-double mask_iou(const uint8_t* m, const uint8_t* packed, int H, int W) {
-  const int row_bytes = (W + 7) / 8;
-  int64_t inter = 0, uni = 0;
-  for (int y = 0; y < H; ++y)
-    for (int x = 0; x < W; ++x) {
-      const bool r = (packed[y * row_bytes + x / 8] >> (7 - x % 8)) & 1;
-      const bool a = m[static_cast<size_t>(y) * W + x] != 0;
-      inter += (a && r);
-      uni += (a || r);
-    }
-  return uni == 0 ? 1.0 : static_cast<double>(inter) / static_cast<double>(uni);
 }
 
 // As test_golden.cpp: `got` against the golden tensors under `prefix` (element `index` of a batch

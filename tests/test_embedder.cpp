@@ -22,19 +22,10 @@
 namespace segany {
 namespace {
 
+using test::max_abs_diff;
+
 std::string micro() { return test::golden_dir() + "/micro_h64"; }
 std::string image_path(const std::string& name) { return test::shared_dir() + "/images/" + name; }
-
-float max_abs_diff(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.numel(), b.numel());
-  const Tensor fa = a.to_f32(), fb = b.to_f32();
-  float m = 0;
-  for (int64_t i = 0; i < std::min(a.numel(), b.numel()); ++i) {
-    const float d = std::fabs(fa.data_as<float>()[i] - fb.data_as<float>()[i]);
-    if (!(d <= m)) m = d;  // NaN propagates as a failure
-  }
-  return m;
-}
 
 Tensor as_tensor(const Image& im) {
   Tensor t = Tensor::empty({im.height, im.width, 3}, DType::U8);

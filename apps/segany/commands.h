@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include "segany/predictor.h"
 
@@ -48,6 +49,12 @@ void add_model_args(CLI::App* app, ModelArgs& m);
 Point parse_point(const std::string& text);
 // "X0,Y0,X1,Y1".
 Box parse_box(const std::string& text);
+
+// Scores are float32 predictions: six decimals keep JSON readable and lose nothing real.
+double rounded(double v);
+// JSON for people and programs alike: one line per key and one per record of an array of objects
+// (masks, annotations), rather than one line per number; files of many masks stay diffable.
+std::string format_result(const nlohmann::ordered_json& result);
 
 // "8.6 MB": a size in bytes for people.
 std::string human_bytes(uint64_t bytes);

@@ -1,5 +1,6 @@
 // Parsing of prompt arguments and formatting shared by the subcommands.
 #include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <system_error>
@@ -88,6 +89,25 @@ void add_model_args(CLI::App* app, ModelArgs& m) {
   app->add_option("--threads", m.threads, "CPU threads; 0: all cores")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+}
+
+double rounded(double v) { return std::round(v * 1e6) / 1e6; }
+
+std::string format_result(const nlohmann::ordered_json& result) {
+  std::string text = "{\n";
+  size_t i = 0;
+  for (const auto& [key, value] : result.items()) {
+    text += "  " + nlohmann::json(key).dump() + ": ";
+    if (value.is_array() && !value.empty() && value.front().is_object()) {
+      text += "[\n";
+      for (size_t k = 0; k < value.size(); ++k) text += "    " + value[k].dump() + (k + 1 < value.size() ? ",\n" : "\n");
+      text += "  ]";
+    } else {
+      text += value.dump();
+    }
+    text += ++i < result.size() ? ",\n" : "\n";
+  }
+  return text + "}\n";
 }
 
 }  // namespace segany::cli

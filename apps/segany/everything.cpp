@@ -64,26 +64,6 @@ void write_atomically(const fs::path& path, const std::string& text) {
   fs::rename(tmp, path);
 }
 
-// Scores are float32; six decimals lose nothing real.
-double rounded(double v) { return std::round(v * 1e6) / 1e6; }
-
-ordered_json params_json(const EverythingOptions& o) {
-  const MaskGeneratorOptions& g = o.gen;
-  return ordered_json{{"points_per_side", g.points_per_side},
-                      {"points_per_batch", g.points_per_batch},
-                      {"pred_iou_thresh", g.pred_iou_thresh},
-                      {"stability_score_thresh", g.stability_score_thresh},
-                      {"stability_score_offset", g.stability_score_offset},
-                      {"box_nms_thresh", g.box_nms_thresh},
-                      {"crop_n_layers", g.crop_n_layers},
-                      {"crop_nms_thresh", g.crop_nms_thresh},
-                      {"crop_overlap_ratio", g.crop_overlap_ratio},
-                      {"crop_n_points_downscale_factor", g.crop_n_points_downscale_factor},
-                      {"min_mask_region_area", g.min_mask_region_area},
-                      {"output_mode", o.output_mode},
-                      {"checkpoint", fs::path(o.model.checkpoint).filename().string()}};
-}
-
 // A record as the original's, with the segmentation in the chosen form; binary masks are PNG files
 // (mask_dir/<i>.png, named relative to the output folder).
 ordered_json record_json(const MaskRecord& r, size_t index, MaskOutputMode mode, const fs::path& out,
@@ -110,22 +90,21 @@ ordered_json record_json(const MaskRecord& r, size_t index, MaskOutputMode mode,
                       {"crop_box", r.crop_box}};
 }
 
-// One line per record, so that a file of many masks stays readable and diffable.
-std::string format_result(const ordered_json& result) {
-  std::string text = "{\n";
-  size_t i = 0;
-  for (const auto& [key, value] : result.items()) {
-    text += "  " + nlohmann::json(key).dump() + ": ";
-    if (value.is_array() && !value.empty() && value.front().is_object()) {
-      text += "[\n";
-      for (size_t k = 0; k < value.size(); ++k) text += "    " + value[k].dump() + (k + 1 < value.size() ? ",\n" : "\n");
-      text += "  ]";
-    } else {
-      text += value.dump();
-    }
-    text += ++i < result.size() ? ",\n" : "\n";
-  }
-  return text + "}\n";
+ordered_json params_json(const EverythingOptions& o) {
+  const MaskGeneratorOptions& g = o.gen;
+  return ordered_json{{"points_per_side", g.points_per_side},
+                      {"points_per_batch", g.points_per_batch},
+                      {"pred_iou_thresh", g.pred_iou_thresh},
+                      {"stability_score_thresh", g.stability_score_thresh},
+                      {"stability_score_offset", g.stability_score_offset},
+                      {"box_nms_thresh", g.box_nms_thresh},
+                      {"crop_n_layers", g.crop_n_layers},
+                      {"crop_nms_thresh", g.crop_nms_thresh},
+                      {"crop_overlap_ratio", g.crop_overlap_ratio},
+                      {"crop_n_points_downscale_factor", g.crop_n_points_downscale_factor},
+                      {"min_mask_region_area", g.min_mask_region_area},
+                      {"output_mode", o.output_mode},
+                      {"checkpoint", fs::path(o.model.checkpoint).filename().string()}};
 }
 
 // The image with every mask tinted in its own colour, largest first so that small ones stay visible.

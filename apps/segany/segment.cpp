@@ -64,28 +64,6 @@ double ms_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Scores are float32 predictions; six decimals keep result.json readable and lose nothing real.
-double rounded(float v) { return std::round(static_cast<double>(v) * 1e6) / 1e6; }
-
-// result.json for people and programs alike: one line per key and one per mask, rather than
-// nlohmann's one line per number.
-std::string format_result(const nlohmann::ordered_json& result) {
-  std::string text = "{\n";
-  size_t i = 0;
-  for (const auto& [key, value] : result.items()) {
-    text += "  " + nlohmann::json(key).dump() + ": ";
-    if (value.is_array() && !value.empty() && value.front().is_object()) {
-      text += "[\n";
-      for (size_t k = 0; k < value.size(); ++k) text += "    " + value[k].dump() + (k + 1 < value.size() ? ",\n" : "\n");
-      text += "  ]";
-    } else {
-      text += value.dump();
-    }
-    text += ++i < result.size() ? ",\n" : "\n";
-  }
-  return text + "}\n";
-}
-
 void write_text(const std::string& path, const std::string& text) {
   std::ofstream f(path, std::ios::binary);
   f << text;
