@@ -12,6 +12,7 @@
 #include "io/checkpoint.h"
 #include "segany/batch_predictor.h"
 #include "segany/predictor.h"
+#include "golden_cases.h"
 #include "test_util.h"
 
 namespace segany {
@@ -40,44 +41,6 @@ PredictorOptions options_for(const std::string& name) {
   return opt;
 }
 
-// As test_golden.cpp: `got` against the golden tensors under `prefix` (element `index` of a batch
-// case), with golden/README.md's tolerances.
-void expect_matches_golden(const Masks& got, const io::TensorMap& g, const std::string& prefix, int64_t index) {
-  Tensor iou = g.at(prefix + ".iou"), low = g.at(prefix + ".low_res_logits"), packed = g.at(prefix + ".masks_packed");
-  if (index >= 0) {
-    iou = iou.slice0(index, index + 1);
-    low = low.slice0(index, index + 1);
-    packed = packed.slice0(index, index + 1);
-  }
-  const int64_t M = iou.numel();
-  ASSERT_EQ(got.count(), M) << prefix;
-  EXPECT_LE(max_abs_diff(got.scores, iou.view({M})), 1e-4f) << prefix << ": IoU predictions";
-  EXPECT_LE(max_abs_diff(got.low_res_logits, low.view({M, 256, 256})), 1e-3f) << prefix << ": low-res logits";
-  const int H = static_cast<int>(got.masks.dim(1)), W = static_cast<int>(got.masks.dim(2));
-  ASSERT_EQ(packed.numel(), M * H * ((W + 7) / 8)) << prefix << ": mask size";
-  for (int64_t m = 0; m < M; ++m)
-    EXPECT_GE(
-        mask_iou(got.masks.data_as<uint8_t>() + m * H * W, packed.data_as<uint8_t>() + m * H * ((W + 7) / 8), H, W),
-        0.995)
-        << prefix << ": mask " << m;
-}
-
-Prompt golden_prompt(const io::TensorMap& g, const std::string& c) {
-  Prompt p;
-  if (g.contains(c + ".point_coords")) {
-    const Tensor pc = g.at(c + ".point_coords").to_f32(), pl = g.at(c + ".point_labels");
-    for (int64_t i = 0; i < pc.dim(0); ++i)
-      p.points.push_back({pc.data_as<float>()[2 * i], pc.data_as<float>()[2 * i + 1], pl.data_as<int32_t>()[i]});
-  }
-  if (g.contains(c + ".box")) {
-    const float* b = g.at(c + ".box").data_as<const float>();
-    p.box = Box{b[0], b[1], b[2], b[3]};
-  }
-  if (g.contains(c + ".mask_input")) p.mask_input = g.at(c + ".mask_input").to_f32();
-  p.multimask = g.at(c + ".multimask").data_as<const int32_t>()[0] != 0;
-  return p;
-}
-
 // A prompt set and, for a golden case, where its reference is.
 struct Case {
   Prompt prompt;
@@ -89,7 +52,7 @@ struct Case {
 std::vector<Case> golden_cases(const io::TensorMap& g) {
   std::vector<Case> out;
   for (const std::string c : {"point1", "points_fg_bg", "box", "box_point", "mask_input"})
-    out.push_back({golden_prompt(g, c), c, -1});
+    out.push_back({test::prompt_of(g, c), c, -1});
   const Tensor boxes = g.at("batch_boxes.boxes").to_f32();
   for (int64_t i = 0; i < boxes.dim(0); ++i) {
     const float* b = boxes.data_as<float>() + 4 * i;
@@ -104,7 +67,7 @@ std::vector<Case> golden_cases(const io::TensorMap& g) {
 // background; with the golden box when n % 3 == 0, the golden mask input when n % 4 == 1, and
 // multimask for even n.
 Case variation(const io::TensorMap& g, int n, int W, int H) {
-  const Prompt base = golden_prompt(g, "box_point");
+  const Prompt base = test::prompt_of(g, "box_point");
   Prompt p;
   for (int j = 0; j < n; ++j) {
     const float x = std::fmod(base.points[0].x + 53.7f * j, static_cast<float>(W));
@@ -112,7 +75,7 @@ Case variation(const io::TensorMap& g, int n, int W, int H) {
     p.points.push_back({x, y, j % 3 == 2 ? 0 : 1});
   }
   if (n % 3 == 0) p.box = base.box;
-  if (n % 4 == 1) p.mask_input = golden_prompt(g, "mask_input").mask_input;
+  if (n % 4 == 1) p.mask_input = test::prompt_of(g, "mask_input").mask_input;
   p.multimask = n % 2 == 0;
   return {p, "", -1};
 }
@@ -180,7 +143,7 @@ TEST_P(BatchGolden, EveryPromptSetAsAloneAndAsGolden) {
       if (cases[i].size() == 1) {
         EXPECT_EQ(differ, 0) << "a prompt decoded alone";
       }
-      if (!cases[i][k].golden.empty()) expect_matches_golden(m, g, cases[i][k].golden, cases[i][k].index);
+      if (!cases[i][k].golden.empty()) test::expect_matches(m, g, cases[i][k].golden, cases[i][k].index);
     }
   }
   // An empty batch is no work.
