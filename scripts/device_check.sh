@@ -22,11 +22,17 @@ for step in "$@"; do
     tests) ctest --test-dir build-gpu -L gpu -E "CudaModel" --output-on-failure --timeout 600 2>&1 | tee "$out/ctest_gpu.log" | tail -8
            # Run directly so that the figures it prints are kept whether it passes or not.
            timeout 280 ./build-gpu/tests/test_cuda_model 2>&1 | tee "$out/model.log" | grep -E "info|OK|FAILED|Failure" ;;
+    decoder) timeout 400 ./build-gpu/tests/test_cuda_decoder 2>&1 | tee "$out/decoder.log" | grep -E "info|OK|FAILED|Failure|Expected|Which|actual" | head -60
+             for run in "1 masks,low-res" "1 rle" "64 masks,low-res" "64 rle" "64 masks"; do
+               set -- $run
+               ./build-gpu/apps/segany bench --arch vit_h --device cuda --decoder --prompts "$1" --outputs "$2" --profile \
+                 2>&1 | tee -a "$out/bench_decoder.jsonl"
+             done ;;
     unit) ctest --test-dir build-gpu -LE "gpu|slow" -j"$jobs" --output-on-failure 2>&1 | tail -15 ;;
     bench) for run in "vit_b 1" "vit_b 8" "vit_b 32" "vit_l 8" "vit_h 1" "vit_h 8" "vit_h 32"; do
              set -- $run
              ./build-gpu/apps/segany bench --arch "$1" --device cuda --batch "$2" --profile 2>&1 | tee -a "$out/bench.jsonl"
            done ;;
-    *) echo "unknown step $step (tests, unit, bench)"; exit 2 ;;
+    *) echo "unknown step $step (tests, decoder, unit, bench)"; exit 2 ;;
   esac
 done

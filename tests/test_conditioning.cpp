@@ -32,11 +32,12 @@ TEST(Conditioning, RandomVitBMasksFlipUnderAPerturbationSmallerThanBf16) {
   PromptSet prompt;
   prompt.points = {0.5f * pre.input_w, 0.5f * pre.input_h};
   prompt.labels = {1};
-  auto decode = [&](const Tensor& e) {
-    return sam.mask_decoder()
-        .forward(e, sam.prompt_encoder().image_pe(), sam.prompt_encoder().embed_sparse({&prompt}),
-                 sam.prompt_encoder().no_mask_embed())
-        .low_res_logits.clone();
+  auto decode = [&](const Tensor& e) {  // every mask token's low-res logits [1, T, 256, 256]
+    MaskDecoder::Batch& b = sam.mask_decoder().batch(1, prompt.sparse_tokens(), false);
+    be->copy_tokens(e, 0, b.embedding, 0, static_cast<int>(e.dim(1)));
+    PromptEncoder::pack(prompt, b.coords.data_as<float>(), b.labels.data_as<int32_t>());
+    sam.mask_decoder().forward(b);
+    return b.low_res.clone();
   };
   const Tensor ref = decode(emb);
   Tensor noisy = emb.clone();

@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -346,6 +347,95 @@ TEST_F(CudaOps, CopyTokens) {
   Tensor g3 = dev(d3, DType::F32);
   gpu->copy_tokens(dev(s3), 1, g3, 0, 3);  // bf16 into fp32, odd C
   EXPECT_CLOSE(host(g3), want3, 0.0, 0.0);
+}
+
+TEST_F(CudaOps, CopyTokensFromOneSequenceIntoEvery) {
+  const Tensor src = random_bf16({1, 7, 256}, 1010), dst0 = random_bf16({5, 12, 256}, 1011);
+  Tensor want = dst0.clone();
+  cpu->copy_tokens(src, 0, want, 3, 7);
+  for (DType from : {DType::BF16, DType::F32}) {
+    Tensor d = dev(dst0);
+    gpu->copy_tokens(dev(src, from), 0, d, 3, 7);
+    EXPECT_CLOSE(host(d), want, 0.0, 0.0);
+  }
+}
+
+// Points, padding points and box corners of 37 prompts: fp32 within the last bits of sinf/cosf,
+// bf16 within its rounding.
+TEST_F(CudaOps, EmbedPoints) {
+  const int64_t P = 37, N = 5, C = 256;
+  Tensor coords = Tensor::empty({P, N, 2}), labels = Tensor::empty({P, N}, DType::I32);
+  Rng rng(1020);
+  for (int64_t i = 0; i < P * N; ++i) {
+    coords.data_as<float>()[2 * i] = 512.0f + 512.0f * rng.uniform();
+    coords.data_as<float>()[2 * i + 1] = 512.0f + 512.0f * rng.uniform();
+    labels.data_as<int32_t>()[i] = static_cast<int32_t>(rng.next() % 5) - 1;
+  }
+  const Tensor gaussian = random_bf16({2, C / 2}, 1021), table = random_bf16({5, C}, 1022);
+  Tensor want = Tensor::empty({P, N, C});
+  cpu->embed_points(coords, labels, gaussian, table, 1024, want);
+  Tensor lg = gpu->alloc(labels.shape(), DType::I32);
+  gpu->upload_async(labels, lg);
+  const Tensor cg = dev(coords, DType::F32), gg = dev(gaussian, DType::F32), tg = dev(table, DType::F32);
+  for (DType out : {DType::F32, DType::BF16}) {
+    Tensor got = poisoned({P, N, C}, out);
+    gpu->embed_points(cg, lg, gg, tg, 1024, got);
+    if (out == DType::F32)
+      EXPECT_CLOSE(host(got), want, 1e-6, 1e-6);
+    else
+      EXPECT_CLOSE(host(got), want, 4e-3, 4e-3);
+  }
+}
+
+// The fused upscale + threshold + stats against the host twin, bit for bit: masks of odd sizes
+// (words that cross rows), shrunk and enlarged, both pixel orders, a selection of mask tokens, an
+// empty mask, and smooth logits so that the masks have real edges.
+TEST_F(CudaOps, PostprocessMasksEqualsTheCpuBitForBit) {
+  const int64_t P = 3, T = 4, S = 256;
+  Tensor low = Tensor::empty({P, T, S, S});
+  for (int64_t m = 0; m < P * T; ++m)
+    for (int64_t y = 0; y < S; ++y)
+      for (int64_t x = 0; x < S; ++x)
+        low.data_as<float>()[(m * S + y) * S + x] =
+            m == 5 ? -3.0f  // an empty mask
+                   : 4.0f * std::sin(0.05f * x * (1 + m % 3) + 0.3f * m) * std::cos(0.04f * y * (1 + m % 2)) + 0.5f;
+  const Tensor low_dev = dev(low, DType::F32);
+  struct Case {
+    int h, w, first, count;
+    bool column_major;
+  };
+  for (const Case& c : {Case{683, 1024, 0, 4, false}, Case{333, 517, 1, 3, true}, Case{1200, 1800, 0, 1, false},
+                        Case{1200, 1800, 1, 3, true}, Case{7, 3, 0, 4, true}}) {
+    Backend::MaskFrame f;
+    f.img_size = 1024;
+    const double scale = 1024.0 / std::max(c.h, c.w);
+    f.input_h = static_cast<int>(c.h * scale + 0.5), f.input_w = static_cast<int>(c.w * scale + 0.5);
+    f.height = c.h, f.width = c.w;
+    const int64_t M = P * c.count, words = (int64_t(c.h) * c.w + 31) / 32;
+    Tensor want_bits = Tensor::empty({M, words}, DType::I32), want_stats = Tensor::empty({M, 7}, DType::I32);
+    cpu->postprocess_masks(low, c.first, c.count, f, 0.0f, 1.0f, c.column_major, &want_bits, want_stats);
+    Tensor bits = gpu->alloc({M, words}, DType::I32), stats = gpu->alloc({M, 7}, DType::I32);
+    gpu->postprocess_masks(low_dev, c.first, c.count, f, 0.0f, 1.0f, c.column_major, &bits, stats);
+    Tensor got_bits = Tensor::empty({M, words}, DType::I32), got_stats = Tensor::empty({M, 7}, DType::I32);
+    gpu->download_async(bits, got_bits);
+    gpu->download_async(stats, got_stats);
+    gpu->synchronize();
+    int64_t differing = 0;
+    for (int64_t i = 0; i < M * words; ++i)
+      differing += std::popcount(static_cast<uint32_t>(got_bits.data_as<int32_t>()[i] ^ want_bits.data_as<int32_t>()[i]));
+    EXPECT_EQ(differing, 0) << c.h << "x" << c.w;
+    for (int64_t i = 0; i < M * 7; ++i)
+      EXPECT_EQ(got_stats.data_as<int32_t>()[i], want_stats.data_as<int32_t>()[i])
+          << c.h << "x" << c.w << ", mask " << i / 7 << ", stat " << i % 7;
+    // Stats only (no bits): the same stats.
+    gpu->postprocess_masks(low_dev, c.first, c.count, f, 0.0f, 1.0f, c.column_major, nullptr, stats);
+    gpu->download_async(stats, got_stats);
+    gpu->synchronize();
+    EXPECT_EQ(std::memcmp(got_stats.data(), want_stats.data(), want_stats.nbytes()), 0);
+    std::printf("    %dx%d: %lld masks, areas", c.h, c.w, (long long)M);
+    for (int64_t m = 0; m < M; ++m) std::printf(" %d", want_stats.data_as<int32_t>()[m * 7]);
+    std::printf("\n");
+  }
 }
 
 TEST_F(CudaOps, Activations) {

@@ -15,7 +15,7 @@
 #include "io/checkpoint.h"
 #include "model/random_init.h"
 #include "model/sam.h"
-#include "pipeline/postprocess.h"
+#include "pipeline/decoder.h"
 #include "pipeline/preprocess.h"
 #include "segany/image.h"
 #include "test_util.h"
@@ -57,29 +57,25 @@ Tensor encode(Sam& sam, const Preprocessed& pre) {
 
 // Masks for a few prompts decoded on the CPU from a given embedding.
 std::vector<Tensor> decode(Sam& cpu, const Tensor& embedding, const Preprocessed& pre) {
-  const int S = cpu.config().image_encoder.img_size;
-  const float sx = float(pre.input_w) / pre.original_w, sy = float(pre.input_h) / pre.original_h;
   const float W = float(pre.original_w), H = float(pre.original_h);
-  std::vector<PromptSet> sets(4);
-  sets[0].points = {0.5f * W * sx, 0.5f * H * sy};
-  sets[0].labels = {1};
-  sets[1].points = {0.3f * W * sx, 0.6f * H * sy, 0.7f * W * sx, 0.4f * H * sy};
-  sets[1].labels = {1, 0};
-  sets[2].has_box = true;
-  const float box[4] = {0.2f * W * sx, 0.25f * H * sy, 0.8f * W * sx, 0.9f * H * sy};
-  std::copy(box, box + 4, sets[2].box);
-  sets[3] = sets[2];
-  sets[3].points = {0.5f * W * sx, 0.55f * H * sy};
-  sets[3].labels = {1};
-  std::vector<Tensor> masks;
-  for (const PromptSet& s : sets) {
-    const Tensor sparse = cpu.prompt_encoder().embed_sparse({&s});
-    MaskDecoder::Output out =
-        cpu.mask_decoder().forward(embedding, cpu.prompt_encoder().image_pe(), sparse, cpu.prompt_encoder().no_mask_embed());
-    const int64_t T = out.low_res_logits.dim(1), side = out.low_res_logits.dim(2);
-    masks.push_back(postprocess_masks(out.low_res_logits.view({T, side, side}), S, pre.input_h, pre.input_w,
-                                      pre.original_h, pre.original_w));
+  std::vector<Prompt> prompts(4);
+  prompts[0].points = {{0.5f * W, 0.5f * H, 1}};
+  prompts[1].points = {{0.3f * W, 0.6f * H, 1}, {0.7f * W, 0.4f * H, 0}};
+  prompts[2].box = Box{0.2f * W, 0.25f * H, 0.8f * W, 0.9f * H};
+  prompts[3] = prompts[2];
+  prompts[3].points = {{0.5f * W, 0.55f * H, 1}};
+  const ImageFrame frame = image_frame(pre.original_h, pre.original_w, cpu.config().image_encoder.img_size);
+  std::vector<PreparedPrompt> prepared;
+  for (Prompt& p : prompts) {
+    p.multimask = true;
+    prepared.push_back(prepare_prompt(p, frame, cpu.config(), ""));
   }
+  std::vector<Masks> out(prepared.size());
+  Decoder decoder(cpu);
+  const Decoder::Job job{&embedding, frame, prepared, out};
+  decoder.decode({&job, 1}, MaskOutputs{});
+  std::vector<Tensor> masks;
+  for (const Masks& m : out) masks.push_back(m.masks);
   return masks;
 }
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -22,6 +23,7 @@
 #include "model/config.h"
 #include "model/random_init.h"
 #include "model/sam.h"
+#include "pipeline/decoder.h"
 #include "segany/error.h"
 
 namespace segany::cli {
@@ -30,7 +32,10 @@ namespace {
 struct BenchOptions {
   std::string arch, config, checkpoint, device = "cpu";
   int batch = 1, iters = 0, warmup = -1, threads = 0, prompts = 1;
-  bool profile = false;
+  std::string image_size = "1920x1080";
+  int image_w = 1920, image_h = 1080;
+  std::vector<std::string> outputs{"masks", "low-res"};
+  bool profile = false, decoder = false;
 };
 
 // Milliseconds per call of f, averaged over `iters` calls after `warmup` untimed ones. f must
@@ -65,7 +70,8 @@ void run_bench(BenchOptions o) {
   const Backend::MemoryStats after_load = be->memory_stats();  // the weights (and fixed workspaces)
 
   // Encoder: a batch of normalised, padded images (unit-scale noise, as normalised pixels are).
-  const int64_t B = o.batch, S = cfg.image_encoder.img_size, G = cfg.image_encoder.grid();
+  // With --decoder, one image only, for the decoder's embedding.
+  const int64_t B = o.decoder ? 1 : o.batch, S = cfg.image_encoder.img_size, G = cfg.image_encoder.grid();
   Tensor host = Tensor::empty({B, S, S, 3});
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
@@ -73,38 +79,50 @@ void run_bench(BenchOptions o) {
   ImageEncoder& encoder = sam.image_encoder();
   be->copy_from_host(host, encoder.input(B));
   const Tensor* encoded = nullptr;  // [B, G, G, C], valid until the next forward
-  const double encoder_ms = time_ms(o.warmup, o.iters, [&] {
+  const double encoder_ms = time_ms(o.decoder ? 0 : o.warmup, o.decoder ? 1 : o.iters, [&] {
     encoded = &encoder.forward(B);
     be->synchronize();
   });
-  // Where the encoder's time goes, from one more pass with per-op timing (which slows it down).
-  std::map<std::string, double> profile;
-  if (o.profile) {
+  // Where the time goes, from one more pass with per-op timing (which slows it down).
+  auto profiled = [&](const auto& run) {
     be->set_profiling(true);
-    encoded = &encoder.forward(B);
+    run();
     be->synchronize();
-    profile = be->profile();
+    std::map<std::string, double> p = be->profile();
     be->set_profiling(false);
-  }
+    return p;
+  };
+  std::map<std::string, double> profile;
+  if (o.profile && !o.decoder) profile = profiled([&] { encoded = &encoder.forward(B); });
 
-  // Prompt path for `prompts` one-point prompts decoded together against the first image, as the
-  // Predictor runs it per click: sparse embedding, upload, mask decoder, results back to the host.
+  // Prompt path: `prompts` one-point prompts on one image of image_w x image_h pixels, decoded
+  // together against the first image's embedding as the Predictor runs them: prompt encoder,
+  // mask decoder, postprocessing, results expanded on the host into what --outputs names.
   const int64_t C = encoded->dim(3);
   Tensor embedding = be->alloc({1, G * G, C});
   be->copy_tokens(encoded->slice0(0, 1).view({1, G * G, C}), 0, embedding, 0, static_cast<int>(G * G));
-  PromptSet click;
-  click.points = {S / 2.0f, S / 2.0f};
-  click.labels = {1};
-  const std::vector<const PromptSet*> sets(o.prompts, &click);
-  Tensor sparse = be->alloc({static_cast<int64_t>(o.prompts), click.sparse_tokens(), C});
-  PromptEncoder& pe = sam.prompt_encoder();
+  const ImageFrame frame = image_frame(o.image_h, o.image_w, static_cast<int>(S));
+  std::vector<PreparedPrompt> prepared;
+  for (int i = 0; i < o.prompts; ++i) {  // points spread over the image
+    Prompt click;
+    click.points = {{static_cast<float>((i * 37 % 64 + 0.5) / 64.0 * o.image_w),
+                     static_cast<float>((i * 11 % 64 + 0.5) / 64.0 * o.image_h), 1}};
+    prepared.push_back(prepare_prompt(click, frame, cfg, ""));
+  }
+  std::vector<Masks> results(prepared.size());
+  Decoder decoder(sam);
+  const Decoder::Job job{&embedding, frame, prepared, results};
+  MaskOutputs outputs{.masks = false, .rle = false, .low_res_logits = false};
+  for (const std::string& name : o.outputs) {
+    if (name == "masks") outputs.masks = true;
+    if (name == "rle") outputs.rle = true;
+    if (name == "low-res") outputs.low_res_logits = true;
+  }
   // The decoder takes milliseconds where the encoder takes seconds: ten times the iterations.
-  const double decoder_ms = time_ms(std::max(o.warmup, 1), 10 * o.iters, [&] {
-    be->copy_from_host(pe.embed_sparse(sets), sparse);
-    const MaskDecoder::Output out = sam.mask_decoder().forward(embedding, pe.image_pe(), sparse, pe.no_mask_embed());
-    be->download(out.low_res_logits);
-    be->download(out.iou);
-  });
+  const double decoder_ms =
+      time_ms(std::max(o.warmup, 1), 10 * o.iters, [&] { decoder.decode({&job, 1}, outputs); });
+  std::map<std::string, double> decoder_profile;
+  if (o.profile) decoder_profile = profiled([&] { decoder.decode({&job, 1}, outputs); });
 
   const Backend::MemoryStats memory = be->memory_stats();
   const double per_image = encoder_ms / static_cast<double>(B);
@@ -113,12 +131,21 @@ void run_bench(BenchOptions o) {
   j["device"] = o.device;
   j["threads"] = cuda ? o.threads : (o.threads > 0 ? o.threads : omp_get_max_threads());
   j["batch"] = B;
-  j["encoder_ms_per_image"] = rounded3(per_image);
-  j["encoder_img_per_s"] = rounded3(1000.0 / per_image);
-  j["ms_per_batch"] = rounded3(encoder_ms);
+  if (!o.decoder) {
+    j["encoder_ms_per_image"] = rounded3(per_image);
+    j["encoder_img_per_s"] = rounded3(1000.0 / per_image);
+    j["ms_per_batch"] = rounded3(encoder_ms);
+  }
+  j["decoder_ms_per_call"] = rounded3(decoder_ms);
   j["decoder_ms_per_prompt"] = rounded3(decoder_ms / o.prompts);
-  j["params"] = sam.parameter_count();
   j["prompts"] = o.prompts;
+  j["image"] = std::to_string(o.image_w) + "x" + std::to_string(o.image_h);
+  {
+    std::string names;
+    for (const std::string& n : o.outputs) names += (names.empty() ? "" : ",") + n;
+    j["outputs"] = names;
+  }
+  j["params"] = sam.parameter_count();
   j["iters"] = o.iters;
   j["warmup"] = o.warmup;
   j["backend"] = be->name();
@@ -131,9 +158,15 @@ void run_bench(BenchOptions o) {
     j["peak_gpu_gib"] = rounded3(static_cast<double>(memory.peak) / kGiB);
   }
   if (o.profile) {
-    nlohmann::ordered_json& p = j["encoder_profile_ms"];
-    p = nlohmann::ordered_json::object();  // empty where the backend cannot measure
-    for (const auto& [op, ms] : profile) p[op] = rounded3(ms / static_cast<double>(B));
+    // Empty objects where the backend cannot measure.
+    if (!o.decoder) {
+      nlohmann::ordered_json& p = j["encoder_profile_ms"];
+      p = nlohmann::ordered_json::object();
+      for (const auto& [op, ms] : profile) p[op] = rounded3(ms / static_cast<double>(B));
+    }
+    nlohmann::ordered_json& d = j["decoder_profile_ms"];
+    d = nlohmann::ordered_json::object();
+    for (const auto& [op, ms] : decoder_profile) d[op] = rounded3(ms);
   }
   std::cout << j.dump() << std::endl;
 }
@@ -144,9 +177,9 @@ Command add_bench(CLI::App& parent) {
   auto o = std::make_shared<BenchOptions>();
   CLI::App* app = parent.add_subcommand(
       "bench",
-      "Time the image encoder (per image, on a batch of random inputs) and the prompt path (prompt encoder + mask "
-      "decoder for one-point prompts, results copied to the host). Random weights unless --checkpoint. Prints one "
-      "JSON line.");
+      "Time the image encoder (per image, on a batch of random inputs) and the prompt path (prompt encoder, mask "
+      "decoder and postprocessing for one-point prompts on one image, results on the host). Random weights unless "
+      "--checkpoint. Prints one JSON line.");
   CLI::Option* arch = app->add_option("--arch", o->arch, "architecture")->check(CLI::IsMember({"vit_b", "vit_l", "vit_h"}));
   CLI::Option* config = app->add_option("--config", o->config, "config.json with the architecture, instead of --arch")
                             ->check(CLI::ExistingFile);
@@ -166,15 +199,28 @@ Command add_bench(CLI::App& parent) {
   app->add_option("--threads", o->threads, "CPU threads; 0: all cores")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  app->add_option("--prompts", o->prompts, "one-point prompts decoded together per decoder call")
+  app->add_option("--prompts", o->prompts, "one-point prompts decoded together per call of the prompt path")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app->add_flag("--decoder", o->decoder,
+                "time the prompt path only (one image is encoded for its embedding; encoder figures left out)");
+  app->add_option("--image-size", o->image_size, "the size (WxH) of the image the prompts' masks are made for")
+      ->capture_default_str();
+  app->add_option("--outputs", o->outputs,
+                  "what each prompt's masks come back as, any of: masks (uint8 at the image's size), rle, low-res")
+      ->check(CLI::IsMember({"masks", "rle", "low-res"}))
+      ->delimiter(',')
       ->capture_default_str();
   app->add_flag("--profile",
                 o->profile, "add encoder_profile_ms: the encoder's time per image by op class, from one extra pass "
                             "(backends that cannot measure give {})");
-  app->callback([arch, config, checkpoint] {
+  app->callback([o, arch, config, checkpoint] {
     if (arch->count() == 0 && config->count() == 0 && checkpoint->count() == 0)
       throw CLI::RequiredError("--arch, --config or --checkpoint");
+    char x = 0, rest = 0;
+    if (std::sscanf(o->image_size.c_str(), "%d%c%d%c", &o->image_w, &x, &o->image_h, &rest) != 3 || x != 'x' ||
+        o->image_w <= 0 || o->image_h <= 0 || int64_t(o->image_w) * o->image_h > (int64_t(1) << 28))
+      throw CLI::ValidationError("--image-size", "'" + o->image_size + "' is not WxH with positive sides (at most 2^28 pixels)");
   });
   return {app, [o] { run_bench(*o); }};
 }

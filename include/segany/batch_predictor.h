@@ -52,7 +52,7 @@ class BatchPredictor {
   // Masks for every prompt set of every image: result[i][k] for batch[i].prompts[k], as
   // Predictor::predict gives them. Everything is validated before the model runs; errors name
   // the image and the prompt ("image 2, prompt 5: point (900, 10) lies outside the 800x534 image").
-  std::vector<std::vector<Masks>> predict(const std::vector<BatchInput>& batch);
+  std::vector<std::vector<Masks>> predict(const std::vector<BatchInput>& batch, const MaskOutputs& outputs = {});
 
   std::string arch() const;  // vit_b, vit_l, vit_h or custom
 

@@ -19,14 +19,6 @@
 
 namespace segany {
 
-// Uncompressed run-length encoding as pycocotools writes it: the mask read column by column
-// (Fortran order), counts alternating runs of 0 and 1, starting with a run of 0 (possibly empty).
-struct Rle {
-  int height = 0, width = 0;
-  std::vector<uint32_t> counts;
-  bool operator==(const Rle&) const = default;
-};
-
 enum class MaskOutputMode { BinaryMask, UncompressedRle, CocoRle };
 // "binary_mask", "uncompressed_rle", "coco_rle" (the original's spellings); throws on anything else.
 MaskOutputMode mask_output_mode_from_name(const std::string& name);

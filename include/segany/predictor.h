@@ -29,11 +29,31 @@ struct Prompt {
   bool multimask = false;  // three masks for an ambiguous prompt instead of one
 };
 
+// Uncompressed run-length encoding as pycocotools writes it: the mask read column by column
+// (Fortran order), counts alternating runs of 0 and 1, starting with a run of 0 (possibly empty).
+struct Rle {
+  int height = 0, width = 0;
+  std::vector<uint32_t> counts;
+  bool operator==(const Rle&) const = default;
+};
+
+// What a prediction returns for each mask besides its score. Masks leave the GPU bit-packed; the
+// host expands them into what is asked for here.
+struct MaskOutputs {
+  bool masks = true;           // Masks::masks, uint8 [M, H, W]
+  bool rle = false;            // Masks::rle, each mask run-length encoded (COCO's order)
+  bool low_res_logits = true;  // Masks::low_res_logits [M, 256, 256]
+};
+
 struct Masks {
   Tensor masks;           // uint8 [M, H, W], 1 inside the mask
   Tensor scores;          // float32 [M], predicted IoU
   Tensor low_res_logits;  // float32 [M, 256, 256]
-  int count() const { return masks.defined() ? static_cast<int>(masks.dim(0)) : 0; }
+  // With masks or rle: each mask's box, int32 [M, 4] x0, y0, x1, y1 (inclusive; zeros when the
+  // mask is empty), and its area in pixels, int64 [M].
+  Tensor boxes, areas;
+  std::vector<Rle> rle;  // with MaskOutputs::rle
+  int count() const { return scores.defined() ? static_cast<int>(scores.dim(0)) : 0; }
 };
 
 struct PredictorOptions {
@@ -56,7 +76,7 @@ class Predictor {
   Masks predict(const std::vector<Point>& points, const std::optional<Box>& box = std::nullopt,
                 const Tensor& mask_input = Tensor(), bool multimask = false);
   // Several prompt sets against the current image, decoded together where their shapes allow.
-  std::vector<Masks> predict_batch(const std::vector<Prompt>& prompts);
+  std::vector<Masks> predict_batch(const std::vector<Prompt>& prompts, const MaskOutputs& outputs = {});
   // As predict_batch, stopping at the low-res logits and scores (Masks::masks stays undefined),
   // for callers that upscale the logits themselves (the MaskGenerator).
   std::vector<Masks> predict_batch_low_res(const std::vector<Prompt>& prompts);

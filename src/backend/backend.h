@@ -68,6 +68,11 @@ class Backend {
   virtual std::unique_ptr<Fence> make_fence() { return std::make_unique<Fence>(); }
   virtual void record(Fence& /*fence*/) {}
 
+  // Enqueues a byte copy of `host` (from alloc_host, same dtype and element count) into a device
+  // tensor; `host` must stay unchanged until a fence recorded after this call has passed. The
+  // default copies at once (host memory on both sides).
+  virtual void upload_async(const Tensor& host, Tensor& device_tensor);
+
   // Device memory this backend allocated (activations, weights, workspaces), in bytes: now, and
   // the most at any time since construction or reset_peak_memory(). Pinned host memory is
   // reported apart. Backends that do not track it report zeros.
@@ -123,7 +128,8 @@ class Backend {
   // y = a + b elementwise, b repeated to a's size: b's shape is a trailing part of a's (a bias
   // [C] on [B, T, C], an image [1, T, C] on every prompt [B, T, C]). y may alias a.
   virtual void add(const Tensor& a, const Tensor& b, Tensor& y) = 0;
-  // dst[:, dst_begin + i, :] = src[:, src_begin + i, :] for i < count; src [B, Ts, C], dst [B, Td, C].
+  // dst[:, dst_begin + i, :] = src[:, src_begin + i, :] for i < count; src [B, Ts, C] (or [1, Ts, C],
+  // copied into every sequence of dst), dst [B, Td, C].
   virtual void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, int count) = 0;
   // x = act(x) in place.
   virtual void activation(Tensor& x, Activation act) = 0;
@@ -139,6 +145,33 @@ class Backend {
 
   // Batched y[b] = a[b] b[b]^T: a [B, M, K], b [B, N, K] -> y [B, M, N].
   virtual void matmul_nt(const Tensor& a, const Tensor& b, Tensor& y) = 0;
+
+  // SAM's sparse prompt embedding (the prompt encoder's points and box corners), for P prompts
+  // of N tokens each:
+  //   out[p, t] = table[labels[p, t] + 1] + (labels[p, t] >= 0 ? fourier(coords[p, t]) : 0)
+  // coords float32 [P, N, 2] (x, y in the model's input frame), labels int32 [P, N]: -1 the padding
+  // point, 0 background, 1 foreground, 2 box top-left, 3 box bottom-right; gaussian float32
+  // [2, C/2] and table float32 [5, C] (not_a_point_embed, point_embeddings 0..3) on the device;
+  // fourier(x, y) = [sin(2 pi u), cos(2 pi u)], u = (2 ((x, y) + 0.5) / img_size - 1) gaussian;
+  // out [P, N, C]. The default runs on the host (backend/mask_ops.h): the CUDA kernel's twin.
+  virtual void embed_points(const Tensor& coords, const Tensor& labels, const Tensor& gaussian, const Tensor& table,
+                            int img_size, Tensor& out);
+
+  // SAM's postprocessing of mask logits, fused, for masks j < count of every prompt p:
+  //   logits = low_res[p, first + j] (float32 [P, T, h, w]) bilinearly upscaled to img_size^2, cut
+  //   to input_h x input_w, upscaled to height x width (torch's interpolate, as the original), then
+  //   bits (optional, int32 [P * count, words], words = ceil(height * width / 32)): mask m =
+  //     p * count + j is logits > threshold, one bit a pixel, LSB first, pixels in row-major order
+  //     (or column-major, the order of COCO's RLE);
+  //   stats int32 [P * count, 7]: area, x0, y0, x1, y1 (the box, inclusive; zeros when the mask
+  //     is empty), the pixels with logits > threshold + offset and > threshold - offset (the
+  //     stability score's counts).
+  // The default runs on the host (backend/mask_ops.h): the CUDA kernel's twin.
+  struct MaskFrame {
+    int img_size = 0, input_h = 0, input_w = 0, height = 0, width = 0;
+  };
+  virtual void postprocess_masks(const Tensor& low_res, int first, int count, const MaskFrame& frame, float threshold,
+                                 float offset, bool column_major, Tensor* bits, Tensor& stats);
 
   // SAM's preprocessing of a batch (backend/image_ops.h): each images[i], RGB u8 [h, w, 3] in host
   // memory, resized so that its longest side is S with Pillow's bilinear filter (bit-exact, the

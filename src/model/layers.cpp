@@ -1,5 +1,7 @@
 #include "model/layers.h"
 
+#include <algorithm>
+
 namespace segany {
 
 std::unique_ptr<LinearWeights> load_linear(Backend& be, const io::TensorMap& w, const std::string& name, bool bias) {
@@ -21,11 +23,21 @@ Mlp::Mlp(Backend& be, const io::TensorMap& w, const std::string& name, int layer
   for (int i = 0; i < layers; ++i) layers_.push_back(load_linear(be, w, name + ".layers." + std::to_string(i)));
 }
 
-void Mlp::forward(Backend& be, const Tensor& x, Tensor& y) const {
+int64_t Mlp::scratch_numel(int64_t rows) const {
+  int64_t widest = 0;
+  for (size_t i = 0; i + 1 < layers_.size(); ++i) widest = std::max(widest, layers_[i]->out_features);
+  return 2 * rows * widest;  // two hidden activations alternate
+}
+
+void Mlp::forward(Backend& be, const Tensor& x, Tensor& y, Tensor& scratch) const {
   const int64_t rows = x.numel() / x.dim(-1);
+  check(scratch.numel() >= scratch_numel(rows), "mlp: scratch of " + std::to_string(scratch.numel()) +
+                                                    " elements for " + std::to_string(scratch_numel(rows)));
   Tensor h = x;
+  const int64_t half = scratch.numel() / 2;
   for (size_t i = 0; i + 1 < layers_.size(); ++i) {
-    Tensor next = be.alloc({rows, layers_[i]->out_features});
+    Tensor part = scratch.view({scratch.numel()}).slice0(int64_t(i % 2) * half, int64_t(i % 2 + 1) * half);
+    Tensor next = part.view_prefix({rows, layers_[i]->out_features});
     be.linear(h, *layers_[i], next, Activation::ReLU);
     h = next;
   }

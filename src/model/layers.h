@@ -27,8 +27,10 @@ struct Norm {
 class Mlp {
  public:
   Mlp(Backend& be, const io::TensorMap& w, const std::string& name, int layers);
-  // x [B, T, in] -> y [B, T, out]
-  void forward(Backend& be, const Tensor& x, Tensor& y) const;
+  // x [B, T, in] -> y [B, T, out]. `scratch` holds the hidden activations: at least
+  // scratch_numel(B * T) elements of the activation dtype, reused (nothing is allocated).
+  void forward(Backend& be, const Tensor& x, Tensor& y, Tensor& scratch) const;
+  int64_t scratch_numel(int64_t rows) const;
   int64_t out_features() const { return layers_.back()->out_features; }
 
  private:

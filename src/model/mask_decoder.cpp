@@ -4,6 +4,17 @@
 #include <cstring>
 
 namespace segany {
+namespace {
+
+// `shape` in the first elements of `buffer` when it is large enough (buffers whose lifetimes do
+// not overlap share memory), else a buffer of its own.
+Tensor within(Backend& be, const Tensor& buffer, const Shape& shape, DType dtype) {
+  if (buffer.defined() && buffer.dtype() == dtype && buffer.numel() >= shape_numel(shape))
+    return buffer.view_prefix(shape);
+  return be.alloc(shape, dtype);
+}
+
+}  // namespace
 
 Attention::Attention(Backend& be, const io::TensorMap& w, const std::string& name, int heads)
     : heads_(heads),
@@ -13,21 +24,23 @@ Attention::Attention(Backend& be, const io::TensorMap& w, const std::string& nam
       out_proj_(load_linear(be, w, name + ".out_proj")) {}
 
 void Attention::forward(Backend& be, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, Tensor& out,
-                        const Tensor* residual) const {
+                        Scratch& s, const Tensor* residual) const {
   const int64_t Di = q_proj_->out_features;
-  Tensor q = be.alloc({q_in.dim(0), q_in.dim(1), Di});
-  Tensor k = be.alloc({k_in.dim(0), k_in.dim(1), Di});
-  Tensor v = be.alloc({v_in.dim(0), v_in.dim(1), Di});
+  Tensor q = s.q.view_prefix({q_in.dim(0), q_in.dim(1), Di});
+  Tensor k = s.k.view_prefix({k_in.dim(0), k_in.dim(1), Di});
+  Tensor v = s.v.view_prefix({v_in.dim(0), v_in.dim(1), Di});
   be.linear(q_in, *q_proj_, q);
   be.linear(k_in, *k_proj_, k);
   be.linear(v_in, *v_proj_, v);
   const int64_t B = std::max({q.dim(0), k.dim(0), v.dim(0)});
-  Tensor o = be.alloc({B, q.dim(1), Di});
+  Tensor o = s.o.view_prefix({B, q.dim(1), Di});
   be.attention(q, k, v, heads_, o);
   be.linear(o, *out_proj_, out, Activation::None, residual);
 }
 
-TwoWayTransformer::TwoWayTransformer(const MaskDecoderConfig& cfg, const io::TensorMap& w, Backend& be) {
+TwoWayTransformer::TwoWayTransformer(const MaskDecoderConfig& cfg, const io::TensorMap& w, Backend& be)
+    : dim_(cfg.transformer_dim), mlp_dim_(cfg.mlp_dim) {
+  check(cfg.depth >= 1, "mask decoder: the two-way transformer needs at least one layer");
   const std::string p = "mask_decoder.transformer.";
   for (int i = 0; i < cfg.depth; ++i) {
     const std::string l = p + "layers." + std::to_string(i) + ".";
@@ -41,74 +54,98 @@ TwoWayTransformer::TwoWayTransformer(const MaskDecoderConfig& cfg, const io::Ten
     layer.norm2 = Norm::load(be, w, l + "norm2", 1e-5f);
     layer.norm3 = Norm::load(be, w, l + "norm3", 1e-5f);
     layer.norm4 = Norm::load(be, w, l + "norm4", 1e-5f);
+    cross_dim_ = std::max({cross_dim_, layer.cross_token_to_image->internal_dim(),
+                           layer.cross_image_to_token->internal_dim()});
+    mlp_dim_ = std::max(mlp_dim_, layer.mlp_lin1->out_features);
+    dim_ = std::max(dim_, layer.self_attn->internal_dim());
     layers_.push_back(std::move(layer));
   }
   final_attn_ = std::make_unique<Attention>(be, w, p + "final_attn_token_to_image", cfg.num_heads);
+  cross_dim_ = std::max(cross_dim_, final_attn_->internal_dim());
   norm_final_ = Norm::load(be, w, p + "norm_final_attn", 1e-5f);
 }
 
-Tensor TwoWayTransformer::forward(Backend& be, Tensor& queries, const Tensor& keys_in, const Tensor& key_pe) const {
-  const int64_t P = queries.dim(0), Tt = queries.dim(1), C = queries.dim(2), HW = keys_in.dim(1);
-  // The prompt tokens as they came in serve as the queries' positional encoding throughout.
-  Tensor qpe = be.alloc(queries.shape());
-  be.copy_tokens(queries, 0, qpe, 0, static_cast<int>(Tt));
+TwoWayTransformer::Buffers TwoWayTransformer::buffers(Backend& be, int64_t P, int64_t Tt, int64_t HW) const {
+  Buffers b;
+  b.qpe = be.alloc({P, Tt, dim_});
+  b.q = be.alloc({P, Tt, dim_});
+  b.attn = be.alloc({P, Tt, dim_});
+  b.hidden = be.alloc({P, Tt, mlp_dim_});
+  b.k = be.alloc({P, HW, dim_});
+  b.image_attn = be.alloc({P, HW, dim_});
+  b.keys = be.alloc({P, HW, dim_});
+  // q, k, v and the output of every attention: image-sized for the cross attentions, token-sized
+  // (at the full width) for the self-attention. One allocation in four parts.
+  const int64_t part = std::max(P * HW * cross_dim_, P * Tt * dim_);
+  const Tensor all = be.alloc({4 * part});
+  b.scratch.q = all.slice0(0, part);
+  b.scratch.k = all.slice0(part, 2 * part);
+  b.scratch.v = all.slice0(2 * part, 3 * part);
+  b.scratch.o = all.slice0(3 * part, 4 * part);
+  b.scratch_all = all;
+  return b;
+}
 
-  Tensor keys = keys_in;
-  Tensor q = be.alloc({P, Tt, C});
-  Tensor k = be.alloc({keys.dim(0), HW, C});
-  Tensor attn = be.alloc({P, Tt, C});
-  Tensor hidden = be.alloc({P, Tt, layers_.empty() ? 1 : layers_[0].mlp_lin1->out_features});
+void TwoWayTransformer::forward(Backend& be, Tensor& queries, const Tensor& src, const Tensor& key_pe,
+                                Buffers& b) const {
+  const int64_t Tt = queries.dim(1), C = queries.dim(2), HW = src.dim(1);
+  const int tokens = static_cast<int>(Tt);
+  // The prompt tokens as they came in serve as the queries' positional encoding throughout.
+  be.copy_tokens(queries, 0, b.qpe, 0, tokens);
+  Tensor keys = src;  // [1 or P, HW, C] until the first image-to-token attention, then b.keys [P, HW, C]
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& L = layers_[i];
-    // Self-attention of the tokens; the first layer sees no positional encoding and no residual.
+    // Self-attention of the tokens; the first layer sees no positional encoding and no residual
+    // (the projections read the queries before the output overwrites them).
     if (i == 0) {
-      L.self_attn->forward(be, queries, queries, queries, attn);
-      be.copy_tokens(attn, 0, queries, 0, static_cast<int>(Tt));
+      L.self_attn->forward(be, queries, queries, queries, queries, b.scratch);
     } else {
-      be.add(queries, qpe, q);
-      L.self_attn->forward(be, q, q, queries, queries, &queries);
+      be.add(queries, b.qpe, b.q);
+      L.self_attn->forward(be, b.q, b.q, queries, queries, b.scratch, &queries);
     }
     L.norm1(be, queries, queries);
     // Tokens attend to the image.
-    be.add(queries, qpe, q);
-    if (k.dim(0) != keys.dim(0)) k = be.alloc({keys.dim(0), HW, C});
+    be.add(queries, b.qpe, b.q);
+    Tensor k = b.k.view_prefix({keys.dim(0), HW, C});
     be.add(keys, key_pe, k);
-    L.cross_token_to_image->forward(be, q, k, keys, queries, &queries);
+    L.cross_token_to_image->forward(be, b.q, k, keys, queries, b.scratch, &queries);
     L.norm2(be, queries, queries);
     // MLP on the tokens.
-    be.linear(queries, *L.mlp_lin1, hidden, Activation::ReLU);
-    be.linear(hidden, *L.mlp_lin2, queries, Activation::None, &queries);
+    be.linear(queries, *L.mlp_lin1, b.hidden, Activation::ReLU);
+    be.linear(b.hidden, *L.mlp_lin2, queries, Activation::None, &queries);
     L.norm3(be, queries, queries);
     // The image attends to the tokens: from here on every prompt has its own keys.
-    be.add(queries, qpe, q);
-    Tensor new_keys = keys.dim(0) == P ? keys : be.alloc({P, HW, C});
-    Tensor image_attn = be.alloc({P, HW, C});
-    L.cross_image_to_token->forward(be, k, q, queries, image_attn);
-    be.add(image_attn, keys, new_keys);  // keys [1 or P] broadcast
-    L.norm4(be, new_keys, new_keys);
-    keys = new_keys;
+    be.add(queries, b.qpe, b.q);
+    L.cross_image_to_token->forward(be, k, b.q, queries, b.image_attn, b.scratch);
+    if (i == 0)
+      be.add(b.image_attn, keys, b.keys);  // keys [1 or P] broadcast
+    else
+      be.add(b.keys, b.image_attn, b.keys);
+    L.norm4(be, b.keys, b.keys);
+    keys = b.keys;
   }
   // Final attention from the tokens to the image.
-  be.add(queries, qpe, q);
-  if (k.dim(0) != keys.dim(0)) k = be.alloc({keys.dim(0), HW, C});
-  be.add(keys, key_pe, k);
-  final_attn_->forward(be, q, k, keys, queries, &queries);
+  be.add(queries, b.qpe, b.q);
+  be.add(keys, key_pe, b.k);
+  final_attn_->forward(be, b.q, b.k, keys, queries, b.scratch, &queries);
   norm_final_(be, queries, queries);
-  return keys;
 }
 
-MaskDecoder::MaskDecoder(const SamConfig& cfg, const io::TensorMap& w, Backend& be)
+MaskDecoder::MaskDecoder(const SamConfig& cfg, const io::TensorMap& w, Backend& be, PromptEncoder& prompts)
     : cfg_(cfg),
       be_(be),
+      prompts_(prompts),
       num_mask_tokens_(cfg.mask_decoder.num_multimask_outputs + 1),
       transformer_(cfg.mask_decoder, w, be),
       iou_head_(be, w, "mask_decoder.iou_prediction_head", cfg.mask_decoder.iou_head_depth) {
   const int64_t C = cfg.mask_decoder.transformer_dim;
   const std::string p = "mask_decoder.";
-  output_tokens_ = Tensor::empty({1 + num_mask_tokens_, C});
-  std::memcpy(output_tokens_.data(), w.at(p + "iou_token.weight", {1, C}).to_f32().data(), C * sizeof(float));
-  std::memcpy(output_tokens_.data_as<float>() + C, w.at(p + "mask_tokens.weight", {num_mask_tokens_, C}).to_f32().data(),
+  Tensor tokens = Tensor::empty({1, 1 + num_mask_tokens_, C});
+  std::memcpy(tokens.data(), w.at(p + "iou_token.weight", {1, C}).to_f32().data(), C * sizeof(float));
+  std::memcpy(tokens.data_as<float>() + C, w.at(p + "mask_tokens.weight", {num_mask_tokens_, C}).to_f32().data(),
               num_mask_tokens_ * C * sizeof(float));
+  output_tokens_ = be.alloc(tokens.shape());
+  be.copy_from_host(tokens, output_tokens_);
   Tensor lw, lb;
   conv_transpose_as_linear(w.at(p + "output_upscaling.0.weight"), w.at(p + "output_upscaling.0.bias"), lw, lb);
   upscale1_ = be.prepare_linear(p + "output_upscaling.0", lw, &lb);
@@ -119,71 +156,100 @@ MaskDecoder::MaskDecoder(const SamConfig& cfg, const io::TensorMap& w, Backend& 
     hypernetworks_.emplace_back(be, w, p + "output_hypernetworks_mlps." + std::to_string(t), 3);
 }
 
-MaskDecoder::Output MaskDecoder::forward(const Tensor& image_embedding, const Tensor& image_pe, const Tensor& sparse,
-                                         const Tensor& dense) {
+MaskDecoder::Batch& MaskDecoder::batch(int64_t P, int64_t Ns, bool mask_inputs) {
+  check(P > 0 && Ns >= 0, "mask decoder: a batch of " + std::to_string(P) + " prompts of " + std::to_string(Ns) +
+                              " sparse tokens");
+  const auto key = std::make_tuple(P, Ns, mask_inputs);
+  auto it = batches_.find(key);
+  if (it != batches_.end()) return it->second;
   Backend& be = be_;
-  const int64_t P = sparse.dim(0), Ns = sparse.dim(1), C = cfg_.mask_decoder.transformer_dim;
-  const int64_t G = cfg_.image_encoder.grid(), HW = G * G, T = num_mask_tokens_;
-  check(image_embedding.numel() == HW * C, "mask decoder: image embedding " + shape_str(image_embedding.shape()) +
-                                               " is not one " + std::to_string(G) + "x" + std::to_string(G) + "x" +
-                                               std::to_string(C) + " grid");
-  // tokens [P, 1 + T + Ns, C] = [iou token, mask tokens, sparse prompt embeddings]
-  const int64_t Tt = 1 + T + Ns;
-  Tensor tokens = be.alloc({P, Tt, C});
-  {
-    Tensor out_tok = be.upload(output_tokens_.view({1, 1 + T, C}));
-    for (int64_t i = 0; i < P; ++i) {
-      Tensor row = tokens.slice0(i, i + 1);
-      be.copy_tokens(out_tok, 0, row, 0, static_cast<int>(1 + T));
-    }
-    if (Ns > 0) be.copy_tokens(sparse, 0, tokens, static_cast<int>(1 + T), static_cast<int>(Ns));
-  }
-  // src = image embedding + dense prompt embedding, one image shared by every prompt when possible.
-  const Tensor emb = image_embedding.view({1, HW, C});
-  Tensor src;
-  if (dense.numel() == C) {  // the no-mask embedding, the same in every cell
-    src = be.alloc({1, HW, C});
-    be.add(emb, dense, src);
+  const DType act = be.activation_dtype();
+  const int64_t C = cfg_.mask_decoder.transformer_dim, G = cfg_.image_encoder.grid(), HW = G * G;
+  const int64_t T = num_mask_tokens_, Tt = 1 + T + Ns, S = 4 * G;
+  Batch b;
+  b.P = P, b.Ns = Ns, b.mask_inputs = mask_inputs;
+  b.embedding = be.alloc({1, HW, C});
+  b.coords = be.alloc({P, Ns, 2}, DType::F32);
+  b.labels = be.alloc({P, Ns}, DType::I32);
+  b.low_res = be.alloc({P, T, S, S}, DType::F32);
+  b.iou = be.alloc({P, T}, DType::F32);
+  b.sparse = be.alloc({P, Ns, C});
+  b.tokens = be.alloc({P, Tt, C});
+  b.t = transformer_.buffers(be, P, Tt, HW);
+  if (mask_inputs) {
+    b.masks = be.alloc({P, S, S}, DType::F32);
+    b.dense = be.alloc({P, HW, C});
+    b.src = b.dense;  // src = dense + image embedding, in place
+    b.dense_p1 = within(be, b.t.image_attn, prompts_.mask_buffer_shape(P, 0), act);
+    b.dense_a = within(be, b.t.k, prompts_.mask_buffer_shape(P, 1), act);
+    b.dense_p2 = within(be, b.t.keys, prompts_.mask_buffer_shape(P, 2), act);
+    b.dense_b = within(be, b.t.scratch.q, prompts_.mask_buffer_shape(P, 3), act);
   } else {
-    check(dense.numel() % (HW * C) == 0, "mask decoder: dense embedding " + shape_str(dense.shape()));
-    src = be.alloc({dense.numel() / (HW * C), HW, C});
-    be.add(dense.view(src.shape()), emb, src);
+    b.src = be.alloc({1, HW, C});
   }
-  Tensor keys = transformer_.forward(be, tokens, src, image_pe.view({1, HW, C}));
+  // The upscaling runs after the transformer: its buffers take the transformer's place where they fit.
+  b.u1 = within(be, b.t.image_attn, {P, G, G, C}, act);
+  b.u1s = within(be, b.t.k, {P, 2 * G, 2 * G, C / 4}, act);
+  b.u2 = be.alloc({P, 2 * G, 2 * G, C / 2});
+  b.up = within(be, b.t.scratch_all, {P, 4 * G, 4 * G, C / 8}, act);
+  b.mask_tokens = be.alloc({P, T, C});
+  b.hyper_in = be.alloc({P, T, C / 8});
+  b.one = be.alloc({P, 1, C});
+  b.one_out = be.alloc({P, 1, C / 8});
+  b.iou_token = be.alloc({P, 1, C});
+  int64_t mlp = iou_head_.scratch_numel(P);
+  for (const Mlp& m : hypernetworks_) mlp = std::max(mlp, m.scratch_numel(P));
+  b.mlp_scratch = be.alloc({std::max<int64_t>(mlp, 1)});
+  return batches_.emplace(key, std::move(b)).first->second;
+}
+
+void MaskDecoder::forward(Batch& b) {
+  be_.run_graph("mask_decoder/P=" + std::to_string(b.P) + ",Ns=" + std::to_string(b.Ns) +
+                    (b.mask_inputs ? ",masks" : ""),
+                [&] { run(b); });
+}
+
+void MaskDecoder::run(Batch& b) {
+  Backend& be = be_;
+  const int64_t P = b.P, C = cfg_.mask_decoder.transformer_dim;
+  const int64_t G = cfg_.image_encoder.grid(), HW = G * G, T = num_mask_tokens_;
+
+  // tokens [P, 1 + T + Ns, C] = [iou token, mask tokens, sparse prompt embeddings]
+  prompts_.embed_sparse(b.coords, b.labels, b.sparse);
+  be.copy_tokens(output_tokens_, 0, b.tokens, 0, static_cast<int>(1 + T));
+  be.copy_tokens(b.sparse, 0, b.tokens, static_cast<int>(1 + T), static_cast<int>(b.Ns));
+  // src = image embedding + dense prompt embedding: one image shared by every prompt unless
+  // there are mask inputs.
+  if (b.mask_inputs) {
+    prompts_.embed_masks(b.masks, b.dense_p1, b.dense_a, b.dense_p2, b.dense_b, b.dense);
+    be.add(b.dense, b.embedding, b.src);
+  } else {
+    be.add(b.embedding, prompts_.no_mask_embed(), b.src);
+  }
+  transformer_.forward(be, b.tokens, b.src, prompts_.image_pe(), b.t);
+  const Tensor& keys = b.t.keys;
 
   // Upscale the image cells: [P, 64, 64, C] -> [P, 128, 128, C/4] -> [P, 256, 256, C/8]
-  Tensor u1 = be.alloc({P, G, G, C});
-  be.linear(keys.view({P, G, G, C}), *upscale1_, u1);
-  Tensor u1s = be.alloc({P, 2 * G, 2 * G, C / 4});
-  be.unpatchify(u1, 2, u1s);
-  upscale_norm_(be, u1s, u1s);
-  be.activation(u1s, Activation::GELU);
-  Tensor u2 = be.alloc({P, 2 * G, 2 * G, C / 2});
-  be.linear(u1s, *upscale2_, u2);
-  Tensor up = be.alloc({P, 4 * G, 4 * G, C / 8});
-  be.unpatchify(u2, 2, up);
-  be.activation(up, Activation::GELU);
+  be.linear(keys.view({P, G, G, C}), *upscale1_, b.u1);
+  be.unpatchify(b.u1, 2, b.u1s);
+  upscale_norm_(be, b.u1s, b.u1s);
+  be.activation(b.u1s, Activation::GELU);
+  be.linear(b.u1s, *upscale2_, b.u2);
+  be.unpatchify(b.u2, 2, b.up);
+  be.activation(b.up, Activation::GELU);
 
   // One hypernetwork MLP per mask token, each applied to its own token.
-  Tensor mask_tokens = be.alloc({P, T, C});
-  be.copy_tokens(tokens, 1, mask_tokens, 0, static_cast<int>(T));
-  Tensor hyper_in = be.alloc({P, T, C / 8});
-  Tensor one = be.alloc({P, 1, C});
-  Tensor one_out = be.alloc({P, 1, C / 8});
+  be.copy_tokens(b.tokens, 1, b.mask_tokens, 0, static_cast<int>(T));
   for (int64_t t = 0; t < T; ++t) {
-    be.copy_tokens(mask_tokens, static_cast<int>(t), one, 0, 1);
-    hypernetworks_[t].forward(be, one, one_out);
-    be.copy_tokens(one_out, 0, hyper_in, static_cast<int>(t), 1);
+    be.copy_tokens(b.mask_tokens, static_cast<int>(t), b.one, 0, 1);
+    hypernetworks_[t].forward(be, b.one, b.one_out, b.mlp_scratch);
+    be.copy_tokens(b.one_out, 0, b.hyper_in, static_cast<int>(t), 1);
   }
-  Output out;
-  out.low_res_logits = be.alloc({P, T, 4 * G, 4 * G});
-  be.matmul_nt(hyper_in, up.view({P, 16 * HW, C / 8}), out.low_res_logits);
+  be.matmul_nt(b.hyper_in, b.up.view({P, 16 * HW, C / 8}), b.low_res);
 
-  Tensor iou_token = be.alloc({P, 1, C});
-  be.copy_tokens(tokens, 0, iou_token, 0, 1);
-  out.iou = be.alloc({P, 1, T});
-  iou_head_.forward(be, iou_token, out.iou);
-  return out;
+  be.copy_tokens(b.tokens, 0, b.iou_token, 0, 1);
+  Tensor iou = b.iou.view({P, 1, T});
+  iou_head_.forward(be, b.iou_token, iou, b.mlp_scratch);
 }
 
 }  // namespace segany

@@ -13,9 +13,15 @@ PromptEncoder::PromptEncoder(const SamConfig& cfg, const io::TensorMap& w, Backe
       be_(be) {
   const std::string p = "prompt_encoder.";
   gaussian_ = w.at(p + "pe_layer.positional_encoding_gaussian_matrix", {2, dim_ / 2}).to_f32();
-  for (int i = 0; i < 4; ++i)
-    point_.push_back(w.at(p + "point_embeddings." + std::to_string(i) + ".weight", {1, dim_}).to_f32().view({dim_}));
-  not_a_point_ = w.at(p + "not_a_point_embed.weight", {1, dim_}).to_f32().view({dim_});
+  gaussian_device_ = be.upload(gaussian_);
+  Tensor table = Tensor::empty({5, dim_});
+  for (int i = 0; i < 5; ++i) {
+    const std::string name = i == 0 ? p + "not_a_point_embed.weight"
+                                    : p + "point_embeddings." + std::to_string(i - 1) + ".weight";
+    std::memcpy(table.data_as<float>() + int64_t(i) * dim_, w.at(name, {1, dim_}).to_f32().data(),
+                dim_ * sizeof(float));
+  }
+  label_table_ = be.upload(table);
   no_mask_embed_ = be.upload(w.at(p + "no_mask_embed.weight", {1, dim_}).to_f32().view({dim_}));
 
   // get_dense_pe(): cell (i, j) sits at ((j + 0.5) / grid, (i + 0.5) / grid).
@@ -46,54 +52,46 @@ void PromptEncoder::encode(float x, float y, float* out) const {
   }
 }
 
-Tensor PromptEncoder::embed_sparse(const std::vector<const PromptSet*>& sets) const {
-  check(!sets.empty(), "embed_sparse: no prompt sets");
-  const int ns = sets[0]->sparse_tokens();
-  Tensor out = Tensor::empty({static_cast<int64_t>(sets.size()), ns, dim_});
-  const float inv = 1.0f / static_cast<float>(img_size_);
-  for (size_t s = 0; s < sets.size(); ++s) {
-    const PromptSet& ps = *sets[s];
-    check(ps.sparse_tokens() == ns, "embed_sparse: prompt sets of different lengths in one batch");
-    check(ps.points.size() == 2 * ps.labels.size(), "embed_sparse: points and labels disagree");
-    float* row = out.data_as<float>() + s * ns * dim_;
-    auto add_to = [&](float* r, const Tensor& e) {
-      for (int k = 0; k < dim_; ++k) r[k] += e.data_as<const float>()[k];
-    };
-    // Points are shifted to pixel centres (+0.5) before the encoding, as the original does.
-    for (size_t i = 0; i < ps.labels.size(); ++i, row += dim_) {
-      encode((ps.points[2 * i] + 0.5f) * inv, (ps.points[2 * i + 1] + 0.5f) * inv, row);
-      add_to(row, point_[ps.labels[i] == 1 ? 1 : 0]);
-    }
-    if (!ps.labels.empty() && !ps.has_box) {  // the padding point: no encoding, only its embedding
-      std::memcpy(row, not_a_point_.data(), dim_ * sizeof(float));
-      row += dim_;
-    }
-    if (ps.has_box) {
-      encode((ps.box[0] + 0.5f) * inv, (ps.box[1] + 0.5f) * inv, row);
-      add_to(row, point_[2]);
-      row += dim_;
-      encode((ps.box[2] + 0.5f) * inv, (ps.box[3] + 0.5f) * inv, row);
-      add_to(row, point_[3]);
-    }
+void PromptEncoder::pack(const PromptSet& ps, float* coords, int32_t* labels) {
+  check(ps.points.size() == 2 * ps.labels.size(), "prompt encoder: points and labels disagree");
+  int n = 0;
+  auto put = [&](float x, float y, int label) {
+    coords[2 * n] = x;
+    coords[2 * n + 1] = y;
+    labels[n++] = label;
+  };
+  for (size_t i = 0; i < ps.labels.size(); ++i) put(ps.points[2 * i], ps.points[2 * i + 1], ps.labels[i] == 1 ? 1 : 0);
+  if (!ps.labels.empty() && !ps.has_box) put(0.0f, 0.0f, -1);  // the padding point: its embedding only
+  if (ps.has_box) {
+    put(ps.box[0], ps.box[1], 2);
+    put(ps.box[2], ps.box[3], 3);
   }
-  return out;
 }
 
-void PromptEncoder::embed_masks(const Tensor& masks, Tensor& dense) {
+void PromptEncoder::embed_sparse(const Tensor& coords, const Tensor& labels, Tensor& out) {
+  be_.embed_points(coords, labels, gaussian_device_, label_table_, img_size_, out);
+}
+
+Shape PromptEncoder::mask_buffer_shape(int64_t P, int i) const {
+  const int64_t c4 = mask_chans_ / 4, half = 2 * grid_;
+  switch (i) {
+    case 0: return {P, half, half, 4};
+    case 1: return {P, half, half, c4};
+    case 2: return {P, grid_, grid_, 4 * c4};
+    default: return {P, grid_, grid_, mask_chans_};
+  }
+}
+
+void PromptEncoder::embed_masks(const Tensor& masks, Tensor& p1, Tensor& a, Tensor& p2, Tensor& b, Tensor& dense) {
   const int64_t P = masks.dim(0), S = 4 * grid_;
   check(masks.numel() == P * S * S, "mask input must be [P, " + std::to_string(S) + ", " + std::to_string(S) +
                                         "], found " + shape_str(masks.shape()));
-  const int64_t c4 = mask_chans_ / 4, half = 2 * grid_;
   // [P, 256, 256, 1] -2x2 conv-> [P, 128, 128, C/4] -LN, GELU, 2x2 conv-> [P, 64, 64, C] -LN, GELU, 1x1 conv-> dense
-  Tensor p1 = be_.alloc({P, half, half, 4});
   be_.patchify(masks.view({P, S, S, 1}), 2, p1);
-  Tensor a = be_.alloc({P, half, half, c4});
   be_.linear(p1, *mask_conv0_, a);
   mask_norm1_(be_, a, a);
   be_.activation(a, Activation::GELU);
-  Tensor p2 = be_.alloc({P, grid_, grid_, 4 * c4});
   be_.patchify(a, 2, p2);
-  Tensor b = be_.alloc({P, grid_, grid_, mask_chans_});
   be_.linear(p2, *mask_conv3_, b);
   mask_norm4_(be_, b, b);
   be_.activation(b, Activation::GELU);

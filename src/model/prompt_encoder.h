@@ -30,19 +30,25 @@ class PromptEncoder {
   // The "no mask" dense embedding [C] on the device; added to every cell when no mask is given.
   const Tensor& no_mask_embed() const { return no_mask_embed_; }
 
-  // Sparse embeddings of several prompt sets with the same sparse_tokens(): host [P, Ns, C].
-  Tensor embed_sparse(const std::vector<const PromptSet*>& sets) const;
-  // Dense embeddings of mask inputs [P, 4*grid, 4*grid] (device) -> [P, grid, grid, C] (device).
-  void embed_masks(const Tensor& masks, Tensor& dense);
+  // A prompt set as embed_sparse reads it: coords [N, 2] and labels [N] for N = set.sparse_tokens()
+  // (host memory; the points, the padding point or the box corners).
+  static void pack(const PromptSet& set, float* coords, int32_t* labels);
+  // Sparse embeddings: coords float32 [P, N, 2] and labels int32 [P, N] (device) -> [P, N, C].
+  void embed_sparse(const Tensor& coords, const Tensor& labels, Tensor& out);
+
+  // Dense embeddings of mask inputs [P, 4*grid, 4*grid] (device) -> [P, grid, grid, C] (device),
+  // through the buffers p1, a, p2 and b of the shapes mask_buffer_shape(P, 0..3) gives.
+  Shape mask_buffer_shape(int64_t P, int i) const;
+  void embed_masks(const Tensor& masks, Tensor& p1, Tensor& a, Tensor& p2, Tensor& b, Tensor& dense);
 
  private:
   // Random-Fourier features of a point in [0, 1]^2: [sin(2 pi (2p - 1) G), cos(...)].
   void encode(float x, float y, float* out) const;
 
   int dim_, grid_, img_size_, mask_chans_;
-  Tensor gaussian_;             // host [2, C/2]
-  std::vector<Tensor> point_;   // host [C] each: 0 background, 1 foreground, 2 box top-left, 3 box bottom-right
-  Tensor not_a_point_;          // host [C]
+  Tensor gaussian_;         // host [2, C/2]
+  Tensor gaussian_device_;  // the same on the device
+  Tensor label_table_;      // [5, C] on the device: not_a_point, point_embeddings 0..3
   Tensor image_pe_, no_mask_embed_;
   Backend& be_;
   std::unique_ptr<LinearWeights> mask_conv0_, mask_conv3_, mask_conv6_;

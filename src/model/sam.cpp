@@ -24,7 +24,7 @@ Sam::Sam(const SamConfig& cfg, const io::TensorMap& w, Backend& be)
       parameter_count_(count_parameters(cfg, w)),
       image_encoder_(cfg.image_encoder, w, be),
       prompt_encoder_(cfg, w, be),
-      mask_decoder_(cfg, w, be) {}
+      mask_decoder_(cfg, w, be, prompt_encoder_) {}
 
 std::unique_ptr<Sam> Sam::load(const std::string& checkpoint, const std::string& config_path, Backend& be) {
   io::TensorMap w = io::load_checkpoint(checkpoint);

@@ -59,7 +59,7 @@ BatchPredictor& BatchPredictor::operator=(BatchPredictor&&) noexcept = default;
 
 std::string BatchPredictor::arch() const { return impl_->sam->config().arch; }
 
-std::vector<std::vector<Masks>> BatchPredictor::predict(const std::vector<BatchInput>& batch) {
+std::vector<std::vector<Masks>> BatchPredictor::predict(const std::vector<BatchInput>& batch, const MaskOutputs& outputs) {
   Impl& im = *impl_;
   Backend& be = *im.backend;
   Sam& sam = *im.sam;
@@ -135,7 +135,7 @@ std::vector<std::vector<Masks>> BatchPredictor::predict(const std::vector<BatchI
                                 std::span<const PreparedPrompt>(prepared).subspan(offsets[i], count),
                                 std::span<Masks>(flat).subspan(offsets[i], count)});
   }
-  im.decoder->decode(jobs, true);
+  im.decoder->decode(jobs, outputs);
 
   std::vector<std::vector<Masks>> results(n);
   for (size_t i = 0; i < n; ++i)

@@ -3,9 +3,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <map>
+#include <tuple>
 
 #include "backend/image_ops.h"
+#include "backend/mask_ops.h"
+#include "pipeline/amg_utils.h"
 #include "pipeline/postprocess.h"
 
 namespace segany {
@@ -17,16 +21,6 @@ bool finite(float v) { return std::isfinite(v); }
 std::string num(float v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%g", static_cast<double>(v));
-  return buf;
-}
-
-// Elements from `offset`, rounded up so that each group's region starts on 256 bytes.
-int64_t aligned(int64_t offset) { return (offset + 63) / 64 * 64; }
-
-// A host staging buffer of at least `numel` elements of `dtype`, reused while it is large enough.
-Tensor& staging(Backend& be, Tensor& buf, int64_t numel, DType dtype) {
-  if (!buf.defined() || buf.dtype() != dtype || buf.numel() < numel)
-    buf = be.alloc_host({std::max<int64_t>(numel, buf.defined() ? buf.numel() * 3 / 2 : 0)}, dtype);
   return buf;
 }
 
@@ -138,95 +132,195 @@ PreparedPrompt prepare_prompt(const Prompt& p, const ImageFrame& frame, const Sa
 
 Decoder::Decoder(Sam& sam) : sam_(sam), done_(sam.backend().make_fence()) {}
 
-void Decoder::decode(std::span<const Job> jobs, bool masks_at_image_size) {
+namespace {
+
+// Carves consecutive, 256-byte aligned regions of one buffer.
+class Layout {
+ public:
+  // Reserves `numel` elements of 4 bytes; returns their offset in elements.
+  int64_t take(int64_t numel) {
+    const int64_t at = size_;
+    size_ = (size_ + numel + 63) / 64 * 64;
+    return at;
+  }
+  int64_t size() const { return size_; }
+
+ private:
+  int64_t size_ = 0;
+};
+
+// A view of `numel` 4-byte elements at `offset` of `buffer`, as `dtype` (float32 or int32).
+Tensor region(const Tensor& buffer, int64_t offset, const Shape& shape, DType dtype) {
+  auto* p = static_cast<char*>(const_cast<void*>(buffer.data())) + offset * 4;
+  return Tensor::wrap(p, shape, dtype, buffer.owner(), buffer.device());
+}
+
+// A buffer of at least `numel` 4-byte elements, reused while large enough.
+Tensor& grown(Tensor& buf, int64_t numel, const std::function<Tensor(int64_t)>& make) {
+  if (!buf.defined() || buf.numel() < numel)
+    buf = make(std::max<int64_t>({numel, buf.defined() ? buf.numel() * 3 / 2 : 0, 1}));
+  return buf;
+}
+
+}  // namespace
+
+void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
   Backend& be = sam_.backend();
   const SamConfig& cfg = sam_.config();
-  const int64_t G = cfg.image_encoder.grid(), C = cfg.mask_decoder.transformer_dim, side = 4 * G;
+  const int64_t G = cfg.image_encoder.grid(), side = 4 * G, plane = side * side;
   const int64_t T = sam_.mask_decoder().num_mask_tokens();
+  const bool post = outputs.masks || outputs.rle;
+  // Bits in the order the host reads them: row-major to expand into uint8 masks, column-major to
+  // count COCO's runs. With both asked for, the runs are counted on the uint8 masks.
+  const bool column_major = outputs.rle && !outputs.masks;
 
-  // One group: prompts of one image decoded in one batch, its outputs still on the device.
+  // One group: prompts of one image decoded in one batch.
   struct Group {
     const Job* job = nullptr;
     std::vector<size_t> members;  // indices into job->prompts
-    MaskDecoder::Output dec;
-    int64_t low_offset = 0, iou_offset = 0;  // where its outputs land in the staging buffers
+    int64_t Ns = 0;
+    bool mask_inputs = false, multimask = false;
+    int64_t first = 0, count = 0, words = 0;
+    // Offsets (4-byte elements) into the host buffers.
+    int64_t coords = 0, labels = 0, masks = 0;        // inputs
+    int64_t low = 0, iou = 0, bits = 0, stats = 0;    // outputs
   };
   std::vector<Group> groups;
   for (const Job& job : jobs) {
     check(job.out.size() == job.prompts.size(), "decoder: one Masks per prompt");
-    // Prompts decode together when they have the same number of sparse tokens and all or none
-    // carry a mask input.
-    std::map<std::pair<int, bool>, std::vector<size_t>> by_shape;
-    for (size_t i = 0; i < job.prompts.size(); ++i)
-      by_shape[{job.prompts[i].set.sparse_tokens(), job.prompts[i].mask_input != nullptr}].push_back(i);
-    for (auto& [key, members] : by_shape) groups.push_back(Group{&job, std::move(members), {}, 0, 0});
-  }
-
-  // Queue every group: prompt encoder, then mask decoder against the image's shared embedding.
-  int64_t low_total = 0, iou_total = 0;
-  for (Group& g : groups) {
-    const int64_t P = static_cast<int64_t>(g.members.size());
-    std::vector<const PromptSet*> sets;
-    for (size_t i : g.members) sets.push_back(&g.job->prompts[i].set);
-    Tensor sparse = be.alloc({P, sets[0]->sparse_tokens(), C});
-    be.copy_from_host(sam_.prompt_encoder().embed_sparse(sets), sparse);
-    Tensor dense;
-    if (g.job->prompts[g.members[0]].mask_input) {
-      Tensor masks_host = Tensor::empty({P, side, side});
-      for (int64_t i = 0; i < P; ++i)
-        std::copy_n(g.job->prompts[g.members[i]].mask_input->data_as<const float>(), side * side,
-                    masks_host.data_as<float>() + i * side * side);
-      Tensor masks = be.alloc(masks_host.shape());
-      be.copy_from_host(masks_host, masks);
-      dense = be.alloc({P, G, G, C});
-      sam_.prompt_encoder().embed_masks(masks, dense);
-    } else {
-      dense = sam_.prompt_encoder().no_mask_embed();
+    std::map<std::tuple<int, bool, bool>, std::vector<size_t>> by_shape;
+    for (size_t i = 0; i < job.prompts.size(); ++i) {
+      const PreparedPrompt& p = job.prompts[i];
+      by_shape[{p.set.sparse_tokens(), p.mask_input != nullptr, p.multimask}].push_back(i);
     }
-    g.dec = sam_.mask_decoder().forward(*g.job->embedding, sam_.prompt_encoder().image_pe(), sparse, dense);
-    g.low_offset = low_total;
-    g.iou_offset = iou_total;
-    low_total = aligned(low_total + g.dec.low_res_logits.numel());
-    iou_total = aligned(iou_total + g.dec.iou.numel());
+    for (auto& [key, members] : by_shape) {
+      Group g;
+      g.job = &job;
+      g.members = std::move(members);
+      std::tie(g.Ns, g.mask_inputs, g.multimask) = std::tuple<int64_t, bool, bool>(
+          std::get<0>(key), std::get<1>(key), std::get<2>(key));
+      // Multimask output skips token 0 (the single-mask token), as the original does.
+      g.first = g.multimask ? 1 : 0;
+      g.count = g.multimask ? T - 1 : 1;
+      g.words = post ? mask_bit_words(job.frame.original_h, job.frame.original_w) : 0;
+      groups.push_back(std::move(g));
+    }
   }
   if (groups.empty()) return;
 
-  // Every group's outputs to the host, then one wait.
-  Tensor& low_host = staging(be, staging_low_, low_total, groups[0].dec.low_res_logits.dtype());
-  Tensor& iou_host = staging(be, staging_iou_, iou_total, groups[0].dec.iou.dtype());
-  std::vector<Tensor> lows, ious;  // each group's region of the staging buffers
+  // Where everything goes, then the inputs packed into the host buffer.
+  Layout in, out;
+  int64_t most_masks = 0, most_bits = 0;
+  for (Group& g : groups) {
+    const int64_t P = static_cast<int64_t>(g.members.size()), M = P * g.count;
+    g.coords = in.take(P * g.Ns * 2);
+    g.labels = in.take(P * g.Ns);
+    if (g.mask_inputs) g.masks = in.take(P * plane);
+    if (outputs.low_res_logits) g.low = out.take(M * plane);
+    g.iou = out.take(M);
+    if (post) g.stats = out.take(M * 7);
+    if (post) g.bits = out.take(M * g.words);
+    most_masks = std::max(most_masks, M);
+    most_bits = std::max(most_bits, M * g.words);
+  }
+  auto host = [&be](int64_t n) { return be.alloc_host({n}, DType::I32); };
+  Tensor& ih = grown(inputs_host_, in.size(), host);
+  Tensor& oh = grown(outputs_host_, out.size(), host);
   for (const Group& g : groups) {
-    Tensor low = low_host.slice0(g.low_offset, g.low_offset + g.dec.low_res_logits.numel());
-    Tensor iou = iou_host.slice0(g.iou_offset, g.iou_offset + g.dec.iou.numel());
-    be.download_async(g.dec.low_res_logits, low);
-    be.download_async(g.dec.iou, iou);
-    lows.push_back(low);
-    ious.push_back(iou);
+    auto* coords = reinterpret_cast<float*>(ih.data_as<int32_t>() + g.coords);
+    int32_t* labels = ih.data_as<int32_t>() + g.labels;
+    for (size_t k = 0; k < g.members.size(); ++k) {
+      const PreparedPrompt& p = g.job->prompts[g.members[k]];
+      PromptEncoder::pack(p.set, coords + k * g.Ns * 2, labels + k * g.Ns);
+      if (g.mask_inputs)
+        std::copy_n(p.mask_input->data_as<const float>(), plane,
+                    reinterpret_cast<float*>(ih.data_as<int32_t>() + g.masks) + k * plane);
+    }
+  }
+  auto device = [&be](int64_t n) { return be.alloc({n}, DType::I32); };
+  Tensor& low_dev = grown(low_dev_, outputs.low_res_logits ? most_masks * plane : 1, [&be](int64_t n) {
+    return be.alloc({n}, DType::F32);
+  });
+  Tensor& iou_dev = grown(iou_dev_, most_masks, [&be](int64_t n) { return be.alloc({n}, DType::F32); });
+  Tensor& stats_dev = grown(stats_dev_, post ? most_masks * 7 : 1, device);
+  Tensor& bits_dev = grown(bits_dev_, post ? most_bits : 1, device);
+
+  // Queue every group: inputs up, prompt encoder and mask decoder against the image's embedding,
+  // postprocessing, outputs down. Groups that share a shape share its buffers: the stream's
+  // order keeps one group's outputs from being overwritten before they are copied.
+  MaskDecoder& decoder = sam_.mask_decoder();
+  for (const Group& g : groups) {
+    const int64_t P = static_cast<int64_t>(g.members.size()), M = P * g.count;
+    MaskDecoder::Batch& b = decoder.batch(P, g.Ns, g.mask_inputs);
+    be.copy_tokens(g.job->embedding->view(b.embedding.shape()), 0, b.embedding, 0,
+                   static_cast<int>(b.embedding.dim(1)));
+    be.upload_async(region(ih, g.coords, b.coords.shape(), DType::F32), b.coords);
+    be.upload_async(region(ih, g.labels, b.labels.shape(), DType::I32), b.labels);
+    if (g.mask_inputs) be.upload_async(region(ih, g.masks, b.masks.shape(), DType::F32), b.masks);
+    decoder.forward(b);
+
+    // The selected masks' scores and logits, compacted.
+    Tensor iou = iou_dev.view_prefix({P, g.count, 1});
+    be.copy_tokens(b.iou.view({P, T, 1}), static_cast<int>(g.first), iou, 0, static_cast<int>(g.count));
+    Tensor iou_host = region(oh, g.iou, iou.shape(), DType::F32);
+    be.download_async(iou, iou_host);
+    if (outputs.low_res_logits) {
+      Tensor low = low_dev.view_prefix({P, g.count, plane});
+      be.copy_tokens(b.low_res.view({P, T, plane}), static_cast<int>(g.first), low, 0, static_cast<int>(g.count));
+      Tensor low_host = region(oh, g.low, low.shape(), DType::F32);
+      be.download_async(low, low_host);
+    }
+    if (post) {
+      const ImageFrame& f = g.job->frame;
+      const Backend::MaskFrame frame{static_cast<int>(cfg.image_encoder.img_size), f.input_h, f.input_w, f.original_h,
+                                     f.original_w};
+      Tensor stats = stats_dev.view_prefix({M, 7});
+      Tensor bits = bits_dev.view_prefix({M, g.words});
+      be.postprocess_masks(b.low_res, static_cast<int>(g.first), static_cast<int>(g.count), frame, 0.0f, 0.0f,
+                           column_major, &bits, stats);
+      Tensor stats_host = region(oh, g.stats, stats.shape(), DType::I32);
+      Tensor bits_host = region(oh, g.bits, bits.shape(), DType::I32);
+      be.download_async(stats, stats_host);
+      be.download_async(bits, bits_host);
+    }
   }
   be.record(*done_);
   done_->wait();
 
-  for (size_t gi = 0; gi < groups.size(); ++gi) {
-    const Group& g = groups[gi];
-    const Tensor low = lows[gi].dtype() == DType::F32 ? lows[gi] : lows[gi].to_f32();  // [P, T, side, side]
-    const Tensor iou = ious[gi].dtype() == DType::F32 ? ious[gi] : ious[gi].to_f32();  // [P, 1, T]
+  // Expand on the host: every Masks gets its own tensors.
+  for (const Group& g : groups) {
     const ImageFrame& f = g.job->frame;
+    const int64_t H = f.original_h, W = f.original_w, pixels = H * W;
+    const float* iou = reinterpret_cast<const float*>(oh.data_as<int32_t>() + g.iou);
+    const float* low = reinterpret_cast<const float*>(oh.data_as<int32_t>() + g.low);
+    const int32_t* stats = oh.data_as<int32_t>() + g.stats;
+    const auto* bits = reinterpret_cast<const uint32_t*>(oh.data_as<int32_t>() + g.bits);
     for (size_t k = 0; k < g.members.size(); ++k) {
-      const int64_t i = static_cast<int64_t>(k);
-      const PreparedPrompt& p = g.job->prompts[g.members[k]];
-      // Multimask output skips token 0 (the single-mask token), as the original does.
-      const int64_t first = p.multimask ? 1 : 0, count = p.multimask ? T - 1 : 1;
       Masks& m = g.job->out[g.members[k]];
-      m.low_res_logits = Tensor::empty({count, side, side});
-      m.scores = Tensor::empty({count});
-      for (int64_t j = 0; j < count; ++j) {
-        std::copy_n(low.data_as<const float>() + (i * T + first + j) * side * side, side * side,
-                    m.low_res_logits.data_as<float>() + j * side * side);
-        m.scores.data_as<float>()[j] = iou.data_as<const float>()[i * T + first + j];
+      const int64_t n = g.count, at = static_cast<int64_t>(k) * n;  // this prompt's first mask
+      m.scores = Tensor::empty({n});
+      std::copy_n(iou + at, n, m.scores.data_as<float>());
+      if (outputs.low_res_logits) {
+        m.low_res_logits = Tensor::empty({n, side, side});
+        std::copy_n(low + at * plane, n * plane, m.low_res_logits.data_as<float>());
       }
-      if (masks_at_image_size)
-        m.masks = postprocess_masks(m.low_res_logits, cfg.image_encoder.img_size, f.input_h, f.input_w, f.original_h,
-                                    f.original_w);
+      if (!post) continue;
+      m.boxes = Tensor::empty({n, 4}, DType::I32);
+      m.areas = Tensor::empty({n}, DType::I64);
+      if (outputs.masks) m.masks = Tensor::empty({n, H, W}, DType::U8);
+      for (int64_t j = 0; j < n; ++j) {
+        const int32_t* s = stats + (at + j) * 7;
+        m.areas.data_as<int64_t>()[j] = s[0];
+        std::copy_n(s + 1, 4, m.boxes.data_as<int32_t>() + j * 4);
+        const uint32_t* mb = bits + (at + j) * g.words;
+        if (outputs.masks) {
+          uint8_t* u8 = m.masks.data_as<uint8_t>() + j * pixels;
+          unpack_mask_bits(mb, pixels, u8);
+          if (outputs.rle) m.rle.push_back(amg::mask_to_rle(u8, static_cast<int>(H), static_cast<int>(W)));
+        } else if (outputs.rle) {
+          m.rle.push_back(Rle{static_cast<int>(H), static_cast<int>(W), run_lengths_from_bits(mb, pixels)});
+        }
+      }
     }
   }
 }

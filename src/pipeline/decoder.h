@@ -3,8 +3,9 @@
 // which turns prompts into masks against embeddings already on the device.
 //
 // The Decoder groups each image's prompts into sets that decode in one batch (the same number of
-// sparse tokens, and all or none with a mask input), queues every group of every image, and only
-// then copies the outputs to the host, with one wait for all of them. The image embedding
+// sparse tokens, all or none with a mask input, all single- or all multi-mask), queues every
+// group of every image, each followed by its postprocessing and the copy of its outputs to the
+// host, and only then waits, once for all of them. The image embedding
 // [1, G*G, C] is shared by every prompt of its image: MaskDecoder::forward broadcasts it.
 #pragma once
 
@@ -58,13 +59,17 @@ class Decoder {
     std::span<const PreparedPrompt> prompts;
     std::span<Masks> out;
   };
-  // Decodes every job's prompts, grouped as above, with one wait for the device. Fills each Masks'
-  // low-res logits and scores, and its masks at the image's size when masks_at_image_size.
-  void decode(std::span<const Job> jobs, bool masks_at_image_size);
+  // Decodes every job's prompts, grouped as above, and postprocesses them on the backend (mask
+  // selection, upscaling, threshold, boxes, areas, bit-packing); then one wait for the device, and
+  // the host fills each Masks with what `outputs` asks for.
+  void decode(std::span<const Job> jobs, const MaskOutputs& outputs);
 
  private:
   Sam& sam_;
-  Tensor staging_low_, staging_iou_;  // host (pinned on CUDA), grown as needed and reused
+  // Host buffers the device reads from and writes to (pinned on CUDA), grown as needed and reused.
+  Tensor inputs_host_, outputs_host_;
+  // Device buffers for each group's postprocessed outputs, reused group after group.
+  Tensor low_dev_, iou_dev_, bits_dev_, stats_dev_;
   std::unique_ptr<Backend::Fence> done_;
 };
 

@@ -1,51 +1,15 @@
 #include "pipeline/postprocess.h"
 
+#include "backend/mask_ops.h"
+
 #include <algorithm>
 #include <vector>
 
 namespace segany {
-namespace {
 
-// One axis of torch's bilinear interpolation (align_corners=False): for each output index, the two
-// source indices and their weights. Computed in float, as torch does for float tensors.
-struct Axis {
-  std::vector<int> i0, i1;
-  std::vector<float> l0, l1;
-};
-
-Axis make_axis(int in, int out, int count) {
-  Axis a;
-  const float scale = static_cast<float>(in) / static_cast<float>(out);
-  for (int o = 0; o < count; ++o) {
-    float src = scale * (o + 0.5f) - 0.5f;
-    if (src < 0) src = 0;
-    const int i0 = static_cast<int>(src);
-    const int step = i0 < in - 1 ? 1 : 0;
-    const float l1 = src - i0;
-    a.i0.push_back(i0);
-    a.i1.push_back(i0 + step);
-    a.l0.push_back(1.0f - l1);
-    a.l1.push_back(l1);
-  }
-  return a;
+void resize_bilinear(const float* src, int h, int w, float* dst, int H, int W) {
+  resize_bilinear_window(src, h, w, H, W, H, W, dst);
 }
-
-// dst [rows, cols] = the top-left rows x cols of src [h, w] resized to [H, W].
-void resize_window(const float* src, int h, int w, int H, int W, int rows, int cols, float* dst) {
-  const Axis ay = make_axis(h, H, rows), ax = make_axis(w, W, cols);
-  for (int y = 0; y < rows; ++y) {
-    const float* r0 = src + static_cast<size_t>(ay.i0[y]) * w;
-    const float* r1 = src + static_cast<size_t>(ay.i1[y]) * w;
-    float* out = dst + static_cast<size_t>(y) * cols;
-    for (int x = 0; x < cols; ++x)
-      out[x] = ay.l0[y] * (ax.l0[x] * r0[ax.i0[x]] + ax.l1[x] * r0[ax.i1[x]]) +
-               ay.l1[y] * (ax.l0[x] * r1[ax.i0[x]] + ax.l1[x] * r1[ax.i1[x]]);
-  }
-}
-
-}  // namespace
-
-void resize_bilinear(const float* src, int h, int w, float* dst, int H, int W) { resize_window(src, h, w, H, W, H, W, dst); }
 
 Tensor postprocess_masks(const Tensor& low_res, int img_size, int input_h, int input_w, int original_h, int original_w,
                          float threshold) {
@@ -58,9 +22,9 @@ Tensor postprocess_masks(const Tensor& low_res, int img_size, int input_h, int i
 #pragma omp for schedule(dynamic)
     for (int m = 0; m < M; ++m) {
       // Upscale to img_size^2 (only the part inside the resized image is kept), then to the original size.
-      resize_window(low_res.data_as<const float>() + static_cast<size_t>(m) * h * w, h, w, img_size, img_size, input_h,
+      resize_bilinear_window(low_res.data_as<const float>() + static_cast<size_t>(m) * h * w, h, w, img_size, img_size, input_h,
                     input_w, mid.data());
-      resize_window(mid.data(), input_h, input_w, original_h, original_w, original_h, original_w, full.data());
+      resize_bilinear_window(mid.data(), input_h, input_w, original_h, original_w, original_h, original_w, full.data());
       uint8_t* out = masks.data_as<uint8_t>() + static_cast<size_t>(m) * original_h * original_w;
       for (size_t i = 0; i < full.size(); ++i) out[i] = full[i] > threshold ? 1 : 0;
     }
@@ -74,9 +38,9 @@ Tensor upscale_logits(const Tensor& low_res, int img_size, int input_h, int inpu
   Tensor out = Tensor::empty({M, original_h, original_w});
   std::vector<float> mid(static_cast<size_t>(input_h) * input_w);
   for (int m = 0; m < M; ++m) {
-    resize_window(low_res.data_as<const float>() + static_cast<size_t>(m) * h * w, h, w, img_size, img_size, input_h,
+    resize_bilinear_window(low_res.data_as<const float>() + static_cast<size_t>(m) * h * w, h, w, img_size, img_size, input_h,
                   input_w, mid.data());
-    resize_window(mid.data(), input_h, input_w, original_h, original_w, original_h, original_w,
+    resize_bilinear_window(mid.data(), input_h, input_w, original_h, original_w, original_h, original_w,
                   out.data_as<float>() + static_cast<size_t>(m) * original_h * original_w);
   }
   return out;

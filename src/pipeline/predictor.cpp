@@ -21,7 +21,7 @@ struct Predictor::Impl {
   Tensor pixels;
   std::unique_ptr<Backend::Fence> pixels_read;
 
-  std::vector<Masks> predict_batch(const std::vector<Prompt>& prompts, bool masks_at_image_size);
+  std::vector<Masks> predict_batch(const std::vector<Prompt>& prompts, const MaskOutputs& outputs);
 };
 
 Predictor::Predictor(const std::string& checkpoint, const PredictorOptions& options) : impl_(std::make_unique<Impl>()) {
@@ -75,12 +75,12 @@ Masks Predictor::predict(const std::vector<Point>& points, const std::optional<B
   return predict(p);
 }
 
-std::vector<Masks> Predictor::predict_batch(const std::vector<Prompt>& prompts) {
-  return impl_->predict_batch(prompts, true);
+std::vector<Masks> Predictor::predict_batch(const std::vector<Prompt>& prompts, const MaskOutputs& outputs) {
+  return impl_->predict_batch(prompts, outputs);
 }
 
 std::vector<Masks> Predictor::predict_batch_low_res(const std::vector<Prompt>& prompts) {
-  return impl_->predict_batch(prompts, false);
+  return impl_->predict_batch(prompts, MaskOutputs{.masks = false, .rle = false, .low_res_logits = true});
 }
 
 Tensor Predictor::upscale_logits(const Tensor& low_res) const {
@@ -90,7 +90,7 @@ Tensor Predictor::upscale_logits(const Tensor& low_res) const {
                                 im.frame.original_h, im.frame.original_w);
 }
 
-std::vector<Masks> Predictor::Impl::predict_batch(const std::vector<Prompt>& prompts, bool masks_at_image_size) {
+std::vector<Masks> Predictor::Impl::predict_batch(const std::vector<Prompt>& prompts, const MaskOutputs& outputs) {
   std::vector<PreparedPrompt> prepared;
   for (size_t i = 0; i < prompts.size(); ++i) {
     check(has_image, "predict: no image set (call set_image first)");
@@ -98,7 +98,7 @@ std::vector<Masks> Predictor::Impl::predict_batch(const std::vector<Prompt>& pro
   }
   std::vector<Masks> results(prompts.size());
   const Decoder::Job job{&embedding, frame, prepared, results};
-  decoder->decode({&job, 1}, masks_at_image_size);
+  decoder->decode({&job, 1}, outputs);
   return results;
 }
 

@@ -256,13 +256,17 @@ class CpuBackend final : public Backend {
   }
 
   void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, int count) override {
-    const int64_t B = src.dim(0), Ts = src.dim(1), Td = dst.dim(1), C = src.dim(2);
-    check(dst.dim(0) == B && dst.dim(2) == C && src_begin >= 0 && dst_begin >= 0 && count >= 0 &&
-              src_begin + count <= Ts && dst_begin + count <= Td,
+    require_f32_cpu(src, "copy_tokens source");
+    require_f32_cpu(dst, "copy_tokens destination");
+    const int64_t B = dst.dim(0), Ts = src.dim(1), Td = dst.dim(1), C = src.dim(2);
+    const bool shared = src.dim(0) == 1;  // one source sequence copied into every destination
+    check(src.ndim() == 3 && dst.ndim() == 3 && (src.dim(0) == B || shared) && dst.dim(2) == C && src_begin >= 0 &&
+              dst_begin >= 0 && count >= 0 && src_begin + count <= Ts && dst_begin + count <= Td,
           "copy_tokens: " + shape_str(src.shape()) + "[" + std::to_string(src_begin) + "+" + std::to_string(count) +
               "] into " + shape_str(dst.shape()) + "[" + std::to_string(dst_begin) + "]");
     for (int64_t b = 0; b < B; ++b)
-      std::memcpy(dst.data_as<float>() + (b * Td + dst_begin) * C, src.data_as<const float>() + (b * Ts + src_begin) * C,
+      std::memcpy(dst.data_as<float>() + (b * Td + dst_begin) * C,
+                  src.data_as<const float>() + ((shared ? 0 : b) * Ts + src_begin) * C,
                   count * C * sizeof(float));
   }
 

@@ -27,6 +27,7 @@
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/image_ops.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/mask_ops.h"
 #include "backend/image_ops.h"
 
 namespace segany {
@@ -181,6 +182,16 @@ class CudaBackend final : public Backend {
               dtype_name(host.dtype()) + " " + shape_str(host.shape()));
     if (src.nbytes() > 0)
       CUDA_CHECK(cudaMemcpyAsync(host.data(), src.data(), src.nbytes(), cudaMemcpyDeviceToHost, stream_.get()));
+  }
+
+  void upload_async(const Tensor& host, Tensor& dst) override {
+    require_cuda(dst, "upload_async destination");
+    check(host.defined() && host.device() == Device::CPU, "cuda upload_async: the source must be host memory");
+    check(host.dtype() == dst.dtype() && host.numel() == dst.numel(),
+          std::string("cuda upload_async: ") + dtype_name(host.dtype()) + " " + shape_str(host.shape()) + " into " +
+              dtype_name(dst.dtype()) + " " + shape_str(dst.shape()));
+    if (host.nbytes() > 0)
+      CUDA_CHECK(cudaMemcpyAsync(dst.data(), host.data(), host.nbytes(), cudaMemcpyHostToDevice, stream_.get()));
   }
 
   std::unique_ptr<Fence> make_fence() override { return std::make_unique<CudaFence>(); }
@@ -402,6 +413,18 @@ class CudaBackend final : public Backend {
 
   void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, int count) override {
     timed(kOther, [&] { cuda::copy_tokens(src, src_begin, dst, dst_begin, count, stream()); });
+  }
+
+  void embed_points(const Tensor& coords, const Tensor& labels, const Tensor& gaussian, const Tensor& table, int img_size,
+                    Tensor& out) override {
+    timed(kOther, [&] { cuda::embed_points(coords, labels, gaussian, table, img_size, out, stream()); });
+  }
+
+  void postprocess_masks(const Tensor& low_res, int first, int count, const MaskFrame& frame, float threshold,
+                         float offset, bool column_major, Tensor* bits, Tensor& stats) override {
+    timed(kOther, [&] {
+      cuda::postprocess_masks(low_res, first, count, frame, threshold, offset, column_major, bits, stats, stream());
+    });
   }
 
   void activation(Tensor& x, Activation act) override {

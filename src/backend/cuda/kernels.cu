@@ -218,8 +218,9 @@ struct Im2colMap {
 // run = b, len count*C.
 struct TokensMap {
   int64_t Ts, Td, sb, db, C;
+  bool shared;  // a source of batch 1, copied into every sequence
   __device__ void operator()(int64_t run, int64_t& s, int64_t& d) const {
-    s = (run * Ts + sb) * C;
+    s = ((shared ? 0 : run) * Ts + sb) * C;
     d = (run * Td + db) * C;
   }
 };
@@ -634,20 +635,21 @@ void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, i
   require_device(dst, "copy_tokens", "destination");
   check(src.ndim() == 3 && dst.ndim() == 3, "cuda copy_tokens: " + shape_str(src.shape()) + " into " +
                                                 shape_str(dst.shape()) + ": both must be [B, T, C]");
-  const int64_t B = src.dim(0), Ts = src.dim(1), Td = dst.dim(1), C = src.dim(2);
-  check(dst.dim(0) == B && dst.dim(2) == C && src_begin >= 0 && dst_begin >= 0 && count >= 0 &&
+  const int64_t B = dst.dim(0), Ts = src.dim(1), Td = dst.dim(1), C = src.dim(2);
+  const bool shared = src.dim(0) == 1 && B != 1;
+  check((src.dim(0) == B || shared) && dst.dim(2) == C && src_begin >= 0 && dst_begin >= 0 && count >= 0 &&
             src_begin + count <= Ts && dst_begin + count <= Td,
         "cuda copy_tokens: " + shape_str(src.shape()) + "[" + std::to_string(src_begin) + "+" + std::to_string(count) +
             "] into " + shape_str(dst.shape()) + "[" + std::to_string(dst_begin) + "]");
   if (B == 0 || count == 0 || C == 0) return;
-  if (src.dtype() == dst.dtype()) {  // a strided copy: one row of count*C elements per sequence
+  if (src.dtype() == dst.dtype() && !shared) {  // a strided copy: one row of count*C elements per sequence
     const size_t es = dtype_size(src.dtype());
     CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(dst.data()) + dst_begin * C * es, Td * C * es,
                                  static_cast<const char*>(src.data()) + src_begin * C * es, Ts * C * es, count * C * es,
                                  B, cudaMemcpyDeviceToDevice, stream));
     return;
   }
-  launch_runs(src, dst, TokensMap{Ts, Td, src_begin, dst_begin, C}, B, count * C, C % 8 == 0, stream,
+  launch_runs(src, dst, TokensMap{Ts, Td, src_begin, dst_begin, C, shared}, B, count * C, C % 8 == 0, stream,
                      "copy_tokens kernel");
 }
 

@@ -1,0 +1,245 @@
+// Prompt embedding and mask postprocessing kernels (mask_ops.h).
+//
+// postprocess: one thread per 32-pixel word of a mask (one block row of the grid per mask). Each
+// pixel evaluates both bilinear stages directly: 4 first-stage values of 4 low-res logits each,
+// read through L1 from the mask's 256 KB of logits, so no intermediate image is ever written.
+// The box, the area and the stability counts are reduced per warp and added with atomics.
+#include "backend/cuda/mask_ops.h"
+
+#include <climits>
+#include <cmath>
+#include <string>
+
+#include "backend/cuda/cuda_utils.h"
+#include "backend/mask_ops.h"
+
+namespace segany::cuda {
+namespace {
+
+void require(const Tensor& t, DType dtype, const char* op, const char* what) {
+  check(t.defined() && t.device() == Device::CUDA && t.dtype() == dtype,
+        std::string("cuda ") + op + ": " + what + " must be a " + dtype_name(dtype) + " GPU tensor" +
+            (t.defined() ? std::string(", found ") + dtype_name(t.dtype()) + " " + shape_str(t.shape()) : ""));
+}
+
+// ---- embed_points ----------------------------------------------------------------------------
+
+template <class TO>
+__global__ void embed_points_kernel(const float* __restrict__ coords, const int32_t* __restrict__ labels,
+                                    const float* __restrict__ gaussian, const float* __restrict__ table, float inv,
+                                    int half, int64_t tokens, TO* __restrict__ out) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= tokens * half) return;
+  const int64_t t = i / half;
+  const int k = static_cast<int>(i - t * half), C = 2 * half;
+  const int label = min(max(labels[t], -1), 3);  // the host validated them; never read outside the table
+  const float* e = table + (label + 1) * C;
+  float s = e[k], c = e[half + k];
+  if (label >= 0) {
+    const float x = __fmul_rn(__fadd_rn(coords[2 * t], 0.5f), inv);
+    const float y = __fmul_rn(__fadd_rn(coords[2 * t + 1], 0.5f), inv);
+    const float cx = __fsub_rn(__fmul_rn(2.0f, x), 1.0f), cy = __fsub_rn(__fmul_rn(2.0f, y), 1.0f);
+    const float v = __fmul_rn(__fmul_rn(2.0f, static_cast<float>(M_PI)),
+                              __fadd_rn(__fmul_rn(cx, gaussian[k]), __fmul_rn(cy, gaussian[half + k])));
+    s = __fadd_rn(sinf(v), s);
+    c = __fadd_rn(cosf(v), c);
+  }
+  if constexpr (sizeof(TO) == 4) {
+    out[t * C + k] = s;
+    out[t * C + half + k] = c;
+  } else {
+    out[t * C + k] = __float2bfloat16_rn(s);
+    out[t * C + half + k] = __float2bfloat16_rn(c);
+  }
+}
+
+// ---- postprocess ------------------------------------------------------------------------------
+
+struct PostArgs {
+  const float* low_res;
+  int T, first, count, h, w;
+  int input_h, input_w, height, width;
+  float sy1, sx1, sy2, sx2;  // in / out of each axis, computed on the host as the CPU computes them
+  float threshold, hi, lo;
+  bool column_major;
+  uint32_t* bits;  // null: stats only
+  int64_t words;
+  int32_t* stats;
+};
+
+// One output index of torch's bilinear axis: source indices and weights (make_axis in mask_ops.cpp).
+__device__ __forceinline__ void axis_at(int in, float scale, int o, int& i0, int& i1, float& l0, float& l1) {
+  float src = __fsub_rn(__fmul_rn(scale, __fadd_rn(static_cast<float>(o), 0.5f)), 0.5f);
+  if (src < 0.0f) src = 0.0f;
+  i0 = static_cast<int>(src);
+  i1 = i0 + (i0 < in - 1 ? 1 : 0);
+  l1 = __fsub_rn(src, static_cast<float>(i0));
+  l0 = __fsub_rn(1.0f, l1);
+}
+
+__device__ __forceinline__ float lerp2(float l0, float a, float l1, float b) {
+  return __fadd_rn(__fmul_rn(l0, a), __fmul_rn(l1, b));
+}
+
+__global__ void init_stats_kernel(int32_t* stats, int64_t masks) {
+  const int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (m >= masks) return;
+  int32_t* s = stats + m * 7;
+  s[0] = 0, s[1] = INT_MAX, s[2] = INT_MAX, s[3] = -1, s[4] = -1, s[5] = 0, s[6] = 0;
+}
+
+__global__ void finish_stats_kernel(int32_t* stats, int64_t masks) {
+  const int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (m >= masks) return;
+  int32_t* s = stats + m * 7;
+  if (s[0] == 0) s[1] = s[2] = s[3] = s[4] = 0;
+}
+
+__global__ void __launch_bounds__(256) postprocess_kernel(PostArgs a) {
+  const int m = blockIdx.y;
+  const int p = m / a.count, j = m - p * a.count;
+  const float* __restrict__ L = a.low_res + (static_cast<int64_t>(p) * a.T + a.first + j) * a.h * a.w;
+  const int64_t pixels = static_cast<int64_t>(a.height) * a.width;
+  const int64_t word = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  int area = 0, hi = 0, lo = 0, x0 = INT_MAX, y0 = INT_MAX, x1 = -1, y1 = -1;
+  if (word < a.words) {
+    const int64_t begin = word * 32;
+    const int n = pixels - begin < 32 ? static_cast<int>(pixels - begin) : 32;
+    // (y, x) of the word's first pixel, then stepped along the pixel order.
+    const int lines = a.column_major ? a.height : a.width;
+    int outer = static_cast<int>(begin / lines), inner = static_cast<int>(begin - int64_t(outer) * lines);
+    uint32_t bits = 0;
+    for (int k = 0; k < n; ++k) {
+      const int y = a.column_major ? inner : outer, x = a.column_major ? outer : inner;
+      int r0, r1, c0, c1;
+      float wy0, wy1, wx0, wx1;
+      axis_at(a.input_h, a.sy2, y, r0, r1, wy0, wy1);
+      axis_at(a.input_w, a.sx2, x, c0, c1, wx0, wx1);
+      // First stage at rows r0, r1 and columns c0, c1 of the img_size^2 image.
+      int ra[2], rb[2], ca[2], cb[2];
+      float rl0[2], rl1[2], cl0[2], cl1[2];
+      axis_at(a.h, a.sy1, r0, ra[0], rb[0], rl0[0], rl1[0]);
+      axis_at(a.h, a.sy1, r1, ra[1], rb[1], rl0[1], rl1[1]);
+      axis_at(a.w, a.sx1, c0, ca[0], cb[0], cl0[0], cl1[0]);
+      axis_at(a.w, a.sx1, c1, ca[1], cb[1], cl0[1], cl1[1]);
+      float mid[2][2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float* la = L + ra[r] * a.w;
+        const float* lb = L + rb[r] * a.w;
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          mid[r][c] = lerp2(rl0[r], lerp2(cl0[c], __ldg(la + ca[c]), cl1[c], __ldg(la + cb[c])), rl1[r],
+                            lerp2(cl0[c], __ldg(lb + ca[c]), cl1[c], __ldg(lb + cb[c])));
+      }
+      const float v = lerp2(wy0, lerp2(wx0, mid[0][0], wx1, mid[0][1]), wy1, lerp2(wx0, mid[1][0], wx1, mid[1][1]));
+      hi += v > a.hi;
+      lo += v > a.lo;
+      if (v > a.threshold) {
+        bits |= 1u << k;
+        ++area;
+        x0 = min(x0, x), x1 = max(x1, x), y0 = min(y0, y), y1 = max(y1, y);
+      }
+      if (++inner == lines) inner = 0, ++outer;
+    }
+    if (a.bits) a.bits[m * a.words + word] = bits;
+  }
+  const unsigned all = 0xffffffffu;
+  area = __reduce_add_sync(all, area);
+  hi = __reduce_add_sync(all, hi);
+  lo = __reduce_add_sync(all, lo);
+  x0 = __reduce_min_sync(all, x0);
+  y0 = __reduce_min_sync(all, y0);
+  x1 = __reduce_max_sync(all, x1);
+  y1 = __reduce_max_sync(all, y1);
+  if ((threadIdx.x & 31) == 0 && lo > 0) {  // lo counts every pixel any other count does
+    int32_t* s = a.stats + static_cast<int64_t>(m) * 7;
+    if (area > 0) {
+      atomicAdd(s, area);
+      atomicMin(s + 1, x0), atomicMin(s + 2, y0), atomicMax(s + 3, x1), atomicMax(s + 4, y1);
+    }
+    if (hi > 0) atomicAdd(s + 5, hi);
+    atomicAdd(s + 6, lo);
+  }
+}
+
+}  // namespace
+
+void embed_points(const Tensor& coords, const Tensor& labels, const Tensor& gaussian, const Tensor& table, int img_size,
+                  Tensor& out, cudaStream_t stream) {
+  const char* op = "embed_points";
+  require(coords, DType::F32, op, "coords");
+  require(labels, DType::I32, op, "labels");
+  require(gaussian, DType::F32, op, "gaussian");
+  require(table, DType::F32, op, "table");
+  check(out.defined() && out.device() == Device::CUDA && is_float_dtype(out.dtype()),
+        "cuda embed_points: the output must be a float32 or bf16 GPU tensor");
+  const int64_t C = table.dim(-1), half = C / 2, N = labels.numel();
+  check(table.numel() == 5 * C && C % 2 == 0 && gaussian.numel() == 2 * half && coords.numel() == 2 * N &&
+            out.numel() == N * C && img_size > 0,
+        "cuda embed_points: coords " + shape_str(coords.shape()) + ", labels " + shape_str(labels.shape()) +
+            ", gaussian " + shape_str(gaussian.shape()) + ", table " + shape_str(table.shape()) + " -> " +
+            shape_str(out.shape()));
+  const int64_t n = N * half;
+  if (n == 0) return;
+  const float inv = 1.0f / static_cast<float>(img_size);
+  const int threads = 256;
+  const auto blocks = static_cast<unsigned>((n + threads - 1) / threads);
+  if (out.dtype() == DType::F32)
+    embed_points_kernel<<<blocks, threads, 0, stream>>>(coords.data_as<const float>(), labels.data_as<const int32_t>(),
+                                                        gaussian.data_as<const float>(), table.data_as<const float>(),
+                                                        inv, static_cast<int>(half), N, out.data_as<float>());
+  else
+    embed_points_kernel<<<blocks, threads, 0, stream>>>(
+        coords.data_as<const float>(), labels.data_as<const int32_t>(), gaussian.data_as<const float>(),
+        table.data_as<const float>(), inv, static_cast<int>(half), N, static_cast<__nv_bfloat16*>(out.data()));
+  CUDA_CHECK_LAUNCH("embed_points kernel");
+}
+
+void postprocess_masks(const Tensor& low_res, int first, int count, const Backend::MaskFrame& f, float threshold,
+                       float offset, bool column_major, Tensor* bits, Tensor& stats, cudaStream_t stream) {
+  const char* op = "postprocess_masks";
+  require(low_res, DType::F32, op, "low-res logits");
+  require(stats, DType::I32, op, "stats");
+  check(low_res.ndim() == 4 && first >= 0 && count >= 0 && first + count <= low_res.dim(1),
+        "cuda postprocess_masks: masks " + std::to_string(first) + "+" + std::to_string(count) +
+            " of low-res logits " + shape_str(low_res.shape()) + " (expected [P, T, h, w])");
+  check(f.img_size > 0 && f.input_h > 0 && f.input_w > 0 && f.input_h <= f.img_size && f.input_w <= f.img_size &&
+            f.height > 0 && f.width > 0,
+        "cuda postprocess_masks: inconsistent frame");
+  const int64_t P = low_res.dim(0), M = P * count, words = mask_bit_words(f.height, f.width);
+  check(stats.numel() == M * 7, "cuda postprocess_masks: stats " + shape_str(stats.shape()) + " for " +
+                                    std::to_string(M) + " masks (expected [M, 7])");
+  if (bits) {
+    require(*bits, DType::I32, op, "bits");
+    check(bits->numel() == M * words, "cuda postprocess_masks: bits " + shape_str(bits->shape()) + " for " +
+                                          std::to_string(M) + " masks of " + std::to_string(words) + " words");
+  }
+  check(M <= 65535 && int64_t(f.height) * f.width < (int64_t(1) << 31),
+        "cuda postprocess_masks: at most 65535 masks of at most 2^31 pixels a call");
+  if (M == 0) return;
+  PostArgs a{};
+  a.low_res = low_res.data_as<const float>();
+  a.T = static_cast<int>(low_res.dim(1)), a.first = first, a.count = count;
+  a.h = static_cast<int>(low_res.dim(2)), a.w = static_cast<int>(low_res.dim(3));
+  a.input_h = f.input_h, a.input_w = f.input_w, a.height = f.height, a.width = f.width;
+  a.sy1 = static_cast<float>(a.h) / static_cast<float>(f.img_size);
+  a.sx1 = static_cast<float>(a.w) / static_cast<float>(f.img_size);
+  a.sy2 = static_cast<float>(f.input_h) / static_cast<float>(f.height);
+  a.sx2 = static_cast<float>(f.input_w) / static_cast<float>(f.width);
+  a.threshold = threshold, a.hi = threshold + offset, a.lo = threshold - offset;
+  a.column_major = column_major;
+  a.bits = bits ? reinterpret_cast<uint32_t*>(bits->data()) : nullptr;
+  a.words = words;
+  a.stats = stats.data_as<int32_t>();
+  const unsigned small = static_cast<unsigned>((M + 255) / 256);
+  init_stats_kernel<<<small, 256, 0, stream>>>(a.stats, M);
+  CUDA_CHECK_LAUNCH("postprocess_masks init kernel");
+  const dim3 grid(static_cast<unsigned>((words + 255) / 256), static_cast<unsigned>(M));
+  postprocess_kernel<<<grid, 256, 0, stream>>>(a);
+  CUDA_CHECK_LAUNCH("postprocess_masks kernel");
+  finish_stats_kernel<<<small, 256, 0, stream>>>(a.stats, M);
+  CUDA_CHECK_LAUNCH("postprocess_masks finish kernel");
+}
+
+}  // namespace segany::cuda

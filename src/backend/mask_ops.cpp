@@ -1,0 +1,195 @@
+#include "backend/mask_ops.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <cmath>
+#include <limits>
+
+namespace segany {
+namespace {
+
+// One axis of torch's bilinear interpolation (align_corners=False): for each output index, the two
+// source indices and their weights. Computed in float, as torch does for float tensors.
+struct Axis {
+  std::vector<int> i0, i1;
+  std::vector<float> l0, l1;
+};
+
+Axis make_axis(int in, int out, int count) {
+  Axis a;
+  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  for (int o = 0; o < count; ++o) {
+    float src = scale * (static_cast<float>(o) + 0.5f) - 0.5f;
+    if (src < 0) src = 0;
+    const int i0 = static_cast<int>(src);
+    const int step = i0 < in - 1 ? 1 : 0;
+    const float l1 = src - static_cast<float>(i0);
+    a.i0.push_back(i0);
+    a.i1.push_back(i0 + step);
+    a.l0.push_back(1.0f - l1);
+    a.l1.push_back(l1);
+  }
+  return a;
+}
+
+void require_host(const Tensor& t, DType dtype, const char* op, const char* what) {
+  check(t.defined() && t.device() == Device::CPU && t.dtype() == dtype,
+        std::string(op) + ": " + what + " must be a " + dtype_name(dtype) + " host tensor" +
+            (t.defined() ? std::string(", found ") + dtype_name(t.dtype()) + " " + shape_str(t.shape()) : ""));
+}
+
+}  // namespace
+
+void resize_bilinear_window(const float* src, int h, int w, int H, int W, int rows, int cols, float* dst) {
+  const Axis ay = make_axis(h, H, rows), ax = make_axis(w, W, cols);
+  for (int y = 0; y < rows; ++y) {
+    const float* r0 = src + static_cast<size_t>(ay.i0[y]) * w;
+    const float* r1 = src + static_cast<size_t>(ay.i1[y]) * w;
+    float* out = dst + static_cast<size_t>(y) * cols;
+    for (int x = 0; x < cols; ++x)
+      out[x] = ay.l0[y] * (ax.l0[x] * r0[ax.i0[x]] + ax.l1[x] * r0[ax.i1[x]]) +
+               ay.l1[y] * (ax.l0[x] * r1[ax.i0[x]] + ax.l1[x] * r1[ax.i1[x]]);
+  }
+}
+
+void upscale_mask_logits(const float* low_res, int h, int w, const Backend::MaskFrame& f, float* mid, float* out) {
+  resize_bilinear_window(low_res, h, w, f.img_size, f.img_size, f.input_h, f.input_w, mid);
+  resize_bilinear_window(mid, f.input_h, f.input_w, f.height, f.width, f.height, f.width, out);
+}
+
+int64_t mask_bit_words(int height, int width) { return (int64_t(height) * width + 31) / 32; }
+
+void unpack_mask_bits(const uint32_t* bits, int64_t pixels, uint8_t* out) {
+  for (int64_t i = 0; i < pixels; i += 32) {
+    const uint32_t word = bits[i / 32];
+    const int64_t n = std::min<int64_t>(32, pixels - i);
+    for (int64_t k = 0; k < n; ++k) out[i + k] = static_cast<uint8_t>((word >> k) & 1u);
+  }
+}
+
+std::vector<uint32_t> run_lengths_from_bits(const uint32_t* bits, int64_t pixels) {
+  // Walk from one change of value to the next: whole words of the current value are skipped,
+  // and inside a word the next change is a count of trailing zeros.
+  std::vector<uint32_t> counts;
+  uint32_t value = 0;  // the value of the current run
+  int64_t start = 0, i = 0;
+  while (i < pixels) {
+    const int64_t w = i / 32, b = i % 32;
+    uint32_t diff = (value ? ~bits[w] : bits[w]) >> b;  // 1 where the value changes, from bit b on
+    if (diff == 0) {
+      i = (w + 1) * 32;
+      continue;
+    }
+    i += std::countr_zero(diff);
+    if (i >= pixels) break;
+    counts.push_back(static_cast<uint32_t>(i - start));
+    start = i;
+    value ^= 1u;
+  }
+  counts.push_back(static_cast<uint32_t>(pixels - start));
+  return counts;
+}
+
+// ---- the host defaults of Backend's ops (backend.h) ----------------------------------------------
+
+void Backend::upload_async(const Tensor& host, Tensor& dst) {
+  check(host.dtype() == dst.dtype() && host.numel() == dst.numel(),
+        std::string("upload_async: ") + dtype_name(host.dtype()) + " " + shape_str(host.shape()) + " into " +
+            dtype_name(dst.dtype()) + " " + shape_str(dst.shape()));
+  if (host.nbytes() > 0) std::memmove(dst.data(), host.data(), host.nbytes());
+}
+
+void Backend::embed_points(const Tensor& coords, const Tensor& labels, const Tensor& gaussian, const Tensor& table,
+                           int img_size, Tensor& out) {
+  const char* op = "embed_points";
+  require_host(coords, DType::F32, op, "coords");
+  require_host(labels, DType::I32, op, "labels");
+  require_host(gaussian, DType::F32, op, "gaussian");
+  require_host(table, DType::F32, op, "table");
+  require_host(out, DType::F32, op, "output");
+  const int64_t C = table.dim(-1), half = C / 2, N = labels.numel();
+  check(table.numel() == 5 * C && C % 2 == 0 && gaussian.numel() == 2 * half && coords.numel() == 2 * N &&
+            out.numel() == N * C && img_size > 0,
+        std::string(op) + ": coords " + shape_str(coords.shape()) + ", labels " + shape_str(labels.shape()) +
+            ", gaussian " + shape_str(gaussian.shape()) + ", table " + shape_str(table.shape()) + " -> " +
+            shape_str(out.shape()));
+  const float inv = 1.0f / static_cast<float>(img_size);
+  const float* g = gaussian.data_as<const float>();
+  for (int64_t t = 0; t < N; ++t) {
+    const int label = labels.data_as<const int32_t>()[t];
+    check(label >= -1 && label <= 3, std::string(op) + ": label " + std::to_string(label) + " is not in -1..3");
+    const float* e = table.data_as<const float>() + (label + 1) * C;
+    float* row = out.data_as<float>() + t * C;
+    if (label < 0) {
+      std::copy_n(e, C, row);
+      continue;
+    }
+    const float x = (coords.data_as<const float>()[2 * t] + 0.5f) * inv;
+    const float y = (coords.data_as<const float>()[2 * t + 1] + 0.5f) * inv;
+    const float cx = 2.0f * x - 1.0f, cy = 2.0f * y - 1.0f;
+    for (int64_t k = 0; k < half; ++k) {
+      const float v = 2.0f * static_cast<float>(M_PI) * (cx * g[k] + cy * g[half + k]);
+      row[k] = std::sin(v) + e[k];
+      row[half + k] = std::cos(v) + e[half + k];
+    }
+  }
+}
+
+void Backend::postprocess_masks(const Tensor& low_res, int first, int count, const MaskFrame& f, float threshold,
+                                float offset, bool column_major, Tensor* bits, Tensor& stats) {
+  const char* op = "postprocess_masks";
+  require_host(low_res, DType::F32, op, "low-res logits");
+  require_host(stats, DType::I32, op, "stats");
+  check(low_res.ndim() == 4 && first >= 0 && count >= 0 && first + count <= low_res.dim(1),
+        std::string(op) + ": masks " + std::to_string(first) + "+" + std::to_string(count) + " of low-res logits " +
+            shape_str(low_res.shape()) + " (expected [P, T, h, w])");
+  check(f.img_size > 0 && f.input_h > 0 && f.input_w > 0 && f.input_h <= f.img_size && f.input_w <= f.img_size &&
+            f.height > 0 && f.width > 0,
+        std::string(op) + ": inconsistent frame");
+  const int64_t P = low_res.dim(0), T = low_res.dim(1), M = P * count, words = mask_bit_words(f.height, f.width);
+  const int h = static_cast<int>(low_res.dim(2)), w = static_cast<int>(low_res.dim(3));
+  check(stats.numel() == M * 7, std::string(op) + ": stats " + shape_str(stats.shape()) + " for " + std::to_string(M) +
+                                    " masks (expected [M, 7])");
+  if (bits) {
+    require_host(*bits, DType::I32, op, "bits");
+    check(bits->numel() == M * words, std::string(op) + ": bits " + shape_str(bits->shape()) + " for " +
+                                          std::to_string(M) + " masks of " + std::to_string(words) + " words");
+  }
+  const int64_t pixels = int64_t(f.height) * f.width;
+#pragma omp parallel
+  {
+    std::vector<float> mid(static_cast<size_t>(f.input_h) * f.input_w), full(static_cast<size_t>(pixels));
+#pragma omp for schedule(dynamic)
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t p = m / count, j = m % count;
+      upscale_mask_logits(low_res.data_as<const float>() + ((p * T + first + j) * h) * w, h, w, f, mid.data(),
+                          full.data());
+      int64_t area = 0, hi = 0, lo = 0;
+      int x0 = f.width, y0 = f.height, x1 = -1, y1 = -1;
+      uint32_t* out = bits ? reinterpret_cast<uint32_t*>(bits->data_as<int32_t>()) + m * words : nullptr;
+      if (out) std::fill(out, out + words, 0u);
+      for (int y = 0; y < f.height; ++y)
+        for (int x = 0; x < f.width; ++x) {
+          const float v = full[static_cast<size_t>(y) * f.width + x];
+          hi += v > threshold + offset;
+          lo += v > threshold - offset;
+          if (!(v > threshold)) continue;
+          ++area;
+          x0 = std::min(x0, x), x1 = std::max(x1, x), y0 = std::min(y0, y), y1 = std::max(y1, y);
+          if (out) {
+            const int64_t i = column_major ? int64_t(x) * f.height + y : int64_t(y) * f.width + x;
+            out[i / 32] |= 1u << (i % 32);
+          }
+        }
+      int32_t* s = stats.data_as<int32_t>() + m * 7;
+      const bool empty = area == 0;
+      s[0] = static_cast<int32_t>(area);
+      s[1] = empty ? 0 : x0, s[2] = empty ? 0 : y0, s[3] = empty ? 0 : x1, s[4] = empty ? 0 : y1;
+      s[5] = static_cast<int32_t>(hi);
+      s[6] = static_cast<int32_t>(lo);
+    }
+  }
+}
+
+}  // namespace segany

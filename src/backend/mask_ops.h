@@ -1,0 +1,30 @@
+// The two ends of the mask decoder on the host: the twins of the CUDA kernels behind
+// Backend::embed_points and Backend::postprocess_masks (whose defaults are built on them), and the
+// host side of their outputs (bit-packed masks -> uint8 masks or COCO run lengths).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace segany {
+
+// dst [rows, cols] = the top-left rows x cols of src [h, w] resized to [H, W] with torch's
+// bilinear interpolation (align_corners=False), in float32 as torch computes it.
+void resize_bilinear_window(const float* src, int h, int w, int H, int W, int rows, int cols, float* dst);
+
+// One mask's low-res logits [h, w] -> its logits at the image's size [frame.height, frame.width]:
+// upscaled to img_size^2, cut to input_h x input_w, upscaled again (the original's
+// postprocess_masks). `mid` holds input_h * input_w floats of scratch.
+void upscale_mask_logits(const float* low_res, int h, int w, const Backend::MaskFrame& frame, float* mid, float* out);
+
+// Words of 32 bits that one bit-packed mask of height x width pixels takes.
+int64_t mask_bit_words(int height, int width);
+// A bit-packed mask (row-major pixel order) -> uint8 [pixels], 1 inside.
+void unpack_mask_bits(const uint32_t* bits, int64_t pixels, uint8_t* out);
+// A bit-packed mask in column-major order -> COCO's run lengths: alternating runs of 0 and 1,
+// starting with a run of 0 (possibly empty).
+std::vector<uint32_t> run_lengths_from_bits(const uint32_t* bits, int64_t pixels);
+
+}  // namespace segany
