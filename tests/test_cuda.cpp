@@ -304,6 +304,9 @@ TEST_F(CudaOps, AttentionDecoderShapes) {
   attention_case(*this, *gpu, *cpu, {3, 7, 256}, {3, 7, 256}, 8, 820);     // token self-attention
   attention_case(*this, *gpu, *cpu, {1, 5, 64}, {3, 4096, 64}, 8, 830);    // a shared q, per-batch keys
   attention_case(*this, *gpu, *cpu, {2, 33, 96}, {2, 70, 96}, 1, 840);     // head dim 96, ragged tiles
+  attention_case(*this, *gpu, *cpu, {2, 32, 256}, {2, 1000, 256}, 8, 850);  // 32 queries (the most), head dim 32
+  attention_case(*this, *gpu, *cpu, {2, 300, 512}, {1, 32, 512}, 8, 860);   // 32 keys (the most), head dim 64
+  attention_case(*this, *gpu, *cpu, {1, 33, 64}, {1, 33, 64}, 2, 870);      // 33 of each: the tiled kernel
 }
 
 // ---- elementwise and layout ------------------------------------------------------------------

@@ -40,18 +40,29 @@ double iou_u8(const uint8_t* a, const uint8_t* b, int64_t n) {
 struct Worst {
   float logits = 0, scores = 0;
   double mask_iou = 1.0;
+  int64_t area = 0;  // of the worst mask (the reference's)
+  float score = 0;   // its predicted IoU
+  int prompts = 0;
   void add(const Masks& got, const Masks& want) {
     ASSERT_EQ(got.count(), want.count());
     logits = std::max(logits, test::max_abs_diff(got.low_res_logits, want.low_res_logits));
     scores = std::max(scores, test::max_abs_diff(got.scores, want.scores));
     const int64_t pixels = want.masks.numel() / std::max(want.count(), 1);
-    for (int m = 0; m < want.count(); ++m)
-      mask_iou = std::min(mask_iou, iou_u8(got.masks.data_as<uint8_t>() + m * pixels,
-                                           want.masks.data_as<uint8_t>() + m * pixels, pixels));
+    for (int m = 0; m < want.count(); ++m) {
+      const uint8_t* w = want.masks.data_as<uint8_t>() + m * pixels;
+      const double v = iou_u8(got.masks.data_as<uint8_t>() + m * pixels, w, pixels);
+      if (v < mask_iou) {
+        mask_iou = v;
+        area = std::count(w, w + pixels, uint8_t(1));
+        score = want.scores.data_as<float>()[m];
+      }
+    }
+    ++prompts;
   }
   void expect_within(const char* what) const {
-    std::printf("[ info ] %s: low-res logits max |diff| %.3e, IoU predictions %.3e, worst mask IoU %.5f\n", what,
-                logits, scores, mask_iou);
+    std::printf("[ info ] %s (%d prompts): low-res logits max |diff| %.3e, IoU predictions %.3e, worst mask IoU "
+                "%.5f (area %lld px, predicted IoU %.3f)\n",
+                what, prompts, logits, scores, mask_iou, (long long)area, score);
     EXPECT_LE(logits, 2e-2f) << what;
     EXPECT_LE(scores, 1e-2f) << what;
     EXPECT_GE(mask_iou, 0.99) << what;

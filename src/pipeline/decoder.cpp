@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <functional>
 #include <map>
 #include <tuple>
@@ -287,15 +288,22 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
   be.record(*done_);
   done_->wait();
 
-  // Expand on the host: every Masks gets its own tensors.
-  for (const Group& g : groups) {
-    const ImageFrame& f = g.job->frame;
-    const int64_t H = f.original_h, W = f.original_w, pixels = H * W;
-    const float* iou = reinterpret_cast<const float*>(oh.data_as<int32_t>() + g.iou);
-    const float* low = reinterpret_cast<const float*>(oh.data_as<int32_t>() + g.low);
-    const int32_t* stats = oh.data_as<int32_t>() + g.stats;
-    const auto* bits = reinterpret_cast<const uint32_t*>(oh.data_as<int32_t>() + g.bits);
-    for (size_t k = 0; k < g.members.size(); ++k) {
+  // Expand on the host, prompts in parallel: every Masks gets its own tensors.
+  std::vector<std::pair<const Group*, size_t>> items;
+  for (const Group& g : groups)
+    for (size_t k = 0; k < g.members.size(); ++k) items.emplace_back(&g, k);
+  std::exception_ptr failure;
+#pragma omp parallel for schedule(dynamic)
+  for (size_t it = 0; it < items.size(); ++it) {
+    try {
+      const Group& g = *items[it].first;
+      const size_t k = items[it].second;
+      const ImageFrame& f = g.job->frame;
+      const int64_t H = f.original_h, W = f.original_w, pixels = H * W;
+      const float* iou = reinterpret_cast<const float*>(oh.data_as<int32_t>() + g.iou);
+      const float* low = reinterpret_cast<const float*>(oh.data_as<int32_t>() + g.low);
+      const int32_t* stats = oh.data_as<int32_t>() + g.stats;
+      const auto* bits = reinterpret_cast<const uint32_t*>(oh.data_as<int32_t>() + g.bits);
       Masks& m = g.job->out[g.members[k]];
       const int64_t n = g.count, at = static_cast<int64_t>(k) * n;  // this prompt's first mask
       m.scores = Tensor::empty({n});
@@ -309,9 +317,9 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
       m.areas = Tensor::empty({n}, DType::I64);
       if (outputs.masks) m.masks = Tensor::empty({n, H, W}, DType::U8);
       for (int64_t j = 0; j < n; ++j) {
-        const int32_t* s = stats + (at + j) * 7;
-        m.areas.data_as<int64_t>()[j] = s[0];
-        std::copy_n(s + 1, 4, m.boxes.data_as<int32_t>() + j * 4);
+        const int32_t* st = stats + (at + j) * 7;
+        m.areas.data_as<int64_t>()[j] = st[0];
+        std::copy_n(st + 1, 4, m.boxes.data_as<int32_t>() + j * 4);
         const uint32_t* mb = bits + (at + j) * g.words;
         if (outputs.masks) {
           uint8_t* u8 = m.masks.data_as<uint8_t>() + j * pixels;
@@ -321,8 +329,12 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
           m.rle.push_back(Rle{static_cast<int>(H), static_cast<int>(W), run_lengths_from_bits(mb, pixels)});
         }
       }
+    } catch (...) {
+#pragma omp critical(segany_decoder_failure)
+      if (!failure) failure = std::current_exception();
     }
   }
+  if (failure) std::rethrow_exception(failure);
 }
 
 }  // namespace segany

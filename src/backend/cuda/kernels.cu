@@ -556,6 +556,198 @@ void launch_attention(const AttnParams& p, DType in, DType out, int heads, int64
 }
 
 
+// ---- attention with few keys or few queries: the mask decoder's shapes -------------------------
+//
+// The decoder's attentions are lopsided: 4096 image cells against ~7 prompt tokens, ~7 tokens
+// against 4096 cells, and ~7 tokens among themselves, with head dims 16 and 32. The tiled kernel
+// above spends its tiles on padding there, and gives the tokens-to-image case one block per head.
+
+constexpr int kFewKeys = 32, kFewKeysThreads = 128;
+
+// Tk <= 32: one thread per query, the (batch, head)'s keys and values in shared memory; the scores
+// stay in registers (an exact softmax, no online rescaling).
+template <class TI, class TO, int kHd>
+__global__ void __launch_bounds__(kFewKeysThreads) few_keys_attention_kernel(AttnParams p) {
+  __shared__ float k_s[kFewKeys][kHd], v_s[kFewKeys][kHd];
+  const int hd = p.head_dim, h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const TI* kg = static_cast<const TI*>(p.k) + b * p.k_batch + int64_t(h) * hd;
+  const TI* vg = static_cast<const TI*>(p.v) + b * p.v_batch + int64_t(h) * hd;
+  for (int i = threadIdx.x; i < kFewKeys * kHd; i += blockDim.x) {
+    const int j = i / kHd, d = i % kHd;
+    const bool ok = j < p.Tk && d < hd;
+    k_s[j][d] = ok ? to_float(kg[int64_t(j) * p.k_row + d]) : 0.0f;
+    v_s[j][d] = ok ? to_float(vg[int64_t(j) * p.v_row + d]) : 0.0f;
+  }
+  __syncthreads();
+  const int t = blockIdx.x * kFewKeysThreads + threadIdx.x;
+  if (t >= p.Tq) return;
+  const TI* qg = static_cast<const TI*>(p.q) + b * p.q_batch + int64_t(t) * p.q_row + int64_t(h) * hd;
+  float q[kHd];
+#pragma unroll
+  for (int d = 0; d < kHd; ++d) q[d] = d < hd ? to_float(qg[d]) : 0.0f;
+  float s[kFewKeys], mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kFewKeys; ++j) {
+    float dot = 0.0f;
+#pragma unroll
+    for (int d = 0; d < kHd; ++d) dot += q[d] * k_s[j][d];
+    s[j] = j < p.Tk ? dot * p.scale : -INFINITY;
+    mx = fmaxf(mx, s[j]);
+  }
+  float l = 0.0f, o[kHd];
+#pragma unroll
+  for (int d = 0; d < kHd; ++d) o[d] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kFewKeys; ++j) {
+    const float e = j < p.Tk ? expf(s[j] - mx) : 0.0f;
+    l += e;
+#pragma unroll
+    for (int d = 0; d < kHd; ++d) o[d] += e * v_s[j][d];
+  }
+  const float inv = 1.0f / l;
+  TO* og = static_cast<TO*>(p.out) + b * p.o_batch + int64_t(t) * p.o_row + int64_t(h) * hd;
+#pragma unroll
+  for (int d = 0; d < kHd; ++d)
+    if (d < hd) og[d] = from_float<TO>(o[d] * inv);
+}
+
+constexpr int kFewQueries = 32, kFewQueriesTile = 256, kFewQueriesWarps = kFewQueriesTile / 32;
+
+// Tq <= 32 and many keys: one block per (batch, head) walks the keys in tiles of 256, one key per
+// thread for the scores (the queries in shared memory); then each warp takes its queries (every
+// eighth) through an online softmax over the tile, its lanes splitting the head dims and the keys.
+template <class TI, class TO, int kHd>
+__global__ void __launch_bounds__(kFewQueriesTile) few_queries_attention_kernel(AttnParams p) {
+  constexpr int kParts = kHd >= 32 ? 1 : 32 / kHd;  // lanes per head dim (each a share of the keys)
+  constexpr int kDims = kHd > 32 ? kHd / 32 : 1;     // head dims per lane
+  constexpr int kPerWarp = kFewQueries / kFewQueriesWarps;
+  extern __shared__ float smem[];
+  float* q_s = smem;                                 // [Tq][kHd], scaled
+  float* s_s = q_s + kFewQueries * kHd;              // [Tq][256]: scores, then probabilities
+  float* v_s = s_s + kFewQueries * kFewQueriesTile;  // [256][kHd]
+  const int hd = p.head_dim, h = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t b = blockIdx.z;
+  const TI* qg = static_cast<const TI*>(p.q) + b * p.q_batch + int64_t(h) * hd;
+  const TI* kg = static_cast<const TI*>(p.k) + b * p.k_batch + int64_t(h) * hd;
+  const TI* vg = static_cast<const TI*>(p.v) + b * p.v_batch + int64_t(h) * hd;
+  for (int i = tid; i < p.Tq * kHd; i += blockDim.x) {
+    const int t = i / kHd, d = i % kHd;
+    q_s[i] = d < hd ? to_float(qg[int64_t(t) * p.q_row + d]) * p.scale : 0.0f;
+  }
+  const int part = kParts > 1 ? lane / kHd : 0;     // which share of the keys
+  const int dim0 = kParts > 1 ? lane % kHd : lane;  // the first head dim of this lane
+  float m[kPerWarp], l[kPerWarp], acc[kPerWarp][kDims];
+#pragma unroll
+  for (int n = 0; n < kPerWarp; ++n) {
+    m[n] = -INFINITY, l[n] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kDims; ++c) acc[n][c] = 0.0f;
+  }
+  for (int j0 = 0; j0 < p.Tk; j0 += kFewQueriesTile) {
+    __syncthreads();  // the previous tile is consumed (and the queries loaded)
+    const int j = j0 + tid;
+    const bool valid = j < p.Tk;
+    float kr[kHd];
+#pragma unroll
+    for (int d = 0; d < kHd; ++d) {
+      kr[d] = valid && d < hd ? to_float(kg[int64_t(j) * p.k_row + d]) : 0.0f;
+      v_s[tid * kHd + d] = valid && d < hd ? to_float(vg[int64_t(j) * p.v_row + d]) : 0.0f;
+    }
+    for (int t = 0; t < p.Tq; ++t) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int d = 0; d < kHd; ++d) dot += q_s[t * kHd + d] * kr[d];
+      s_s[t * kFewQueriesTile + tid] = valid ? dot : -INFINITY;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int n = 0; n < kPerWarp; ++n) {
+      const int t = warp + n * kFewQueriesWarps;
+      if (t >= p.Tq) break;
+      float* row = s_s + t * kFewQueriesTile;
+      float tmax = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kFewQueriesTile / 32; ++i) tmax = fmaxf(tmax, row[lane + 32 * i]);
+      const float m_new = fmaxf(m[n], warp_max(tmax));
+      const float corr = expf(m[n] - m_new);
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kFewQueriesTile / 32; ++i) {
+        const float e = expf(row[lane + 32 * i] - m_new);  // exp(-inf) = 0 past the last key
+        row[lane + 32 * i] = e;
+        sum += e;
+      }
+      l[n] = l[n] * corr + warp_sum(sum);
+      m[n] = m_new;
+      __syncwarp();
+#pragma unroll
+      for (int c = 0; c < kDims; ++c) {
+        float a = acc[n][c] * corr;
+        const int d = dim0 + 32 * c;
+        for (int k = part; k < kFewQueriesTile; k += kParts) a += row[k] * v_s[k * kHd + d];
+        acc[n][c] = a;
+      }
+      __syncwarp();
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kPerWarp; ++n) {
+    const int t = warp + n * kFewQueriesWarps;
+    if (t >= p.Tq) break;
+#pragma unroll
+    for (int c = 0; c < kDims; ++c) {
+      float a = acc[n][c];
+#pragma unroll
+      for (int o = kHd; o < 32; o <<= 1) a += __shfl_xor_sync(0xffffffffu, a, o);  // the key shares of a dim
+      const int d = dim0 + 32 * c;
+      if (part == 0 && d < hd)
+        static_cast<TO*>(p.out)[b * p.o_batch + int64_t(t) * p.o_row + int64_t(h) * hd + d] = from_float<TO>(a / l[n]);
+    }
+  }
+}
+
+// The kernel for the shape: few keys, few queries, or the tiled one. True if one was launched.
+bool launch_lopsided_attention(const AttnParams& p, DType in, DType out, int heads, int64_t batch,
+                               cudaStream_t stream) {
+  if (p.head_dim > 64 || p.rel_h != nullptr || p.img_h != 0) return false;
+  const int kHd = p.head_dim <= 16 ? 16 : p.head_dim <= 32 ? 32 : 64;
+  bool launched = false;
+  with_type(in, [&](auto ti) {
+    with_type(out, [&](auto to) {
+      using TI = decltype(ti);
+      using TO = decltype(to);
+      if (p.Tk <= kFewKeys) {
+        const dim3 grid(static_cast<unsigned>((p.Tq + kFewKeysThreads - 1) / kFewKeysThreads),
+                        static_cast<unsigned>(heads), static_cast<unsigned>(batch));
+        auto kernel = kHd == 16 ? few_keys_attention_kernel<TI, TO, 16>
+                      : kHd == 32 ? few_keys_attention_kernel<TI, TO, 32>
+                                  : few_keys_attention_kernel<TI, TO, 64>;
+        kernel<<<grid, kFewKeysThreads, 0, stream>>>(p);
+        launched = true;
+      } else if (p.Tq <= kFewQueries) {
+        auto kernel = kHd == 16 ? few_queries_attention_kernel<TI, TO, 16>
+                      : kHd == 32 ? few_queries_attention_kernel<TI, TO, 32>
+                                  : few_queries_attention_kernel<TI, TO, 64>;
+        const size_t smem = (size_t(kFewQueries) * kHd + size_t(kFewQueries) * kFewQueriesTile +
+                             size_t(kFewQueriesTile) * kHd) * sizeof(float);
+        // Above 48 KiB a kernel must opt in to more dynamic shared memory; once per instantiation.
+        static const cudaError_t opt_in[3] = {
+            cudaFuncSetAttribute(few_queries_attention_kernel<TI, TO, 16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 96 * 1024),
+            cudaFuncSetAttribute(few_queries_attention_kernel<TI, TO, 32>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 96 * 1024),
+            cudaFuncSetAttribute(few_queries_attention_kernel<TI, TO, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 96 * 1024)};
+        CUDA_CHECK(opt_in[kHd == 16 ? 0 : kHd == 32 ? 1 : 2]);
+        kernel<<<dim3(1, static_cast<unsigned>(heads), static_cast<unsigned>(batch)), kFewQueriesTile, smem, stream>>>(p);
+        launched = true;
+      }
+    });
+  });
+  return launched;
+}
+
 // ---- GEMM fallback: 16 x 16 output tiles, K in steps of 16 through shared memory ----------------
 
 constexpr int kGemmTile = 16;
@@ -725,6 +917,12 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Ten
   p.q_row = p.k_row = p.v_row = p.o_row = D;
   p.Tq = static_cast<int>(Tq), p.Tk = static_cast<int>(Tk), p.head_dim = static_cast<int>(hd);
   p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  check(B <= 65535 && heads <= 65535, "cuda attention: batch " + std::to_string(B) + " or heads " +
+                                          std::to_string(heads) + " exceeds the grid's limit of 65535");
+  if (Tq > 0 && Tk > 0 && B > 0 && launch_lopsided_attention(p, q.dtype(), out.dtype(), heads, B, stream)) {
+    CUDA_CHECK_LAUNCH("attention kernel (few keys or queries)");
+    return;
+  }
   launch_attention(p, q.dtype(), out.dtype(), heads, B, stream);
 }
 

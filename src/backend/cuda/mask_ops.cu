@@ -100,9 +100,24 @@ __global__ void __launch_bounds__(256) postprocess_kernel(PostArgs a) {
   const int p = m / a.count, j = m - p * a.count;
   const float* __restrict__ L = a.low_res + (static_cast<int64_t>(p) * a.T + a.first + j) * a.h * a.w;
   const int64_t pixels = static_cast<int64_t>(a.height) * a.width;
-  const int64_t word = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  // Which word this thread computes. Row-major: consecutive threads take consecutive words, so a
+  // warp reads neighbouring logits. Column-major: consecutive words run down a column, so a warp
+  // instead takes 32 neighbouring columns: word r of column x is the r-th word whose first pixel
+  // lies in that column.
+  int64_t word;
+  bool active;
+  if (!a.column_major) {
+    word = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    active = word < a.words;
+  } else {
+    const int64_t warp = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+    const int64_t groups = (a.width + 31) / 32, r = warp / groups;
+    const int64_t x = (warp % groups) * 32 + threadIdx.x % 32;
+    word = (x * a.height + 31) / 32 + r;
+    active = x < a.width && word * 32 < (x + 1) * a.height;
+  }
   int area = 0, hi = 0, lo = 0, x0 = INT_MAX, y0 = INT_MAX, x1 = -1, y1 = -1;
-  if (word < a.words) {
+  if (active) {
     const int64_t begin = word * 32;
     const int n = pixels - begin < 32 ? static_cast<int>(pixels - begin) : 32;
     // (y, x) of the word's first pixel, then stepped along the pixel order.
@@ -235,7 +250,10 @@ void postprocess_masks(const Tensor& low_res, int first, int count, const Backen
   const unsigned small = static_cast<unsigned>((M + 255) / 256);
   init_stats_kernel<<<small, 256, 0, stream>>>(a.stats, M);
   CUDA_CHECK_LAUNCH("postprocess_masks init kernel");
-  const dim3 grid(static_cast<unsigned>((words + 255) / 256), static_cast<unsigned>(M));
+  // Threads per mask: one per word (row-major), or 32 columns x (words per column + 1) (column-major).
+  const int64_t threads =
+      column_major ? (int64_t(f.width) + 31) / 32 * 32 * ((int64_t(f.height) + 31) / 32 + 1) : words;
+  const dim3 grid(static_cast<unsigned>((threads + 255) / 256), static_cast<unsigned>(M));
   postprocess_kernel<<<grid, 256, 0, stream>>>(a);
   CUDA_CHECK_LAUNCH("postprocess_masks kernel");
   finish_stats_kernel<<<small, 256, 0, stream>>>(a.stats, M);
