@@ -196,7 +196,7 @@ TEST(CudaDecoder, RandomVitHGpuMatchesCpu) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal;
   for (int64_t i = 0; i < emb.numel(); ++i) emb.data_as<float>()[i] = normal(rng);
-  Tensor emb_gpu = gpu_be->alloc({1, G * G, C});
+  Tensor emb_gpu = gpu_be->alloc({1, G * G, C}, DType::F32);
   gpu_be->copy_from_host(emb, emb_gpu);
 
   const ImageFrame frame = image_frame(1200, 1800, cfg.image_encoder.img_size);

@@ -99,7 +99,7 @@ void run_bench(BenchOptions o) {
   // together against the first image's embedding as the Predictor runs them: prompt encoder,
   // mask decoder, postprocessing, results expanded on the host into what --outputs names.
   const int64_t C = encoded->dim(3);
-  Tensor embedding = be->alloc({1, G * G, C});
+  Tensor embedding = be->alloc({1, G * G, C}, DType::F32);
   be->copy_tokens(encoded->slice0(0, 1).view({1, G * G, C}), 0, embedding, 0, static_cast<int>(G * G));
   const ImageFrame frame = image_frame(o.image_h, o.image_w, static_cast<int>(S));
   std::vector<PreparedPrompt> prepared;

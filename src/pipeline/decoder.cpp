@@ -69,7 +69,7 @@ Tensor embedding_to_device(Sam& sam, const Tensor& nchw, const std::string& what
   for (int64_t c = 0; c < C; ++c)
     for (int64_t t = 0; t < G * G; ++t) dst[t * C + c] = src[c * G * G + t];
   Backend& be = sam.backend();
-  Tensor out = be.alloc({1, G * G, C});
+  Tensor out = be.alloc({1, G * G, C}, DType::F32);
   be.copy_from_host(tokens, out);
   return out;
 }

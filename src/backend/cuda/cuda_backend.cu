@@ -264,26 +264,35 @@ class CudaBackend final : public Backend {
 
   // ---- weights ---------------------------------------------------------------------------------
 
+  // The image encoder's layers take the backend's format (bf16); the mask decoder's and the prompt
+  // encoder's run in fp32 on TF32 tensor cores: they are a small share of the work, and the masks
+  // of low-confidence prompts, whose logits hover near the threshold, need the precision.
   std::unique_ptr<LinearWeights> prepare_linear(const std::string& name, const Tensor& weight,
                                                 const Tensor* bias) override {
     check(weight.ndim() == 2, "linear '" + name + "': weight must be 2-d, found " + shape_str(weight.shape()));
-    if (options_.linear_format != cuda::LinearFormat::BF16)
-      throw Error(std::string("cuda backend: linear format ") + cuda::linear_format_name(options_.linear_format) +
+    const bool prompt_path = name.starts_with("mask_decoder.") || name.starts_with("prompt_encoder.");
+    const cuda::LinearFormat format = prompt_path ? cuda::LinearFormat::TF32 : options_.linear_format;
+    if (format != cuda::LinearFormat::BF16 && format != cuda::LinearFormat::TF32)
+      throw Error(std::string("cuda backend: linear format ") + cuda::linear_format_name(format) +
                   " is not implemented yet (layer '" + name + "')");
+    const DType wt = format == cuda::LinearFormat::TF32 ? DType::F32 : DType::BF16;
     const int64_t N = weight.dim(0), K = weight.dim(1);
-    Tensor w = alloc({N, K}, DType::BF16);
+    Tensor w = alloc({N, K}, wt);
     copy_from_host(weight.to_f32(), w);
-    Tensor b16, b32;
+    Tensor b, b32;
     if (bias) {
       check(bias->numel() == N, "linear '" + name + "': bias has " + std::to_string(bias->numel()) + " values for " +
                                     std::to_string(N) + " outputs");
       const Tensor hb = bias->to_f32().view({N});
-      b16 = alloc({N}, DType::BF16);
-      copy_from_host(hb, b16);
       b32 = alloc({N}, DType::F32);
       copy_from_host(hb, b32);
+      b = b32;
+      if (wt != DType::F32) {
+        b = alloc({N}, wt);
+        copy_from_host(hb, b);
+      }
     }
-    return std::make_unique<cuda::Bf16Linear>(std::move(w), std::move(b16), std::move(b32));
+    return std::make_unique<cuda::DenseLinear>(std::move(w), std::move(b), std::move(b32));
   }
 
   // ---- ops -------------------------------------------------------------------------------------
@@ -453,13 +462,14 @@ class CudaBackend final : public Backend {
     const int64_t B = a.dim(0), M = a.dim(1), K = a.dim(2), N = b.dim(1);
     check(b.dim(0) == B && b.dim(2) == K && y.numel() == B * M * N,
           "matmul_nt: " + shape_str(a.shape()) + " x " + shape_str(b.shape()) + "^T -> " + shape_str(y.shape()));
-    check(a.dtype() == DType::BF16 && b.dtype() == DType::BF16 && cuda::is_float_dtype(y.dtype()),
-          std::string("cuda matmul_nt: inputs must be bf16 and the output bf16 or float32, found ") +
+    check(a.dtype() == b.dtype() && cuda::is_float_dtype(a.dtype()) && cuda::is_float_dtype(y.dtype()),
+          std::string("cuda matmul_nt: inputs must be both bf16 or both float32 (TF32), the output bf16 or float32, "
+                      "found ") +
               dtype_name(a.dtype()) + " x " + dtype_name(b.dtype()) + " -> " + dtype_name(y.dtype()));
     cuda::GemmArgs g;
     g.M = M, g.N = N, g.K = K, g.batch = B;
-    g.a = a.data(), g.a_type = DType::BF16, g.stride_a = M * K;
-    g.b = b.data(), g.b_type = DType::BF16, g.stride_b = N * K;
+    g.a = a.data(), g.a_type = a.dtype(), g.stride_a = M * K;
+    g.b = b.data(), g.b_type = b.dtype(), g.stride_b = N * K;
     g.d = y.data(), g.d_type = y.dtype(), g.stride_d = M * N;
     timed(kGemm, [&] { gemm_->run(g); });
   }

@@ -16,6 +16,7 @@ namespace segany::cuda {
 const char* linear_format_name(LinearFormat f) {
   switch (f) {
     case LinearFormat::BF16: return "bf16";
+    case LinearFormat::TF32: return "tf32";
     case LinearFormat::FP8_E4M3: return "fp8_e4m3";
     case LinearFormat::Sparse24: return "sparse24";
   }
@@ -91,7 +92,9 @@ GemmEngine::Plan& GemmEngine::plan(const Key& key, const GemmArgs& g) {
 
   auto p = std::make_unique<Plan>();
   const cudaDataType_t ta = cuda_dtype(g.a_type), tb = cuda_dtype(g.b_type), td = cuda_dtype(g.d_type);
-  CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  // fp32 operands run on TF32 tensor cores (10-bit mantissas in, fp32 accumulation); bf16 ones in fp32.
+  const cublasComputeType_t compute = g.a_type == DType::F32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, compute, CUDA_R_32F));
   // cuBLASLt's A is our weight B [N, K] row-major = [K, N] column-major, transposed; its B is our
   // activation A [M, K] row-major = [K, M] column-major, as is; its D is [N, M] column-major.
   const cublasOperation_t trans_w = CUBLAS_OP_T, trans_x = CUBLAS_OP_N;
@@ -183,20 +186,22 @@ void GemmEngine::run(const GemmArgs& g) {
 
 // ---- linear layers ------------------------------------------------------------------------------
 
-Bf16Linear::Bf16Linear(Tensor weight_bf16, Tensor bias_bf16, Tensor bias_f32)
-    : weight_(std::move(weight_bf16)), bias_bf16_(std::move(bias_bf16)), bias_f32_(std::move(bias_f32)) {
+DenseLinear::DenseLinear(Tensor weight, Tensor bias, Tensor bias_f32)
+    : weight_(std::move(weight)), bias_(std::move(bias)), bias_f32_(std::move(bias_f32)) {
   out_features = weight_.dim(0);
   in_features = weight_.dim(1);
-  has_bias = bias_bf16_.defined();
+  has_bias = bias_f32_.defined();
 }
 
-void Bf16Linear::run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation act, const Tensor* residual) const {
+void DenseLinear::run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation act, const Tensor* residual) const {
   const int64_t K = in_features, N = out_features;
-  check(x.device() == Device::CUDA && x.dtype() == DType::BF16,
-        std::string("cuda linear: input must be bf16 on the GPU, found ") + dtype_name(x.dtype()) +
-            (x.device() == Device::CUDA ? "" : " on the host"));
-  check(y.device() == Device::CUDA && (y.dtype() == DType::BF16 || y.dtype() == DType::F32),
-        std::string("cuda linear: output must be bf16 or float32 on the GPU, found ") + dtype_name(y.dtype()));
+  const DType wt = weight_.dtype();
+  check(x.device() == Device::CUDA && x.dtype() == wt,
+        std::string("cuda linear (") + linear_format_name(format()) + "): input must be " + dtype_name(wt) +
+            " on the GPU, found " + dtype_name(x.dtype()) + (x.device() == Device::CUDA ? "" : " on the host"));
+  check(y.device() == Device::CUDA && (y.dtype() == DType::F32 || y.dtype() == wt),
+        std::string("cuda linear: output must be ") + dtype_name(wt) + " or float32 on the GPU, found " +
+            dtype_name(y.dtype()));
   const int64_t M = x.dim(-1) == 0 ? 0 : x.numel() / x.dim(-1);
   check(x.dim(-1) == K && y.dim(-1) == N && y.numel() == M * N,
         "cuda linear: input " + shape_str(x.shape()) + ", output " + shape_str(y.shape()) + " for weight [" +
@@ -211,10 +216,10 @@ void Bf16Linear::run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation ac
 
   GemmArgs g;
   g.M = M, g.N = N, g.K = K;
-  g.a = x.data(), g.a_type = DType::BF16;
-  g.b = weight_.data(), g.b_type = DType::BF16;
+  g.a = x.data(), g.a_type = wt;
+  g.b = weight_.data(), g.b_type = wt;
   g.d = y.data(), g.d_type = y.dtype();
-  g.bias = has_bias ? (y.dtype() == DType::F32 ? bias_f32_.data() : bias_bf16_.data()) : nullptr;
+  g.bias = has_bias ? (y.dtype() == DType::F32 ? bias_f32_.data() : bias_.data()) : nullptr;
   g.act = act;
   // act(xW + b) + r: cuBLASLt would add C before the activation, so an activated layer with a
   // residual (the model has none) takes a second pass.

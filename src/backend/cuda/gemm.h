@@ -9,7 +9,8 @@
 // the bias (one value per output feature) runs along D^T's rows, as cuBLASLt's epilogue wants.
 //
 // A linear layer's weights live in a CudaLinear chosen by prepare_linear from the backend's
-// LinearFormat. Only BF16 exists yet; FP8 (e4m3 weights with per-output-channel scales, cuBLASLt's
+// LinearFormat (and TF32 for the mask decoder and prompt encoder, which run in fp32). BF16 and
+// TF32 exist yet; FP8 (e4m3 weights with per-output-channel scales, cuBLASLt's
 // scale pointers) and 2:4 sparse (cuSPARSELt compressed weights) are further subclasses with their
 // own run(); the model never sees the difference.
 #pragma once
@@ -31,6 +32,7 @@ namespace segany::cuda {
 // How linear weights are stored and multiplied on the GPU.
 enum class LinearFormat {
   BF16,      // bf16 weights, bf16 activations, fp32 accumulation (implemented)
+  TF32,      // fp32 weights and activations, TF32 tensor cores, fp32 accumulation (implemented)
   FP8_E4M3,  // e4m3 weights with per-output-channel scales (planned)
   Sparse24,  // 2:4 structured-sparse bf16 weights through cuSPARSELt (planned)
 };
@@ -92,18 +94,21 @@ class CudaLinear : public LinearWeights {
   virtual void run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation act, const Tensor* residual) const = 0;
 };
 
-// bf16 weights [out, in] on the device, bias kept in bf16 and fp32 (the epilogue's bias has the
-// output's dtype).
-class Bf16Linear final : public CudaLinear {
+// Dense weights [out, in] on the device, in bf16 (format BF16, bf16 inputs) or fp32 (format TF32,
+// fp32 inputs, multiplied on TF32 tensor cores); the bias kept in the weights' dtype and in fp32
+// (the epilogue's bias has the output's dtype).
+class DenseLinear final : public CudaLinear {
  public:
-  Bf16Linear(Tensor weight_bf16, Tensor bias_bf16, Tensor bias_f32);
-  LinearFormat format() const override { return LinearFormat::BF16; }
+  DenseLinear(Tensor weight, Tensor bias, Tensor bias_f32);
+  LinearFormat format() const override {
+    return weight_.dtype() == DType::F32 ? LinearFormat::TF32 : LinearFormat::BF16;
+  }
   void run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation act, const Tensor* residual) const override;
 
  private:
-  Tensor weight_;    // [out, in] bf16
-  Tensor bias_bf16_;  // [out] or undefined
-  Tensor bias_f32_;   // [out] or undefined
+  Tensor weight_;    // [out, in] bf16 or fp32
+  Tensor bias_;      // [out] in the weight's dtype, or undefined
+  Tensor bias_f32_;  // [out] or undefined
 };
 
 }  // namespace segany::cuda
