@@ -3,6 +3,7 @@
 // With --prompts FILE.json: many images, any number of prompt sets each, through the
 // BatchPredictor -> results.json with COCO RLE masks (and mask PNGs with --png).
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -250,14 +251,19 @@ std::vector<PromptsEntry> read_prompts_file(const std::string& file) {
   return entries;
 }
 
-// A mask's record: score, area, bbox (XYWH) and the segmentation as a COCO compressed RLE.
-ordered_json mask_json(const uint8_t* mask, int H, int W, float score) {
-  const MaskStats st = mask_stats(mask, H, W);
-  const Rle rle = amg::mask_to_rle(mask, H, W);
-  return ordered_json{{"score", rounded(score)},
-                      {"area", st.area},
-                      {"bbox", st.bbox_xywh},
-                      {"segmentation", ordered_json{{"size", {H, W}}, {"counts", amg::rle_to_coco_string(rle)}}}};
+// Mask j's record: score, area, bbox (XYWH, w = x1 - x0 + 1) and the segmentation as a COCO
+// compressed RLE, from what the predictor computed (run lengths, area and box).
+ordered_json mask_json(const Masks& m, int j) {
+  const int32_t* b = m.boxes.data_as<const int32_t>() + 4 * j;
+  const int64_t area = m.areas.data_as<const int64_t>()[j];
+  const std::array<int, 4> bbox =
+      area > 0 ? std::array<int, 4>{b[0], b[1], b[2] - b[0] + 1, b[3] - b[1] + 1} : std::array<int, 4>{0, 0, 0, 0};
+  const Rle& rle = m.rle[j];
+  return ordered_json{{"score", rounded(m.scores.data_as<const float>()[j])},
+                      {"area", area},
+                      {"bbox", bbox},
+                      {"segmentation",
+                       ordered_json{{"size", {rle.height, rle.width}}, {"counts", amg::rle_to_coco_string(rle)}}}};
 }
 
 // results.json: one line per prompt set, so that a file of many images stays readable.
@@ -314,7 +320,9 @@ void run_segment_prompts(const SegmentOptions& o) {
       batch.push_back(BatchInput::of_image(images[j], e.prompts));
       batch.back().name = "--prompts " + o.prompts + ": image " + std::to_string(which[j]) + " (" + e.file + ")";
     }
-    const std::vector<std::vector<Masks>> results = predictor.predict(batch);
+    // Run lengths for the JSON (counted from bit-packed masks); uint8 masks only for PNGs.
+    const std::vector<std::vector<Masks>> results =
+        predictor.predict(batch, MaskOutputs{.masks = o.png, .rle = true, .low_res_logits = false});
     for (size_t j = 0; j < images.size(); ++j) {
       const PromptsEntry& e = entries[which[j]];
       const int W = images[j].width, H = images[j].height;
@@ -324,9 +332,9 @@ void run_segment_prompts(const SegmentOptions& o) {
         const Masks& m = results[j][k];
         ordered_json r{{"prompt", k}, {"masks", ordered_json::array()}};
         for (int mi = 0; mi < m.count(); ++mi) {
-          const uint8_t* mask = m.masks.data_as<const uint8_t>() + static_cast<size_t>(mi) * W * H;
-          r["masks"].push_back(mask_json(mask, H, W, m.scores.data_as<const float>()[mi]));
+          r["masks"].push_back(mask_json(m, mi));
           if (o.png) {
+            const uint8_t* mask = m.masks.data_as<const uint8_t>() + static_cast<size_t>(mi) * W * H;
             std::vector<uint8_t> gray(static_cast<size_t>(W) * H);
             for (size_t p = 0; p < gray.size(); ++p) gray[p] = mask[p] ? 255 : 0;
             const std::string png =
