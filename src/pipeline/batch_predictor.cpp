@@ -99,11 +99,12 @@ std::vector<std::vector<Masks>> BatchPredictor::predict(const std::vector<BatchI
     offsets.push_back(prepared.size());
   }
 
-  // 2. Embeddings on the device: images with prompts through the encoder, one after another
-  // (queued, no wait: each gets its own pixel buffer), precomputed ones uploaded.
+  // 2. Embeddings on the device: images with prompts through the encoder in batches of up to 8
+  // (queued, no wait: each image has its own pinned pixel buffer), precomputed ones uploaded.
   im.pixels_read->wait();  // a previous call that threw may have left uploads in flight
   if (im.pixels.size() < n) im.pixels.resize(n);
-  std::vector<Tensor> embeddings(n);
+  std::vector<Tensor> embeddings(n), pixels;
+  std::vector<size_t> encoded;
   for (size_t i = 0; i < n; ++i) {
     const BatchInput& in = batch[i];
     if (offsets[i] == offsets[i + 1]) continue;  // no prompts: nothing to encode
@@ -113,17 +114,18 @@ std::vector<std::vector<Masks>> BatchPredictor::predict(const std::vector<BatchI
     }
     const Image& image = *in.image;
     const Shape shape{image.height, image.width, 3};
-    Tensor pixels;
     if (be.device() == Device::CPU) {
-      pixels = Tensor::wrap(const_cast<uint8_t*>(image.rgb.data()), shape, DType::U8, nullptr);
+      pixels.push_back(Tensor::wrap(const_cast<uint8_t*>(image.rgb.data()), shape, DType::U8, nullptr));
     } else {
       Tensor& buf = im.pixels[i];
       if (!buf.defined() || buf.numel() < shape_numel(shape)) buf = be.alloc_host({shape_numel(shape)}, DType::U8);
       std::memcpy(buf.data(), image.rgb.data(), image.rgb.size());
-      pixels = buf.view_prefix(shape);
+      pixels.push_back(buf.view_prefix(shape));
     }
-    embeddings[i] = encode_image(sam, pixels, im.pixels_read.get());
+    encoded.push_back(i);
   }
+  std::vector<Tensor> made = encode_images(sam, pixels, im.pixels_read.get());
+  for (size_t j = 0; j < encoded.size(); ++j) embeddings[encoded[j]] = std::move(made[j]);
 
   // 3. Decode every image's prompts against its embedding; one wait for the whole batch.
   std::vector<Masks> flat(prepared.size());

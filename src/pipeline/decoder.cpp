@@ -37,16 +37,25 @@ ImageFrame image_frame(int original_h, int original_w, int img_size) {
   return f;
 }
 
-Tensor encode_image(Sam& sam, const Tensor& pixels, Backend::Fence* pixels_read) {
+std::vector<Tensor> encode_images(Sam& sam, const std::vector<Tensor>& pixels, Backend::Fence* pixels_read,
+                                  int64_t batch) {
   Backend& be = sam.backend();
-  // Resize, normalise and pad on the backend, straight into the encoder's input buffer.
-  be.preprocess_images({pixels}, sam.image_encoder().input(1));
-  if (pixels_read) be.record(*pixels_read);
-  const Tensor& emb = sam.image_encoder().forward(1);  // [1, G, G, C], reused by the next forward
-  const int64_t G = emb.dim(1), C = emb.dim(3);
-  Tensor tokens = be.alloc({1, G * G, C}, emb.dtype());
-  be.copy_tokens(emb.view({1, G * G, C}), 0, tokens, 0, static_cast<int>(G * G));
-  return tokens;
+  std::vector<Tensor> out;
+  for (size_t first = 0; first < pixels.size(); first += static_cast<size_t>(batch)) {
+    const size_t last = std::min(pixels.size(), first + static_cast<size_t>(batch));
+    const int64_t B = static_cast<int64_t>(last - first);
+    // Resize, normalise and pad on the backend, straight into the encoder's input buffer.
+    be.preprocess_images({pixels.begin() + first, pixels.begin() + last}, sam.image_encoder().input(B));
+    if (pixels_read) be.record(*pixels_read);
+    const Tensor& emb = sam.image_encoder().forward(B);  // [B, G, G, C], reused by the next forward
+    const int64_t G = emb.dim(1), C = emb.dim(3);
+    for (int64_t i = 0; i < B; ++i) {
+      Tensor tokens = be.alloc({1, G * G, C}, emb.dtype());
+      be.copy_tokens(emb.slice0(i, i + 1).view({1, G * G, C}), 0, tokens, 0, static_cast<int>(G * G));
+      out.push_back(std::move(tokens));
+    }
+  }
+  return out;
 }
 
 void check_embedding(const Sam& sam, const Tensor& nchw, const std::string& what) {

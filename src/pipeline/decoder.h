@@ -28,10 +28,12 @@ struct ImageFrame {
 // The frame of an image of original_h x original_w pixels (throws if it cannot be resized).
 ImageFrame image_frame(int original_h, int original_w, int img_size);
 
-// Image pixels u8 [h, w, 3] (host memory the backend reads: the image itself on the CPU, pinned
-// on CUDA) -> the image embedding [1, G*G, C] on the device, in a tensor of its own. Records
-// `pixels_read`, if given, once the device no longer needs the pixels.
-Tensor encode_image(Sam& sam, const Tensor& pixels, Backend::Fence* pixels_read = nullptr);
+// Images' pixels u8 [h, w, 3] (host memory the backend reads: the image itself on the CPU, pinned
+// on CUDA) -> their image embeddings [1, G*G, C] on the device, each in a tensor of its own,
+// through the encoder in batches of up to `batch`. Records `pixels_read`, if given, once the
+// device no longer needs the pixels.
+std::vector<Tensor> encode_images(Sam& sam, const std::vector<Tensor>& pixels, Backend::Fence* pixels_read = nullptr,
+                                  int64_t batch = 8);
 // Throws unless `nchw` is an image embedding of this model: float32 [1, C, G, G] on the host.
 void check_embedding(const Sam& sam, const Tensor& nchw, const std::string& what);
 // float32 [1, C, G, G] on the host (Predictor::image_embedding, Embedder) <-> [1, G*G, C] on the device.

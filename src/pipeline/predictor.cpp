@@ -56,7 +56,7 @@ void Predictor::set_image(const Image& image) {
     std::memcpy(im.pixels.data(), image.rgb.data(), image.rgb.size());
     pixels = im.pixels.view_prefix(shape);
   }
-  im.embedding = encode_image(*im.sam, pixels, im.pixels_read.get());
+  im.embedding = encode_images(*im.sam, {pixels}, im.pixels_read.get()).front();
   im.frame = frame;
   im.has_image = true;
 }
