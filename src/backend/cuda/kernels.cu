@@ -564,16 +564,46 @@ void launch_attention(const AttnParams& p, DType in, DType out, int heads, int64
 
 constexpr int kFewKeys = 32, kFewKeysThreads = 128;
 
-// Tk <= 32: one thread per query, the (batch, head)'s keys and values in shared memory; the scores
-// stay in registers (an exact softmax, no online rescaling).
-template <class TI, class TO, int kHd>
+// Row r[0, kHd) of one head from global memory, zero past hd: 16-byte loads where the row allows.
+template <class TI, int kHd>
+__device__ __forceinline__ void load_head_row(const TI* src, int hd, float* r) {
+  if constexpr (sizeof(TI) == 4) {
+    if (hd == kHd && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+#pragma unroll
+      for (int d = 0; d < kHd; d += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(src + d);
+        r[d] = v.x, r[d + 1] = v.y, r[d + 2] = v.z, r[d + 3] = v.w;
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int d = 0; d < kHd; ++d) r[d] = d < hd ? to_float(src[d]) : 0.0f;
+}
+
+// a . b over kHd floats in shared memory (16-byte aligned) and registers.
+template <int kHd>
+__device__ __forceinline__ float dot_shared(const float* a_s, const float* b) {
+  float acc = 0.0f;
+#pragma unroll
+  for (int d = 0; d < kHd; d += 4) {
+    const float4 v = *reinterpret_cast<const float4*>(a_s + d);
+    acc += v.x * b[d] + v.y * b[d + 1] + v.z * b[d + 2] + v.w * b[d + 3];
+  }
+  return acc;
+}
+
+// Tk <= kKeys <= 32: one thread per query, the (batch, head)'s keys and values in shared memory;
+// the scores stay in registers (an exact softmax, no online rescaling).
+template <class TI, class TO, int kHd, int kKeys>
 __global__ void __launch_bounds__(kFewKeysThreads) few_keys_attention_kernel(AttnParams p) {
-  __shared__ float k_s[kFewKeys][kHd], v_s[kFewKeys][kHd];
+  __shared__ __align__(16) float k_s[kKeys][kHd];
+  __shared__ __align__(16) float v_s[kKeys][kHd];
   const int hd = p.head_dim, h = blockIdx.y;
   const int64_t b = blockIdx.z;
   const TI* kg = static_cast<const TI*>(p.k) + b * p.k_batch + int64_t(h) * hd;
   const TI* vg = static_cast<const TI*>(p.v) + b * p.v_batch + int64_t(h) * hd;
-  for (int i = threadIdx.x; i < kFewKeys * kHd; i += blockDim.x) {
+  for (int i = threadIdx.x; i < kKeys * kHd; i += blockDim.x) {
     const int j = i / kHd, d = i % kHd;
     const bool ok = j < p.Tk && d < hd;
     k_s[j][d] = ok ? to_float(kg[int64_t(j) * p.k_row + d]) : 0.0f;
@@ -582,28 +612,26 @@ __global__ void __launch_bounds__(kFewKeysThreads) few_keys_attention_kernel(Att
   __syncthreads();
   const int t = blockIdx.x * kFewKeysThreads + threadIdx.x;
   if (t >= p.Tq) return;
-  const TI* qg = static_cast<const TI*>(p.q) + b * p.q_batch + int64_t(t) * p.q_row + int64_t(h) * hd;
   float q[kHd];
+  load_head_row<TI, kHd>(static_cast<const TI*>(p.q) + b * p.q_batch + int64_t(t) * p.q_row + int64_t(h) * hd, hd, q);
+  float s[kKeys], mx = -INFINITY;
 #pragma unroll
-  for (int d = 0; d < kHd; ++d) q[d] = d < hd ? to_float(qg[d]) : 0.0f;
-  float s[kFewKeys], mx = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < kFewKeys; ++j) {
-    float dot = 0.0f;
-#pragma unroll
-    for (int d = 0; d < kHd; ++d) dot += q[d] * k_s[j][d];
-    s[j] = j < p.Tk ? dot * p.scale : -INFINITY;
+  for (int j = 0; j < kKeys; ++j) {
+    s[j] = j < p.Tk ? dot_shared<kHd>(k_s[j], q) * p.scale : -INFINITY;
     mx = fmaxf(mx, s[j]);
   }
   float l = 0.0f, o[kHd];
 #pragma unroll
   for (int d = 0; d < kHd; ++d) o[d] = 0.0f;
 #pragma unroll
-  for (int j = 0; j < kFewKeys; ++j) {
+  for (int j = 0; j < kKeys; ++j) {
     const float e = j < p.Tk ? expf(s[j] - mx) : 0.0f;
     l += e;
 #pragma unroll
-    for (int d = 0; d < kHd; ++d) o[d] += e * v_s[j][d];
+    for (int d = 0; d < kHd; d += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(&v_s[j][d]);
+      o[d] += e * v.x, o[d + 1] += e * v.y, o[d + 2] += e * v.z, o[d + 3] += e * v.w;
+    }
   }
   const float inv = 1.0f / l;
   TO* og = static_cast<TO*>(p.out) + b * p.o_batch + int64_t(t) * p.o_row + int64_t(h) * hd;
@@ -648,16 +676,19 @@ __global__ void __launch_bounds__(kFewQueriesTile) few_queries_attention_kernel(
     __syncthreads();  // the previous tile is consumed (and the queries loaded)
     const int j = j0 + tid;
     const bool valid = j < p.Tk;
-    float kr[kHd];
+    float kr[kHd], vr[kHd];
+    if (valid) {
+      load_head_row<TI, kHd>(kg + int64_t(j) * p.k_row, hd, kr);
+      load_head_row<TI, kHd>(vg + int64_t(j) * p.v_row, hd, vr);
+    } else {
 #pragma unroll
-    for (int d = 0; d < kHd; ++d) {
-      kr[d] = valid && d < hd ? to_float(kg[int64_t(j) * p.k_row + d]) : 0.0f;
-      v_s[tid * kHd + d] = valid && d < hd ? to_float(vg[int64_t(j) * p.v_row + d]) : 0.0f;
+      for (int d = 0; d < kHd; ++d) kr[d] = vr[d] = 0.0f;
     }
-    for (int t = 0; t < p.Tq; ++t) {
-      float dot = 0.0f;
 #pragma unroll
-      for (int d = 0; d < kHd; ++d) dot += q_s[t * kHd + d] * kr[d];
+    for (int d = 0; d < kHd; d += 4)
+      *reinterpret_cast<float4*>(v_s + tid * kHd + d) = make_float4(vr[d], vr[d + 1], vr[d + 2], vr[d + 3]);
+    for (int t = 0; t < p.Tq; ++t) {
+      const float dot = dot_shared<kHd>(q_s + t * kHd, kr);
       s_s[t * kFewQueriesTile + tid] = valid ? dot : -INFINITY;
     }
     __syncthreads();
@@ -720,9 +751,16 @@ bool launch_lopsided_attention(const AttnParams& p, DType in, DType out, int hea
       if (p.Tk <= kFewKeys) {
         const dim3 grid(static_cast<unsigned>((p.Tq + kFewKeysThreads - 1) / kFewKeysThreads),
                         static_cast<unsigned>(heads), static_cast<unsigned>(batch));
-        auto kernel = kHd == 16 ? few_keys_attention_kernel<TI, TO, 16>
-                      : kHd == 32 ? few_keys_attention_kernel<TI, TO, 32>
-                                  : few_keys_attention_kernel<TI, TO, 64>;
+        // The fewest key slots that hold Tk: the scores of every slot are computed.
+        auto pick = [&](auto hd_tag) {
+          constexpr int H = decltype(hd_tag)::value;
+          return p.Tk <= 8    ? few_keys_attention_kernel<TI, TO, H, 8>
+                 : p.Tk <= 16 ? few_keys_attention_kernel<TI, TO, H, 16>
+                              : few_keys_attention_kernel<TI, TO, H, 32>;
+        };
+        auto kernel = kHd == 16   ? pick(std::integral_constant<int, 16>{})
+                      : kHd == 32 ? pick(std::integral_constant<int, 32>{})
+                                  : pick(std::integral_constant<int, 64>{});
         kernel<<<grid, kFewKeysThreads, 0, stream>>>(p);
         launched = true;
       } else if (p.Tq <= kFewQueries) {
