@@ -116,8 +116,10 @@ TEST(Cli, UsageErrorsExitWithTwo) {
   EXPECT_FAILS_WITH(segany("", dir), "subcommand");
   EXPECT_FAILS_WITH(segany("frobnicate", dir), "frobnicate");
   EXPECT_FAILS_WITH(segany("info", dir), "checkpoint");
-  EXPECT_FAILS_WITH(segany("segment --no-such-option " + q(checkpoint()) + " " + q(dog()), dir), "--no-such-option");
-  EXPECT_FAILS_WITH(segany("segment " + q(checkpoint()), dir), "image");  // a positional missing
+  if (test::have_golden()) {  // existing files, so that the option or positional is what fails
+    EXPECT_FAILS_WITH(segany("segment --no-such-option " + q(checkpoint()) + " " + q(dog()), dir), "--no-such-option");
+    EXPECT_FAILS_WITH(segany("segment " + q(checkpoint()), dir), "image");  // a positional missing
+  }
   EXPECT_FAILS_WITH(segany("init " + q(dir + "/x.safetensors"), dir), "--arch");                  // neither --arch nor --config
   EXPECT_FAILS_WITH(segany("init --arch vit_q " + q(dir + "/x.safetensors"), dir), "vit_q");
   EXPECT_FAILS_WITH(segany("bench --arch vit_b --device tpu", dir), "tpu");
