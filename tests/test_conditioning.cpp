@@ -17,6 +17,15 @@
 namespace segany {
 namespace {
 
+// Every mask token's low-res logits [1, T, 256, 256] for one prompt against embedding e [1, HW, C].
+Tensor decode_low_res(Sam& sam, const Tensor& e, const PromptSet& prompt) {
+  MaskDecoder::Batch& b = sam.mask_decoder().batch(1, prompt.sparse_tokens(), false);
+  sam.backend().copy_tokens(e, 0, b.embedding, 0, static_cast<int>(e.dim(1)));
+  PromptEncoder::pack(prompt, b.coords.data_as<float>(), b.labels.data_as<int32_t>());
+  sam.mask_decoder().forward(b);
+  return b.low_res.clone();
+}
+
 TEST(Conditioning, RandomVitBMasksFlipUnderAPerturbationSmallerThanBf16) {
   SEGANY_REQUIRE_GOLDEN();  // for the image
   const SamConfig cfg = SamConfig::vit_b();
@@ -32,13 +41,7 @@ TEST(Conditioning, RandomVitBMasksFlipUnderAPerturbationSmallerThanBf16) {
   PromptSet prompt;
   prompt.points = {0.5f * pre.input_w, 0.5f * pre.input_h};
   prompt.labels = {1};
-  auto decode = [&](const Tensor& e) {  // every mask token's low-res logits [1, T, 256, 256]
-    MaskDecoder::Batch& b = sam.mask_decoder().batch(1, prompt.sparse_tokens(), false);
-    be->copy_tokens(e, 0, b.embedding, 0, static_cast<int>(e.dim(1)));
-    PromptEncoder::pack(prompt, b.coords.data_as<float>(), b.labels.data_as<int32_t>());
-    sam.mask_decoder().forward(b);
-    return b.low_res.clone();
-  };
+  auto decode = [&](const Tensor& e) { return decode_low_res(sam, e, prompt); };
   const Tensor ref = decode(emb);
   Tensor noisy = emb.clone();
   std::mt19937 gen(7);
@@ -77,13 +80,7 @@ TEST(Conditioning, RandomDecoderLogitsMoveUnderAPerturbationBelowTf32) {
   PromptSet prompt;
   prompt.points = {512.0f, 400.0f};
   prompt.labels = {1};
-  auto decode = [&](const Tensor& e) {
-    MaskDecoder::Batch& b = sam.mask_decoder().batch(1, prompt.sparse_tokens(), false);
-    be->copy_tokens(e, 0, b.embedding, 0, static_cast<int>(e.dim(1)));
-    PromptEncoder::pack(prompt, b.coords.data_as<float>(), b.labels.data_as<int32_t>());
-    sam.mask_decoder().forward(b);
-    return b.low_res.clone();
-  };
+  auto decode = [&](const Tensor& e) { return decode_low_res(sam, e, prompt); };
   const Tensor ref = decode(emb);
   Tensor noisy = emb.clone();
   for (int64_t i = 0; i < noisy.numel(); ++i) noisy.data_as<float>()[i] += 1e-4f * normal(gen);
