@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "backend/backend.h"
 #include "io/checkpoint.h"
 #include "pipeline/amg_utils.h"
 #include "segany/mask_generator.h"
@@ -183,6 +184,74 @@ TEST(AmgUtils, UncropMaskBoxPoint) {
   EXPECT_EQ(full, expect);
   EXPECT_EQ(amg::uncrop_box({0, 0, 2, 1}, {1, 2, 4, 4}), (amg::BoxXYXY{1, 2, 3, 3}));
   EXPECT_EQ(amg::uncrop_point({0.5, 1.25}, {1, 2, 4, 4}), (std::array<double, 2>{1.5, 3.25}));
+}
+
+// The backend's mask generator ops (their host defaults, the CUDA kernels' twins) against the
+// building blocks above.
+TEST(AmgOps, SelectMasksIsTheFiltersThenTheNms) {
+  const std::unique_ptr<Backend> cpu = make_cpu_backend();
+  const int image_w = 800, image_h = 600;
+  const amg::BoxXYXY crop{100, 50, 600, 450};
+  const test::AmgCandidates c = test::random_amg_candidates(400, crop[2] - crop[0], crop[3] - crop[1], 11);
+  for (int filters = 0; filters < 4; ++filters) {
+    Backend::MaskSelection sel;
+    sel.filter_iou = filters & 1, sel.filter_stability = filters & 2;
+    sel.iou_thresh = 0.4f, sel.stability_thresh = 0.5f;
+    std::copy(crop.begin(), crop.end(), sel.crop);
+    sel.image_h = image_h, sel.image_w = image_w;
+    sel.nms_thresh = 0.7;
+    std::vector<int> survivors;
+    std::vector<amg::BoxXYXY> boxes;
+    std::vector<float> scores;
+    for (int i = 0; i < 400; ++i) {
+      const int32_t* s = c.stats.data_as<const int32_t>() + i * 7;
+      const float iou = c.iou.data_as<const float>()[i];
+      if (sel.filter_iou && !(iou > sel.iou_thresh)) continue;
+      if (sel.filter_stability && !(static_cast<float>(s[5]) / static_cast<float>(s[6]) >= sel.stability_thresh)) continue;
+      const amg::BoxXYXY box{s[1], s[2], s[3], s[4]};
+      if (amg::is_box_near_crop_edge(box, crop, {0, 0, image_w, image_h})) continue;
+      survivors.push_back(i);
+      boxes.push_back(box);
+      scores.push_back(iou);
+    }
+    std::vector<int> want;
+    for (int k : amg::nms(boxes, scores, sel.nms_thresh)) want.push_back(survivors[k]);
+    Tensor keep = Tensor::empty({401}, DType::I32);
+    cpu->select_masks(c.iou, c.stats, sel, keep);
+    const int32_t* k = keep.data_as<const int32_t>();
+    EXPECT_EQ(std::vector<int>(k + 1, k + 1 + k[0]), want) << "filters " << filters;
+    // Enough survive, and the NMS drops some of them, for the comparison to mean something.
+    EXPECT_GT(want.size(), 20u);
+    EXPECT_LT(want.size(), survivors.size());
+  }
+}
+
+TEST(AmgOps, UncroppedBitsRunLengthsAreTheRleOfTheUncroppedMask) {
+  const std::unique_ptr<Backend> cpu = make_cpu_backend();
+  const int H = 61, W = 47;
+  for (const amg::BoxXYXY& crop : {amg::BoxXYXY{0, 0, W, H}, amg::BoxXYXY{5, 0, 30, H}, amg::BoxXYXY{0, 9, W, 40},
+                                   amg::BoxXYXY{13, 17, 44, 58}}) {
+    const int cw = crop[2] - crop[0], ch = crop[3] - crop[1];
+    std::vector<std::vector<uint8_t>> masks;
+    for (int k = 0; k < 9; ++k) masks.push_back(test::random_blob_mask(ch, cw, 100 + k));
+    masks.push_back(std::vector<uint8_t>(size_t(cw) * ch, 1));  // full: touches every crop edge
+    const int64_t K = static_cast<int64_t>(masks.size());
+    const Tensor bits = test::column_major_bits(masks, ch, cw);
+    Tensor placed = Tensor::empty({K, (int64_t(H) * W + 31) / 32}, DType::I32);
+    cpu->uncrop_bits(bits, crop.data(), H, W, placed);
+    Tensor offsets = Tensor::empty({K + 1}, DType::I64), runs = Tensor::empty({4}, DType::I32);
+    cpu->encode_runs(placed, int64_t(H) * W, offsets, runs);  // too small: only the offsets
+    const int64_t total = offsets.data_as<const int64_t>()[K];
+    ASSERT_GT(total, 4);
+    runs = Tensor::empty({total}, DType::I32);
+    cpu->encode_runs(placed, int64_t(H) * W, offsets, runs);
+    const int64_t* off = offsets.data_as<const int64_t>();
+    const auto* r = reinterpret_cast<const uint32_t*>(runs.data_as<const int32_t>());
+    for (int64_t k = 0; k < K; ++k) {
+      const Rle want = amg::mask_to_rle(amg::uncrop_mask(masks[k].data(), crop, H, W).data(), H, W);
+      EXPECT_EQ(std::vector<uint32_t>(r + off[k], r + off[k + 1]), want.counts) << "mask " << k;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -390,6 +391,20 @@ TEST_F(CudaOps, EmbedPoints) {
   }
 }
 
+// The same bytes on the GPU (any dtype), and back.
+Tensor to_gpu(Backend& gpu, const Tensor& h) {
+  Tensor d = gpu.alloc(h.shape(), h.dtype());
+  gpu.upload_async(h, d);
+  gpu.synchronize();
+  return d;
+}
+Tensor to_host(Backend& gpu, const Tensor& d) {
+  Tensor h = Tensor::empty(d.shape(), d.dtype());
+  gpu.download_async(d, h);
+  gpu.synchronize();
+  return h;
+}
+
 // The fused upscale + threshold + stats against the host twin, bit for bit: masks of odd sizes
 // (words that cross rows), shrunk and enlarged, both pixel orders, a selection of mask tokens, an
 // empty mask, and smooth logits so that the masks have real edges.
@@ -435,9 +450,97 @@ TEST_F(CudaOps, PostprocessMasksEqualsTheCpuBitForBit) {
     gpu->download_async(stats, got_stats);
     gpu->synchronize();
     EXPECT_EQ(std::memcmp(got_stats.data(), want_stats.data(), want_stats.nbytes()), 0);
+    // A selection of masks, out of order: the rows of the selected ones.
+    Tensor select = Tensor::empty({2}, DType::I32);
+    select.data_as<int32_t>()[0] = static_cast<int32_t>(M - 1), select.data_as<int32_t>()[1] = 0;
+    Tensor sel_bits = gpu->alloc({2, words}, DType::I32), sel_stats = gpu->alloc({2, 7}, DType::I32);
+    const Tensor select_dev = to_gpu(*gpu, select);
+    gpu->postprocess_masks(low_dev, c.first, c.count, f, 0.0f, 1.0f, c.column_major, &sel_bits, sel_stats, &select_dev);
+    const Tensor sb = to_host(*gpu, sel_bits), ss = to_host(*gpu, sel_stats);
+    for (int r = 0; r < 2; ++r) {
+      const int64_t m = select.data_as<int32_t>()[r];
+      EXPECT_EQ(std::memcmp(sb.data_as<int32_t>() + r * words, want_bits.data_as<int32_t>() + m * words, words * 4), 0);
+      EXPECT_EQ(std::memcmp(ss.data_as<int32_t>() + r * 7, want_stats.data_as<int32_t>() + m * 7, 28), 0);
+    }
     std::printf("    %dx%d: %lld masks, areas", c.h, c.w, (long long)M);
     for (int64_t m = 0; m < M; ++m) std::printf(" %d", want_stats.data_as<int32_t>()[m * 7]);
     std::printf("\n");
+  }
+}
+
+// ---- the mask generator's ops ------------------------------------------------------------------
+
+// Filters and NMS: the same masks kept in the same order, with every filter on and off, with ties
+// of predicted IoU, empty boxes and masks near the crop's edges; and a whole image's 3072.
+TEST_F(CudaOps, SelectMasksEqualsTheCpu) {
+  struct Case {
+    int64_t n;
+    std::array<int, 4> crop;
+    bool filters;
+  };
+  for (const Case& c : {Case{400, {100, 50, 600, 450}, true}, Case{400, {100, 50, 600, 450}, false},
+                        Case{3072, {0, 0, 1800, 1200}, false}, Case{1, {0, 0, 64, 64}, false},
+                        Case{0, {0, 0, 64, 64}, true}}) {
+    SCOPED_TRACE("n " + std::to_string(c.n) + (c.filters ? ", filters" : ""));
+    const test::AmgCandidates cand = test::random_amg_candidates(c.n, c.crop[2] - c.crop[0], c.crop[3] - c.crop[1], 7 + c.n);
+    Backend::MaskSelection sel;
+    sel.filter_iou = sel.filter_stability = c.filters;
+    sel.iou_thresh = 0.4f, sel.stability_thresh = 0.5f;
+    std::copy(c.crop.begin(), c.crop.end(), sel.crop);
+    sel.image_h = 600, sel.image_w = 800;
+    if (c.crop[3] == 1200) sel.image_h = 1200, sel.image_w = 1800;
+    if (c.crop[3] == 64) sel.image_h = 64, sel.image_w = 64;
+    sel.nms_thresh = 0.7;
+    Tensor want = Tensor::empty({c.n + 1}, DType::I32);
+    cpu->select_masks(cand.iou, cand.stats, sel, want);
+    Tensor keep = to_gpu(*gpu, Tensor::empty({c.n + 1}, DType::I32));
+    gpu->select_masks(to_gpu(*gpu, cand.iou), to_gpu(*gpu, cand.stats), sel, keep);
+    const Tensor got = to_host(*gpu, keep);
+    const int32_t* w = want.data_as<const int32_t>();
+    const int32_t* g = got.data_as<const int32_t>();
+    ASSERT_EQ(g[0], w[0]);
+    EXPECT_EQ(std::vector<int32_t>(g + 1, g + 1 + g[0]), std::vector<int32_t>(w + 1, w + 1 + w[0]));
+    std::printf("    %lld candidates: %d kept\n", (long long)c.n, w[0]);
+  }
+}
+
+// Masks of crops placed in a 1200 x 1800 image and run-length encoded: the same bits and runs as
+// the host's, and with too small a runs buffer, the right offsets and runs left alone.
+TEST_F(CudaOps, UncropBitsAndEncodeRunsEqualTheCpu) {
+  const int H = 1200, W = 1800;
+  for (const std::array<int, 4>& crop : {std::array<int, 4>{0, 0, W, H}, std::array<int, 4>{0, 0, 950, 650},
+                                         std::array<int, 4>{850, 550, W, H}, std::array<int, 4>{13, 0, 977, H}}) {
+    const int cw = crop[2] - crop[0], ch = crop[3] - crop[1];
+    SCOPED_TRACE("crop " + std::to_string(cw) + "x" + std::to_string(ch));
+    std::vector<std::vector<uint8_t>> masks;
+    for (int k = 0; k < 12; ++k) masks.push_back(test::random_blob_mask(ch, cw, 300 + k));
+    masks.push_back(std::vector<uint8_t>(size_t(cw) * ch, 1));
+    const int64_t K = static_cast<int64_t>(masks.size()), words = (int64_t(H) * W + 31) / 32;
+    const Tensor bits = test::column_major_bits(masks, ch, cw);
+    Tensor want_placed = Tensor::empty({K, words}, DType::I32);
+    cpu->uncrop_bits(bits, crop.data(), H, W, want_placed);
+    Tensor placed = to_gpu(*gpu, Tensor::empty({K, words}, DType::I32));
+    gpu->uncrop_bits(to_gpu(*gpu, bits), crop.data(), H, W, placed);
+    EXPECT_EQ(std::memcmp(to_host(*gpu, placed).data(), want_placed.data(), want_placed.nbytes()), 0);
+
+    Tensor want_offsets = Tensor::empty({K + 1}, DType::I64), none = Tensor::empty({0}, DType::I32);
+    cpu->encode_runs(want_placed, int64_t(H) * W, want_offsets, none);
+    const int64_t total = want_offsets.data_as<const int64_t>()[K];
+    Tensor want_runs = Tensor::empty({total}, DType::I32);
+    cpu->encode_runs(want_placed, int64_t(H) * W, want_offsets, want_runs);
+    // Too small a buffer: offsets only, the buffer untouched.
+    Tensor small_host = Tensor::empty({total - 1}, DType::I32);
+    std::fill_n(small_host.data_as<int32_t>(), total - 1, -7);
+    Tensor small = to_gpu(*gpu, small_host), offsets = to_gpu(*gpu, Tensor::empty({K + 1}, DType::I64));
+    gpu->encode_runs(placed, int64_t(H) * W, offsets, small);
+    EXPECT_EQ(std::memcmp(to_host(*gpu, offsets).data(), want_offsets.data(), want_offsets.nbytes()), 0);
+    const Tensor small_after = to_host(*gpu, small);
+    EXPECT_TRUE(std::all_of(small_after.data_as<const int32_t>(), small_after.data_as<const int32_t>() + total - 1,
+                            [](int32_t v) { return v == -7; }));
+    Tensor runs = to_gpu(*gpu, Tensor::empty({total}, DType::I32));
+    gpu->encode_runs(placed, int64_t(H) * W, offsets, runs);
+    EXPECT_EQ(std::memcmp(to_host(*gpu, runs).data(), want_runs.data(), want_runs.nbytes()), 0);
+    std::printf("    crop %dx%d: %lld masks, %lld runs\n", cw, ch, (long long)K, (long long)total);
   }
 }
 

@@ -2,7 +2,8 @@
 // postprocessing, graph replayed) against the fp32 CPU path, given the same image embedding: on
 // both golden models, and (printed) on a random full-size vit_h decoder. Bounds (the issue's): low-res logits within 2e-2
 // absolute, IoU predictions within 1e-2, masks IoU >= 0.99. And a mixed GPU batch (images with
-// 0, 1 and 64 prompt sets of 1 to 16 points, boxes, mask inputs) against each prompt alone.
+// 0, 1 and 64 prompt sets of 1 to 16 points, boxes, mask inputs) against each prompt alone. And
+// the mask generator on the GPU against the CPU's.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include "pipeline/decoder.h"
 #include "pipeline/postprocess.h"
 #include "segany/batch_predictor.h"
+#include "segany/mask_generator.h"
 #include "test_util.h"
 
 namespace segany {
@@ -177,6 +179,63 @@ TEST_P(DecoderGolden, GpuMatchesCpuAndABatchMatchesEachPromptAlone) {
   Worst embedded;
   embedded.add(batch[2][0], want[3]);
   embedded.expect_within((name + " precomputed embedding").c_str());
+}
+
+// Segment everything on the GPU (grid decoded, filtered, NMS-ed and run-length encoded there)
+// against the CPU's generator: the same number of records, and each CPU record has a GPU record
+// from the same point and crop with mask IoU >= 0.99, predicted IoU within 1e-2. Settings: the
+// golden amg.json's (8 points a side, thresholds 0), and one crop layer with a stability filter
+// and batches that split the grid unevenly.
+TEST_P(DecoderGolden, MaskGeneratorOnTheGpuKeepsTheCpusMasks) {
+  SEGANY_REQUIRE_CUDA();
+  SEGANY_REQUIRE_GOLDEN();
+  const auto& [name, image_name] = GetParam();
+  const Image image = load_image(test::shared_dir() + "/images/" + image_name);
+  const std::string ckpt = model_dir(name) + "/checkpoint.pth";
+  Predictor cpu(ckpt, options(name, "cpu")), gpu(ckpt, options(name, "cuda"));
+  MaskGeneratorOptions golden;
+  golden.points_per_side = 8;
+  golden.points_per_batch = 32;
+  golden.pred_iou_thresh = 0;
+  golden.stability_score_thresh = 0;
+  golden.output_mode = MaskOutputMode::UncompressedRle;
+  MaskGeneratorOptions crops = golden;
+  crops.points_per_side = 6;
+  crops.points_per_batch = 7;
+  crops.crop_n_layers = 1;
+  crops.stability_score_thresh = 0.8;
+  for (const MaskGeneratorOptions& o : {golden, crops}) {
+    SCOPED_TRACE("crop layers " + std::to_string(o.crop_n_layers));
+    const std::vector<MaskRecord> want = MaskGenerator(cpu, o).generate(image);
+    const std::vector<MaskRecord> got = MaskGenerator(gpu, o).generate(image);
+    ASSERT_EQ(got.size(), want.size());
+    ASSERT_FALSE(want.empty());
+    std::vector<bool> used(got.size(), false);
+    double worst_iou = 1.0;
+    float worst_score = 0, worst_stability = 0;
+    for (const MaskRecord& w : want) {
+      const std::vector<uint8_t> wm = amg::rle_to_mask(w.rle);
+      int best = -1;
+      double best_iou = -1;
+      for (size_t j = 0; j < got.size(); ++j) {
+        if (used[j] || got[j].point != w.point || got[j].crop_box != w.crop_box) continue;
+        const std::vector<uint8_t> gm = amg::rle_to_mask(got[j].rle);
+        const double v = iou_u8(gm.data(), wm.data(), static_cast<int64_t>(wm.size()));
+        if (v > best_iou) best_iou = v, best = static_cast<int>(j);
+      }
+      ASSERT_GE(best, 0) << "no GPU record from point (" << w.point[0] << ", " << w.point[1] << ")";
+      used[best] = true;
+      worst_iou = std::min(worst_iou, best_iou);
+      worst_score = std::max(worst_score, std::fabs(got[best].predicted_iou - w.predicted_iou));
+      worst_stability = std::max(worst_stability, std::fabs(got[best].stability_score - w.stability_score));
+      EXPECT_EQ(got[best].area, amg::area_from_rle(got[best].rle));
+    }
+    std::printf("[ info ] %s, %d crop layer(s): %zu records; worst mask IoU %.5f, predicted IoU max |diff| %.2e, "
+                "stability max |diff| %.2e\n",
+                name.c_str(), o.crop_n_layers, want.size(), worst_iou, worst_score, worst_stability);
+    EXPECT_GE(worst_iou, 0.99);
+    EXPECT_LE(worst_score, 1e-2f);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, DecoderGolden,

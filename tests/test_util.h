@@ -7,7 +7,9 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <random>
 #include <string>
+#include <vector>
 
 #include "segany/tensor.h"
 
@@ -51,6 +53,68 @@ inline double mask_iou(const uint8_t* m, const uint8_t* packed, int H, int W) {
       uni += (a || r);
     }
   return uni == 0 ? 1.0 : static_cast<double>(inter) / static_cast<double>(uni);
+}
+
+// Candidates for Backend::select_masks: n masks in clusters of overlapping boxes inside a
+// crop_w x crop_h crop (some touching its edges, some empty), predicted IoUs on a coarse grid (so
+// that ties occur), stability counts (some 0 / 0). iou float32 [n], stats int32 [n, 7].
+struct AmgCandidates {
+  Tensor iou, stats;
+};
+inline AmgCandidates random_amg_candidates(int64_t n, int crop_w, int crop_h, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  AmgCandidates c{Tensor::empty({n}), Tensor::empty({n, 7}, DType::I32)};
+  int cx = 0, cy = 0, bw = 0, bh = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i % 6 == 0) {  // a new cluster
+      cx = uniform(0, crop_w - 1), cy = uniform(0, crop_h - 1);
+      bw = uniform(0, crop_w / 4), bh = uniform(0, crop_h / 4);
+    }
+    int32_t* s = c.stats.data_as<int32_t>() + i * 7;
+    const int x0 = std::clamp(cx + uniform(-4, 4), 0, crop_w - 1), y0 = std::clamp(cy + uniform(-4, 4), 0, crop_h - 1);
+    const int x1 = std::clamp(x0 + bw + uniform(-4, 4), x0, crop_w - 1);
+    const int y1 = std::clamp(y0 + bh + uniform(-4, 4), y0, crop_h - 1);
+    const bool empty = i % 37 == 5;
+    s[0] = empty ? 0 : (x1 - x0 + 1) * (y1 - y0 + 1) / 2;
+    s[1] = empty ? 0 : x0, s[2] = empty ? 0 : y0, s[3] = empty ? 0 : x1, s[4] = empty ? 0 : y1;
+    s[6] = i % 53 == 7 ? 0 : uniform(1, 5000);
+    s[5] = s[6] == 0 ? 0 : uniform(0, s[6]);
+    c.iou.data_as<float>()[i] = static_cast<float>(uniform(0, 32)) / 32.0f;
+  }
+  return c;
+}
+
+// A random mask [h, w] (row-major, 0/1) of a few overlapping rectangles.
+inline std::vector<uint8_t> random_blob_mask(int h, int w, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  std::vector<uint8_t> m(static_cast<size_t>(h) * w, 0);
+  const int rects = uniform(0, 4);
+  for (int r = 0; r < rects; ++r) {
+    const int x0 = uniform(0, w - 1), y0 = uniform(0, h - 1);
+    const int x1 = uniform(x0, w - 1), y1 = uniform(y0, h - 1);
+    for (int y = y0; y <= y1; ++y)
+      for (int x = x0; x <= x1; ++x) m[static_cast<size_t>(y) * w + x] ^= 1;
+  }
+  return m;
+}
+
+// Masks [h, w] (row-major) -> int32 [K, ceil(h * w / 32)], one bit a pixel in column-major order
+// (postprocess_masks's COCO order).
+inline Tensor column_major_bits(const std::vector<std::vector<uint8_t>>& masks, int h, int w) {
+  const int64_t words = (int64_t(h) * w + 31) / 32, K = static_cast<int64_t>(masks.size());
+  Tensor t = Tensor::empty({K, words}, DType::I32);
+  auto* b = reinterpret_cast<uint32_t*>(t.data_as<int32_t>());
+  std::fill_n(b, K * words, 0u);
+  for (int64_t k = 0; k < K; ++k)
+    for (int x = 0; x < w; ++x)
+      for (int y = 0; y < h; ++y)
+        if (masks[k][static_cast<size_t>(y) * w + x]) {
+          const int64_t i = int64_t(x) * h + y;
+          b[k * words + i / 32] |= 1u << (i % 32);
+        }
+  return t;
 }
 
 }  // namespace segany::test

@@ -222,7 +222,7 @@ void run_everything(EverythingOptions o) {
     std::fprintf(stderr, "%zu of %zu images already done in %s (same parameters): skipped\n", skipped, images.size(),
                  o.out.c_str());
   const auto start = std::chrono::steady_clock::now();
-  auto last_write = start;
+  auto last_write = start, first_done = start;
   for (size_t i = 0; i < images.size(); ++i) {
     if (done[i]) continue;
     size_t masks = 0;
@@ -237,6 +237,7 @@ void run_everything(EverythingOptions o) {
     }
     ++processed;
     const auto now = std::chrono::steady_clock::now();
+    if (processed == 1) first_done = now;
     const double s = std::chrono::duration<double>(now - start).count();
     const double rate = s > 0 ? processed / s : 0.0;
     const double eta = rate > 0 ? (todo - processed) / rate : 0.0;
@@ -252,6 +253,12 @@ void run_everything(EverythingOptions o) {
   const size_t total_done = std::count(done.begin(), done.end(), true);
   std::printf("%zu of %zu images segmented (%zu this run, %zu already done) -> %s\n", total_done, images.size(),
               processed - failed, skipped, (fs::path(o.out) / "annotations.json").string().c_str());
+  if (processed > 1) {
+    // Per image once the first (which also prepares the device: buffers, graphs) is done; each
+    // image's time includes reading and decoding it and writing its JSON.
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - first_done).count();
+    std::printf("%.1f ms per image after the first (%zu images)\n", 1e3 * s / (processed - 1), processed - 1);
+  }
   check(failed == 0, std::to_string(failed) + " of " + std::to_string(images.size()) +
                          " images could not be segmented (named above)");
 }

@@ -10,6 +10,7 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -57,11 +58,20 @@ struct MaskRecord {
   std::array<int, 4> crop_box{};   // XYWH of the crop it was predicted in
 };
 
+namespace detail {
+struct MaskCandidate;  // a mask on its way through the filters (pipeline/mask_generator.cpp)
+}
+
+// Runs where the predictor runs: on CUDA the grid is decoded, filtered, de-duplicated and
+// run-length encoded on the GPU, and only the kept masks come back.
 class MaskGenerator {
  public:
   // Uses `predictor` (which must outlive the generator) for every crop: generate() replaces the
   // predictor's image. Throws segany::Error on inconsistent options.
   explicit MaskGenerator(Predictor& predictor, const MaskGeneratorOptions& options = {});
+  ~MaskGenerator();
+  MaskGenerator(const MaskGenerator&) = delete;
+  MaskGenerator& operator=(const MaskGenerator&) = delete;
 
   // Masks for the whole image, in the original's order (by NMS: best first).
   std::vector<MaskRecord> generate(const Image& image);
@@ -69,9 +79,15 @@ class MaskGenerator {
   const MaskGeneratorOptions& options() const { return options_; }
 
  private:
+  struct Buffers;
+  // One crop's masks (XYXY in the image), after its filters and NMS.
+  std::vector<detail::MaskCandidate> process_crop(const Image& image, const std::array<int, 4>& crop,
+                                                  const std::vector<std::array<double, 2>>& grid);
+
   Predictor& predictor_;
   MaskGeneratorOptions options_;
   std::vector<std::vector<std::array<double, 2>>> grids_;  // one per crop layer
+  std::unique_ptr<Buffers> buffers_;
 };
 
 }  // namespace segany

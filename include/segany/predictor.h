@@ -77,9 +77,6 @@ class Predictor {
                 const Tensor& mask_input = Tensor(), bool multimask = false);
   // Several prompt sets against the current image, decoded together where their shapes allow.
   std::vector<Masks> predict_batch(const std::vector<Prompt>& prompts, const MaskOutputs& outputs = {});
-  // As predict_batch, stopping at the low-res logits and scores (Masks::masks stays undefined),
-  // for callers that upscale the logits themselves (the MaskGenerator).
-  std::vector<Masks> predict_batch_low_res(const std::vector<Prompt>& prompts);
   // Low-res logits float32 [M, 256, 256] -> float32 [M, H, W] at the current image's size, upscaled
   // as predict() does before thresholding at 0 (the original's return_logits=True). Thread-safe.
   Tensor upscale_logits(const Tensor& low_res) const;
@@ -91,6 +88,7 @@ class Predictor {
   int64_t parameter_count() const;
 
  private:
+  friend class MaskGenerator;  // decodes its grids against the image embedding in place
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

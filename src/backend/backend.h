@@ -166,12 +166,51 @@ class Backend {
   //   stats int32 [P * count, 7]: area, x0, y0, x1, y1 (the box, inclusive; zeros when the mask
   //     is empty), the pixels with logits > threshold + offset and > threshold - offset (the
   //     stability score's counts).
+  // With `select` (int32 [M'] of mask indices p * count + j, on the device), only those masks are
+  // processed: row i of bits and stats is mask select[i].
   // The default runs on the host (backend/mask_ops.h): the CUDA kernel's twin.
   struct MaskFrame {
     int img_size = 0, input_h = 0, input_w = 0, height = 0, width = 0;
   };
   virtual void postprocess_masks(const Tensor& low_res, int first, int count, const MaskFrame& frame, float threshold,
-                                 float offset, bool column_major, Tensor* bits, Tensor& stats);
+                                 float offset, bool column_major, Tensor* bits, Tensor& stats,
+                                 const Tensor* select = nullptr);
+
+  // The automatic mask generator's selection in one crop (the original's _process_batch filters
+  // and _process_crop's box NMS). Candidate i < n has its predicted IoU iou[i] (float32 [n]) and
+  // postprocess_masks's stats[i] (int32 [n, 7], threshold 0, offset the stability offset). It
+  // survives the filters when
+  //   iou[i] is a number, and > iou_thresh where filter_iou,
+  //   float(stats[i][5]) / float(stats[i][6]) (the stability score) >= stability_thresh where
+  //     filter_stability,
+  //   its box (stats[i][1..4], in the crop's frame) is not within 20 pixels of an edge of `crop`
+  //     (XYXY in the image) that is not an edge of the image_w x image_h image;
+  // then the survivors go through box NMS (amg::nms: by iou descending, ties by index; a box whose
+  // IoU with a kept one is > nms_thresh is dropped). keep int32 [n + 1]: keep[0] = K, the number
+  // kept, and keep[1..K] the kept candidates, best first; the rest is left as is.
+  // The default runs on the host: the CUDA kernels' twin.
+  struct MaskSelection {
+    bool filter_iou = false, filter_stability = false;
+    float iou_thresh = 0, stability_thresh = 0;
+    int crop[4] = {0, 0, 0, 0};
+    int image_h = 0, image_w = 0;
+    double nms_thresh = 0.7;
+  };
+  virtual void select_masks(const Tensor& iou, const Tensor& stats, const MaskSelection& selection, Tensor& keep);
+
+  // Masks of a crop placed in the whole image: bits int32 [K, words] (postprocess_masks's,
+  // column-major, of a crop of the image) -> out int32 [K, ceil(image_h * image_w / 32)], the same
+  // masks column-major in the image_w x image_h image, zero outside crop (XYXY).
+  // The default runs on the host: the CUDA kernel's twin.
+  virtual void uncrop_bits(const Tensor& bits, const int crop[4], int image_h, int image_w, Tensor& out);
+
+  // COCO's run lengths of K bit-packed masks of `pixels` pixels each (bits int32 [K, words],
+  // column-major, as postprocess_masks writes them): mask k's runs, alternating 0 and 1 from a run
+  // of 0 (possibly empty), go to runs[offsets[k] .. offsets[k + 1]) (int32 holding uint32).
+  // offsets int64 [K + 1] is always written; runs only when offsets[K] <= runs.numel(): a caller
+  // that finds more reads offsets[K] and calls again with a buffer that large.
+  // The default runs on the host: the CUDA kernels' twin.
+  virtual void encode_runs(const Tensor& bits, int64_t pixels, Tensor& offsets, Tensor& runs);
 
   // SAM's preprocessing of a batch (backend/image_ops.h): each images[i], RGB u8 [h, w, 3] in host
   // memory, resized so that its longest side is S with Pillow's bilinear filter (bit-exact, the

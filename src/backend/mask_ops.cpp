@@ -1,6 +1,7 @@
 #include "backend/mask_ops.h"
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cstring>
 #include <cmath>
@@ -91,6 +92,51 @@ std::vector<uint32_t> run_lengths_from_bits(const uint32_t* bits, int64_t pixels
   return counts;
 }
 
+float stability_from_counts(int64_t intersections, int64_t unions) {
+  return static_cast<float>(intersections) / static_cast<float>(unions);
+}
+
+bool box_near_crop_edge(const int box[4], const int crop[4], const int orig[4], float atol) {
+  for (int k = 0; k < 4; ++k) {
+    // The box back in the image's frame, then torch.isclose with rtol 0: |a - b| <= atol.
+    const float b = static_cast<float>(box[k] + crop[k % 2]);
+    const bool near_crop = std::fabs(b - static_cast<float>(crop[k])) <= atol;
+    const bool near_image = std::fabs(b - static_cast<float>(orig[k])) <= atol;
+    if (near_crop && !near_image) return true;
+  }
+  return false;
+}
+
+float box_iou(const float a[4], const float b[4]) {
+  const float area_a = (a[2] - a[0]) * (a[3] - a[1]), area_b = (b[2] - b[0]) * (b[3] - b[1]);
+  const float w = std::max(0.0f, std::min(a[2], b[2]) - std::max(a[0], b[0]));
+  const float h = std::max(0.0f, std::min(a[3], b[3]) - std::max(a[1], b[1]));
+  const float inter = w * h;
+  return inter / (area_a + area_b - inter);
+}
+
+std::vector<int> box_nms(const int (*boxes)[4], const float* scores, int n, double iou_threshold) {
+  std::vector<int> order(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return scores[a] > scores[b]; });
+  std::vector<std::array<float, 4>> f(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i)
+    for (int k = 0; k < 4; ++k) f[i][k] = static_cast<float>(boxes[i][k]);
+  std::vector<uint8_t> suppressed(static_cast<size_t>(n), 0);
+  std::vector<int> keep;
+  for (int oi = 0; oi < n; ++oi) {
+    const int i = order[oi];
+    if (suppressed[i]) continue;
+    keep.push_back(i);
+    for (int oj = oi + 1; oj < n; ++oj) {
+      const int j = order[oj];
+      // NaN (two empty boxes) compares false: neither suppresses the other.
+      if (!suppressed[j] && static_cast<double>(box_iou(f[i].data(), f[j].data())) > iou_threshold) suppressed[j] = 1;
+    }
+  }
+  return keep;
+}
+
 // ---- the host defaults of Backend's ops (backend.h) ----------------------------------------------
 
 void Backend::upload_async(const Tensor& host, Tensor& dst) {
@@ -137,7 +183,7 @@ void Backend::embed_points(const Tensor& coords, const Tensor& labels, const Ten
 }
 
 void Backend::postprocess_masks(const Tensor& low_res, int first, int count, const MaskFrame& f, float threshold,
-                                float offset, bool column_major, Tensor* bits, Tensor& stats) {
+                                float offset, bool column_major, Tensor* bits, Tensor& stats, const Tensor* select) {
   const char* op = "postprocess_masks";
   require_host(low_res, DType::F32, op, "low-res logits");
   require_host(stats, DType::I32, op, "stats");
@@ -147,8 +193,17 @@ void Backend::postprocess_masks(const Tensor& low_res, int first, int count, con
   check(f.img_size > 0 && f.input_h > 0 && f.input_w > 0 && f.input_h <= f.img_size && f.input_w <= f.img_size &&
             f.height > 0 && f.width > 0,
         std::string(op) + ": inconsistent frame");
-  const int64_t P = low_res.dim(0), T = low_res.dim(1), M = P * count, words = mask_bit_words(f.height, f.width);
+  const int64_t P = low_res.dim(0), T = low_res.dim(1), words = mask_bit_words(f.height, f.width);
+  const int64_t M = select ? select->numel() : P * count;
   const int h = static_cast<int>(low_res.dim(2)), w = static_cast<int>(low_res.dim(3));
+  if (select) {
+    require_host(*select, DType::I32, op, "select");
+    for (int64_t i = 0; i < M; ++i) {
+      const int32_t m = select->data_as<const int32_t>()[i];
+      check(m >= 0 && m < P * count, std::string(op) + ": selected mask " + std::to_string(m) + " of " +
+                                         std::to_string(P * count));
+    }
+  }
   check(stats.numel() == M * 7, std::string(op) + ": stats " + shape_str(stats.shape()) + " for " + std::to_string(M) +
                                     " masks (expected [M, 7])");
   if (bits) {
@@ -162,7 +217,8 @@ void Backend::postprocess_masks(const Tensor& low_res, int first, int count, con
     std::vector<float> mid(static_cast<size_t>(f.input_h) * f.input_w), full(static_cast<size_t>(pixels));
 #pragma omp for schedule(dynamic)
     for (int64_t m = 0; m < M; ++m) {
-      const int64_t p = m / count, j = m % count;
+      const int64_t src = select ? select->data_as<const int32_t>()[m] : m;
+      const int64_t p = src / count, j = src % count;
       upscale_mask_logits(low_res.data_as<const float>() + ((p * T + first + j) * h) * w, h, w, f, mid.data(),
                           full.data());
       int64_t area = 0, hi = 0, lo = 0;
@@ -190,6 +246,83 @@ void Backend::postprocess_masks(const Tensor& low_res, int first, int count, con
       s[6] = static_cast<int32_t>(lo);
     }
   }
+}
+
+void Backend::select_masks(const Tensor& iou, const Tensor& stats, const MaskSelection& sel, Tensor& keep) {
+  const char* op = "select_masks";
+  require_host(iou, DType::F32, op, "iou");
+  require_host(stats, DType::I32, op, "stats");
+  require_host(keep, DType::I32, op, "keep");
+  const int64_t n = iou.numel();
+  check(stats.numel() == n * 7 && keep.numel() == n + 1 && n < (int64_t(1) << 31),
+        std::string(op) + ": iou " + shape_str(iou.shape()) + ", stats " + shape_str(stats.shape()) + ", keep " +
+            shape_str(keep.shape()) + " (expected [n], [n, 7], [n + 1])");
+  const float* s = iou.data_as<const float>();
+  const auto* st = reinterpret_cast<const int32_t(*)[7]>(stats.data_as<const int32_t>());
+  const int orig[4] = {0, 0, sel.image_w, sel.image_h};
+  std::vector<int> survivors;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(s[i])) continue;
+    if (sel.filter_iou && !(s[i] > sel.iou_thresh)) continue;
+    if (sel.filter_stability && !(stability_from_counts(st[i][5], st[i][6]) >= sel.stability_thresh)) continue;
+    if (box_near_crop_edge(st[i] + 1, sel.crop, orig, 20.0f)) continue;
+    survivors.push_back(static_cast<int>(i));
+  }
+  const int m = static_cast<int>(survivors.size());
+  std::vector<std::array<int, 4>> boxes(static_cast<size_t>(m));
+  std::vector<float> scores(static_cast<size_t>(m));
+  for (int k = 0; k < m; ++k) {
+    std::copy_n(st[survivors[k]] + 1, 4, boxes[k].data());
+    scores[k] = s[survivors[k]];
+  }
+  const std::vector<int> kept = box_nms(reinterpret_cast<const int(*)[4]>(boxes.data()), scores.data(), m,
+                                        sel.nms_thresh);
+  int32_t* out = keep.data_as<int32_t>();
+  out[0] = static_cast<int32_t>(kept.size());
+  for (size_t k = 0; k < kept.size(); ++k) out[1 + k] = survivors[kept[k]];
+}
+
+void Backend::uncrop_bits(const Tensor& bits, const int crop[4], int image_h, int image_w, Tensor& out) {
+  const char* op = "uncrop_bits";
+  require_host(bits, DType::I32, op, "bits");
+  require_host(out, DType::I32, op, "output");
+  const int cw = crop[2] - crop[0], ch = crop[3] - crop[1];
+  check(crop[0] >= 0 && crop[1] >= 0 && cw > 0 && ch > 0 && crop[2] <= image_w && crop[3] <= image_h,
+        std::string(op) + ": the crop lies outside the image");
+  const int64_t K = bits.dim(0), in_words = mask_bit_words(ch, cw), out_words = mask_bit_words(image_h, image_w);
+  check(bits.numel() == K * in_words && out.numel() == K * out_words,
+        std::string(op) + ": bits " + shape_str(bits.shape()) + " -> " + shape_str(out.shape()) + " for " +
+            std::to_string(K) + " masks");
+  const auto* src = reinterpret_cast<const uint32_t*>(bits.data_as<const int32_t>());
+  auto* dst = reinterpret_cast<uint32_t*>(out.data_as<int32_t>());
+  std::fill_n(dst, K * out_words, 0u);
+  for (int64_t k = 0; k < K; ++k)
+    for (int x = 0; x < cw; ++x)
+      for (int y = 0; y < ch; ++y) {
+        const int64_t i = int64_t(x) * ch + y, o = int64_t(crop[0] + x) * image_h + crop[1] + y;
+        if ((src[k * in_words + i / 32] >> (i % 32)) & 1u) dst[k * out_words + o / 32] |= 1u << (o % 32);
+      }
+}
+
+void Backend::encode_runs(const Tensor& bits, int64_t pixels, Tensor& offsets, Tensor& runs) {
+  const char* op = "encode_runs";
+  require_host(bits, DType::I32, op, "bits");
+  require_host(offsets, DType::I64, op, "offsets");
+  require_host(runs, DType::I32, op, "runs");
+  const int64_t words = (pixels + 31) / 32, K = offsets.numel() - 1;
+  check(pixels > 0 && K >= 0 && bits.numel() == K * words,
+        std::string(op) + ": bits " + shape_str(bits.shape()) + " for " + std::to_string(K) + " masks of " +
+            std::to_string(pixels) + " pixels");
+  std::vector<std::vector<uint32_t>> counts(static_cast<size_t>(K));
+  const auto* b = reinterpret_cast<const uint32_t*>(bits.data_as<const int32_t>());
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t k = 0; k < K; ++k) counts[k] = run_lengths_from_bits(b + k * words, pixels);
+  int64_t* off = offsets.data_as<int64_t>();
+  off[0] = 0;
+  for (int64_t k = 0; k < K; ++k) off[k + 1] = off[k] + static_cast<int64_t>(counts[k].size());
+  if (off[K] > runs.numel()) return;
+  auto* r = reinterpret_cast<uint32_t*>(runs.data_as<int32_t>());
+  for (int64_t k = 0; k < K; ++k) std::copy(counts[k].begin(), counts[k].end(), r + off[k]);
 }
 
 }  // namespace segany

@@ -27,4 +27,15 @@ void unpack_mask_bits(const uint32_t* bits, int64_t pixels, uint8_t* out);
 // starting with a run of 0 (possibly empty).
 std::vector<uint32_t> run_lengths_from_bits(const uint32_t* bits, int64_t pixels);
 
+// The automatic mask generator's arithmetic that Backend::select_masks shares with
+// pipeline/amg_utils.h (which documents it): the stability score from its two pixel counts,
+// float32 as the original divides them (NaN for 0 / 0); whether a box (XYXY, the crop's frame) lies
+// near an edge of the crop that is not an edge of the image (orig, XYXY); torchvision's box NMS
+// (boxes XYXY [n][4]), returning the kept indices best first.
+float stability_from_counts(int64_t intersections, int64_t unions);
+bool box_near_crop_edge(const int box[4], const int crop[4], const int orig[4], float atol);
+std::vector<int> box_nms(const int (*boxes)[4], const float* scores, int n, double iou_threshold);
+// The IoU torchvision's nms computes for two boxes in float32 (NaN for two empty boxes).
+float box_iou(const float a[4], const float b[4]);
+
 }  // namespace segany

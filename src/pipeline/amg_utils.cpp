@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "backend/mask_ops.h"
 #include "segany/error.h"
 
 namespace segany::amg {
@@ -17,7 +18,7 @@ float stability_score(const float* logits, int64_t count, float mask_threshold, 
     intersections += logits[i] > high;
     unions += logits[i] > low;
   }
-  return static_cast<float>(intersections) / static_cast<float>(unions);
+  return stability_from_counts(intersections, unions);
 }
 
 BoxXYXY mask_to_box(const uint8_t* mask, int h, int w) {
@@ -45,33 +46,9 @@ BoxXYXY box_xyxy_to_xywh(const BoxXYXY& b) { return {b[0], b[1], b[2] - b[0], b[
 std::vector<int> nms(const std::vector<BoxXYXY>& boxes, const std::vector<float>& scores, double iou_threshold) {
   check(boxes.size() == scores.size(), "nms: " + std::to_string(boxes.size()) + " boxes but " +
                                            std::to_string(scores.size()) + " scores");
-  const size_t n = boxes.size();
-  std::vector<int> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return scores[a] > scores[b]; });
-  std::vector<std::array<float, 4>> f(n);
-  std::vector<float> areas(n);
-  for (size_t i = 0; i < n; ++i) {
-    for (int k = 0; k < 4; ++k) f[i][k] = static_cast<float>(boxes[i][k]);
-    areas[i] = (f[i][2] - f[i][0]) * (f[i][3] - f[i][1]);
-  }
-  std::vector<uint8_t> suppressed(n, 0);
-  std::vector<int> keep;
-  for (size_t oi = 0; oi < n; ++oi) {
-    const int i = order[oi];
-    if (suppressed[i]) continue;
-    keep.push_back(i);
-    for (size_t oj = oi + 1; oj < n; ++oj) {
-      const int j = order[oj];
-      if (suppressed[j]) continue;
-      const float w = std::max(0.0f, std::min(f[i][2], f[j][2]) - std::max(f[i][0], f[j][0]));
-      const float h = std::max(0.0f, std::min(f[i][3], f[j][3]) - std::max(f[i][1], f[j][1]));
-      const float inter = w * h;
-      const float iou = inter / (areas[i] + areas[j] - inter);  // NaN for two empty boxes: kept
-      if (static_cast<double>(iou) > iou_threshold) suppressed[j] = 1;
-    }
-  }
-  return keep;
+  static_assert(sizeof(BoxXYXY) == sizeof(int[4]));
+  return box_nms(reinterpret_cast<const int(*)[4]>(boxes.data()), scores.data(), static_cast<int>(boxes.size()),
+                 iou_threshold);
 }
 
 PointGrid build_point_grid(int n) {
@@ -123,14 +100,7 @@ CropBoxes generate_crop_boxes(int im_h, int im_w, int n_layers, double overlap_r
 }
 
 bool is_box_near_crop_edge(const BoxXYXY& box, const BoxXYXY& crop_box, const BoxXYXY& orig_box, float atol) {
-  const BoxXYXY b = uncrop_box(box, crop_box);
-  for (int k = 0; k < 4; ++k) {
-    // torch.isclose with rtol 0: |a - b| <= atol.
-    const bool near_crop = std::fabs(static_cast<float>(b[k]) - static_cast<float>(crop_box[k])) <= atol;
-    const bool near_image = std::fabs(static_cast<float>(b[k]) - static_cast<float>(orig_box[k])) <= atol;
-    if (near_crop && !near_image) return true;
-  }
-  return false;
+  return box_near_crop_edge(box.data(), crop_box.data(), orig_box.data(), atol);
 }
 
 BoxXYXY uncrop_box(const BoxXYXY& b, const BoxXYXY& crop) {

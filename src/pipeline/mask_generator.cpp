@@ -6,9 +6,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <string>
 
+#include "backend/mask_ops.h"
 #include "pipeline/amg_utils.h"
+#include "pipeline/predictor_impl.h"
 
 namespace segany {
 
@@ -28,19 +31,24 @@ const char* mask_output_mode_name(MaskOutputMode mode) {
   return "?";
 }
 
-namespace {
+namespace detail {
 
-constexpr float kMaskThreshold = 0.0f;  // Sam.mask_threshold
-constexpr int kMasksPerPoint = 3;       // multimask output
-
-// A mask on its way through the filters: what MaskData holds in the original.
-struct Candidate {
+// What MaskData holds in the original, for one mask.
+struct MaskCandidate {
   Rle rle;              // at the whole image's size
-  amg::BoxXYXY box{};   // in the crop's frame until the crop is done, then the image's
+  amg::BoxXYXY box{};   // in the image's frame
   float iou = 0, stability = 0;
   std::array<double, 2> point{};
   amg::BoxXYXY crop{};
 };
+
+}  // namespace detail
+
+namespace {
+
+using Candidate = detail::MaskCandidate;
+constexpr float kMaskThreshold = 0.0f;  // Sam.mask_threshold
+constexpr int kMasksPerPoint = 3;       // multimask output
 
 template <class T>
 std::vector<T> take(std::vector<T>& v, const std::vector<int>& keep) {
@@ -55,7 +63,7 @@ bool finite(double v) { return std::isfinite(v); }
 }  // namespace
 
 MaskGenerator::MaskGenerator(Predictor& predictor, const MaskGeneratorOptions& options)
-    : predictor_(predictor), options_(options) {
+    : predictor_(predictor), options_(options), buffers_(std::make_unique<Buffers>()) {
   const MaskGeneratorOptions& o = options_;
   check((o.points_per_side > 0) != !o.point_grids.empty(),
         "mask generator: give exactly one of points_per_side (> 0) and point_grids");
@@ -98,88 +106,166 @@ Image crop_image(const Image& image, const amg::BoxXYXY& c) {
   return out;
 }
 
-// One batch of points in the crop: _process_batch. Candidates come back in the original's order
-// (point by point, three masks each), already uncropped to the image's size for the RLE.
-std::vector<Candidate> process_batch(Predictor& predictor, const MaskGeneratorOptions& o,
-                                     const std::vector<std::array<double, 2>>& points, const amg::BoxXYXY& crop,
-                                     int orig_h, int orig_w) {
-  std::vector<Prompt> prompts(points.size());
-  for (size_t i = 0; i < points.size(); ++i) {
-    prompts[i].points = {Point{static_cast<float>(points[i][0]), static_cast<float>(points[i][1]), 1}};
-    prompts[i].multimask = true;
-  }
-  const std::vector<Masks> out = predictor.predict_batch_low_res(prompts);
-  const int crop_w = crop[2] - crop[0], crop_h = crop[3] - crop[1];
-  const bool whole_image = crop == amg::BoxXYXY{0, 0, orig_w, orig_h};
-  const int n = static_cast<int>(points.size()) * kMasksPerPoint;
-  std::vector<Candidate> cand(n);
-  std::vector<uint8_t> kept(n, 0);
-  // Thresholds as the original compares them: a Python float against a float32 tensor.
-  const float iou_thresh = static_cast<float>(o.pred_iou_thresh);
-  const float stability_thresh = static_cast<float>(o.stability_score_thresh);
-  const float offset = static_cast<float>(o.stability_score_offset);
-#pragma omp parallel
-  {
-    std::vector<uint8_t> mask(static_cast<size_t>(crop_w) * crop_h);
-#pragma omp for schedule(dynamic)
-    for (int i = 0; i < n; ++i) {
-      const int p = i / kMasksPerPoint, k = i % kMasksPerPoint;
-      const Masks& m = out[p];
-      Candidate& c = cand[i];
-      c.iou = m.scores.data_as<const float>()[k];
-      c.point = points[p];
-      if (o.pred_iou_thresh > 0.0 && !(c.iou > iou_thresh)) continue;
-      // Logits at the crop's size (postprocess_masks with return_logits), then the stability score.
-      const Tensor logits = predictor.upscale_logits(m.low_res_logits.slice0(k, k + 1));  // [1, crop_h, crop_w]
-      const float* l = logits.data_as<const float>();
-      c.stability = amg::stability_score(l, logits.numel(), kMaskThreshold, offset);
-      if (o.stability_score_thresh > 0.0 && !(c.stability >= stability_thresh)) continue;
-      for (size_t j = 0; j < mask.size(); ++j) mask[j] = l[j] > kMaskThreshold;
-      c.box = amg::mask_to_box(mask.data(), crop_h, crop_w);
-      if (amg::is_box_near_crop_edge(c.box, crop, {0, 0, orig_w, orig_h})) continue;
-      if (whole_image) {
-        c.rle = amg::mask_to_rle(mask.data(), crop_h, crop_w);
-      } else {
-        const std::vector<uint8_t> full = amg::uncrop_mask(mask.data(), crop, orig_h, orig_w);
-        c.rle = amg::mask_to_rle(full.data(), orig_h, orig_w);
-      }
-      kept[i] = 1;
-    }
-  }
-  std::vector<int> keep;
-  for (int i = 0; i < n; ++i)
-    if (kept[i]) keep.push_back(i);
-  return take(cand, keep);
+// A buffer of at least `numel` elements, reused while large enough.
+Tensor& grown(Tensor& buf, int64_t numel, const std::function<Tensor(int64_t)>& make) {
+  if (!buf.defined() || buf.numel() < numel) buf = make(std::max<int64_t>(numel, buf.defined() ? buf.numel() * 3 / 2 : 1));
+  return buf;
 }
 
-// _process_crop: every batch of the crop's grid, NMS within the crop, back to the image's frame.
-std::vector<Candidate> process_crop(Predictor& predictor, const MaskGeneratorOptions& o, const Image& image,
-                                    const amg::BoxXYXY& crop, const amg::PointGrid& grid) {
+}  // namespace
+
+// Buffers kept from crop to crop (device memory on the predictor's backend, and host memory it
+// copies from and to), grown as needed.
+struct MaskGenerator::Buffers {
+  Tensor coords, labels;                   // host: the grid's prompts
+  Tensor low, iou, stats, keep;            // device: every candidate of the crop
+  Tensor kept_stats, bits, image_bits;     // device: the kept masks
+  Tensor offsets, runs;                    // device: their run lengths
+  Tensor keep_host, iou_host, stats_host, offsets_host, runs_host;
+  std::unique_ptr<Backend::Fence> done;
+};
+
+MaskGenerator::~MaskGenerator() = default;
+
+// _process_crop and its _process_batch calls, on the predictor's backend: the crop's grid decoded
+// batch by batch (three masks a point) into buffers that hold every candidate's low-res logits and
+// predicted IoU; one postprocessing pass for the stability counts and boxes; the filters and box
+// NMS (select_masks); then the kept masks alone are upscaled again into bits, placed in the image
+// and run-length encoded. Two waits: for the kept list, and for the run lengths.
+std::vector<Candidate> MaskGenerator::process_crop(const Image& image, const amg::BoxXYXY& crop,
+                                                                  const amg::PointGrid& grid) {
+  const MaskGeneratorOptions& o = options_;
   const int orig_h = image.height, orig_w = image.width;
   const bool whole_image = crop == amg::BoxXYXY{0, 0, orig_w, orig_h};
-  predictor.set_image(whole_image ? image : crop_image(image, crop));
+  predictor_.set_image(whole_image ? image : crop_image(image, crop));
+  Predictor::Impl& im = *predictor_.impl_;
+  Backend& be = *im.backend;
+  Sam& sam = *im.sam;
+  Buffers& buf = *buffers_;
+  if (!buf.done) buf.done = be.make_fence();
+  const SamConfig& cfg = sam.config();
+  const int64_t side = 4 * cfg.image_encoder.grid(), plane = side * side;
+  const int64_t T = sam.mask_decoder().num_mask_tokens(), n = static_cast<int64_t>(grid.size()), N = n * kMasksPerPoint;
+  check(T == kMasksPerPoint + 1, "mask generator: the model has " + std::to_string(T) +
+                                     " mask tokens; segment everything needs 4 (one single, three multimask)");
+  auto device_f32 = [&be](int64_t k) { return be.alloc({k}, DType::F32); };
+  auto device_i32 = [&be](int64_t k) { return be.alloc({k}, DType::I32); };
+  auto host_i32 = [&be](int64_t k) { return be.alloc_host({k}, DType::I32); };
+
+  // The grid's prompts, one point each, in the model's frame.
   const double crop_w = crop[2] - crop[0], crop_h = crop[3] - crop[1];
-  std::vector<Candidate> data;
-  for (size_t begin = 0; begin < grid.size(); begin += o.points_per_batch) {
-    const size_t end = std::min(grid.size(), begin + static_cast<size_t>(o.points_per_batch));
-    std::vector<std::array<double, 2>> points;
-    for (size_t i = begin; i < end; ++i) points.push_back({grid[i][0] * crop_w, grid[i][1] * crop_h});
-    for (Candidate& c : process_batch(predictor, o, points, crop, orig_h, orig_w)) data.push_back(std::move(c));
+  std::vector<std::array<double, 2>> points(static_cast<size_t>(n));
+  int64_t Ns = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    points[i] = {grid[i][0] * crop_w, grid[i][1] * crop_h};
+    Prompt p;
+    p.points = {Point{static_cast<float>(points[i][0]), static_cast<float>(points[i][1]), 1}};
+    const PreparedPrompt prepared = prepare_prompt(p, im.frame, cfg, "grid point " + std::to_string(i) + ": ");
+    if (i == 0) {
+      Ns = prepared.set.sparse_tokens();
+      buf.coords = be.alloc_host({n, Ns, 2}, DType::F32);
+      buf.labels = be.alloc_host({n, Ns}, DType::I32);
+    }
+    PromptEncoder::pack(prepared.set, buf.coords.data_as<float>() + i * Ns * 2, buf.labels.data_as<int32_t>() + i * Ns);
   }
-  std::vector<amg::BoxXYXY> boxes;
-  std::vector<float> scores;
-  for (const Candidate& c : data) {
-    boxes.push_back(c.box);
-    scores.push_back(c.iou);
+
+  // Decode: every candidate's logits and score, in the original's order (point by point, three
+  // masks each).
+  Tensor low = grown(buf.low, N * plane, device_f32).view_prefix({n, kMasksPerPoint, plane});
+  Tensor iou = grown(buf.iou, N, device_f32).view_prefix({n, kMasksPerPoint, 1});
+  MaskDecoder& decoder = sam.mask_decoder();
+  for (int64_t begin = 0; begin < n; begin += o.points_per_batch) {
+    const int64_t P = std::min<int64_t>(o.points_per_batch, n - begin);
+    MaskDecoder::Batch& b = decoder.batch(P, Ns, false);
+    be.copy_tokens(im.embedding.view(b.embedding.shape()), 0, b.embedding, 0, static_cast<int>(b.embedding.dim(1)));
+    be.upload_async(buf.coords.slice0(begin, begin + P), b.coords);
+    be.upload_async(buf.labels.slice0(begin, begin + P), b.labels);
+    decoder.forward(b);
+    Tensor low_part = low.slice0(begin, begin + P), iou_part = iou.slice0(begin, begin + P);
+    be.copy_tokens(b.low_res.view({P, T, plane}), 1, low_part, 0, kMasksPerPoint);  // the multimask tokens
+    be.copy_tokens(b.iou.view({P, T, 1}), 1, iou_part, 0, kMasksPerPoint);
   }
-  data = take(data, amg::nms(boxes, scores, o.box_nms_thresh));
-  for (Candidate& c : data) {
-    c.box = amg::uncrop_box(c.box, crop);
-    c.point = amg::uncrop_point(c.point, crop);
+
+  // Stability counts and boxes at the crop's size, then the filters and the crop's NMS.
+  const Backend::MaskFrame frame{static_cast<int>(cfg.image_encoder.img_size), im.frame.input_h, im.frame.input_w,
+                                 im.frame.original_h, im.frame.original_w};
+  const float offset = static_cast<float>(o.stability_score_offset);
+  const Tensor low4 = low.view({n, kMasksPerPoint, side, side});
+  Tensor stats = grown(buf.stats, N * 7, device_i32).view_prefix({N, 7});
+  be.postprocess_masks(low4, 0, kMasksPerPoint, frame, kMaskThreshold, offset, false, nullptr, stats);
+  Backend::MaskSelection sel;
+  // Thresholds as the original compares them: a Python float against a float32 tensor.
+  sel.filter_iou = o.pred_iou_thresh > 0.0;
+  sel.filter_stability = o.stability_score_thresh > 0.0;
+  sel.iou_thresh = static_cast<float>(o.pred_iou_thresh);
+  sel.stability_thresh = static_cast<float>(o.stability_score_thresh);
+  std::copy(crop.begin(), crop.end(), sel.crop);
+  sel.image_h = orig_h, sel.image_w = orig_w;
+  sel.nms_thresh = o.box_nms_thresh;
+  Tensor keep = grown(buf.keep, N + 1, device_i32).view_prefix({N + 1});
+  be.select_masks(iou.view({N}), stats, sel, keep);
+  Tensor keep_host = grown(buf.keep_host, N + 1, host_i32).view_prefix({N + 1});
+  Tensor iou_host = grown(buf.iou_host, N, [&be](int64_t k) { return be.alloc_host({k}, DType::F32); }).view_prefix({N});
+  Tensor stats_host = grown(buf.stats_host, N * 7, host_i32).view_prefix({N, 7});
+  be.download_async(keep, keep_host);
+  be.download_async(iou.view({N}), iou_host);
+  be.download_async(stats, stats_host);
+  be.record(*buf.done);
+  buf.done->wait();
+  const int K = keep_host.data_as<const int32_t>()[0];
+  if (K == 0) return {};
+
+  // The kept masks: bits (column-major, COCO's order) in the crop, placed in the image, run lengths.
+  const Tensor kept = keep.slice0(1, 1 + K);
+  Tensor kept_stats = grown(buf.kept_stats, int64_t(K) * 7, device_i32).view_prefix({K, 7});
+  Tensor bits = grown(buf.bits, K * mask_bit_words(frame.height, frame.width), device_i32)
+                    .view_prefix({K, mask_bit_words(frame.height, frame.width)});
+  be.postprocess_masks(low4, 0, kMasksPerPoint, frame, kMaskThreshold, offset, true, &bits, kept_stats, &kept);
+  if (!whole_image) {
+    const int64_t words = mask_bit_words(orig_h, orig_w);
+    Tensor placed = grown(buf.image_bits, K * words, device_i32).view_prefix({K, words});
+    be.uncrop_bits(bits, crop.data(), orig_h, orig_w, placed);
+    bits = placed;
+  }
+  const int64_t pixels = int64_t(orig_h) * orig_w;
+  Tensor offsets = grown(buf.offsets, K + 1, [&be](int64_t k) { return be.alloc({k}, DType::I64); }).view_prefix({K + 1});
+  Tensor offsets_host =
+      grown(buf.offsets_host, K + 1, [&be](int64_t k) { return be.alloc_host({k}, DType::I64); }).view_prefix({K + 1});
+  grown(buf.runs, int64_t(K) * 64, device_i32);
+  be.encode_runs(bits, pixels, offsets, buf.runs);
+  be.download_async(offsets, offsets_host);
+  be.record(*buf.done);
+  buf.done->wait();
+  const int64_t total = offsets_host.data_as<const int64_t>()[K];
+  if (total > buf.runs.numel()) {
+    grown(buf.runs, total, device_i32);
+    be.encode_runs(bits, pixels, offsets, buf.runs);
+  }
+  Tensor runs_host = grown(buf.runs_host, total, host_i32).view_prefix({total});
+  be.download_async(buf.runs.view_prefix({total}), runs_host);
+  be.record(*buf.done);
+  buf.done->wait();
+
+  std::vector<Candidate> data(static_cast<size_t>(K));
+  const int32_t* st = stats_host.data_as<const int32_t>();
+  const int64_t* off = offsets_host.data_as<const int64_t>();
+  const auto* runs = reinterpret_cast<const uint32_t*>(runs_host.data_as<const int32_t>());
+  for (int k = 0; k < K; ++k) {
+    const int i = keep_host.data_as<const int32_t>()[1 + k];
+    Candidate& c = data[k];
+    c.iou = iou_host.data_as<const float>()[i];
+    c.stability = stability_from_counts(st[int64_t(i) * 7 + 5], st[int64_t(i) * 7 + 6]);
+    c.box = amg::uncrop_box({st[int64_t(i) * 7 + 1], st[int64_t(i) * 7 + 2], st[int64_t(i) * 7 + 3],
+                             st[int64_t(i) * 7 + 4]},
+                            crop);
+    c.point = amg::uncrop_point(points[i / kMasksPerPoint], crop);
     c.crop = crop;
+    c.rle = Rle{orig_h, orig_w, std::vector<uint32_t>(runs + off[k], runs + off[k + 1])};
   }
   return data;
 }
+
+namespace {
 
 // postprocess_small_regions: fill small holes, drop small islands, and NMS again preferring the
 // masks that needed no change.
@@ -218,7 +304,7 @@ std::vector<MaskRecord> MaskGenerator::generate(const Image& image) {
   const amg::CropBoxes crops = amg::generate_crop_boxes(image.height, image.width, o.crop_n_layers, o.crop_overlap_ratio);
   std::vector<Candidate> data;
   for (size_t c = 0; c < crops.boxes.size(); ++c)
-    for (Candidate& m : process_crop(predictor_, o, image, crops.boxes[c], grids_[crops.layers[c]]))
+    for (Candidate& m : process_crop(image, crops.boxes[c], grids_[crops.layers[c]]))
       data.push_back(std::move(m));
 
   if (crops.boxes.size() > 1) {

@@ -2,27 +2,10 @@
 
 #include <cstring>
 
-#include "backend/backend.h"
-#include "model/sam.h"
-#include "pipeline/decoder.h"
 #include "pipeline/postprocess.h"
+#include "pipeline/predictor_impl.h"
 
 namespace segany {
-
-struct Predictor::Impl {
-  std::unique_ptr<Backend> backend;
-  std::unique_ptr<Sam> sam;
-  std::unique_ptr<Decoder> decoder;
-  bool has_image = false;
-  ImageFrame frame;
-  Tensor embedding;  // [1, grid*grid, C] on the device
-  // The image's pixels in memory the device copies from asynchronously (pinned on CUDA), and the
-  // fence after which that copy is done and the buffer may be refilled.
-  Tensor pixels;
-  std::unique_ptr<Backend::Fence> pixels_read;
-
-  std::vector<Masks> predict_batch(const std::vector<Prompt>& prompts, const MaskOutputs& outputs);
-};
 
 Predictor::Predictor(const std::string& checkpoint, const PredictorOptions& options) : impl_(std::make_unique<Impl>()) {
   impl_->backend = make_backend(options.device, options.threads);
@@ -77,10 +60,6 @@ Masks Predictor::predict(const std::vector<Point>& points, const std::optional<B
 
 std::vector<Masks> Predictor::predict_batch(const std::vector<Prompt>& prompts, const MaskOutputs& outputs) {
   return impl_->predict_batch(prompts, outputs);
-}
-
-std::vector<Masks> Predictor::predict_batch_low_res(const std::vector<Prompt>& prompts) {
-  return impl_->predict_batch(prompts, MaskOutputs{.masks = false, .rle = false, .low_res_logits = true});
 }
 
 Tensor Predictor::upscale_logits(const Tensor& low_res) const {

@@ -27,6 +27,7 @@
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/image_ops.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/amg_ops.h"
 #include "backend/cuda/mask_ops.h"
 #include "backend/image_ops.h"
 
@@ -430,10 +431,26 @@ class CudaBackend final : public Backend {
   }
 
   void postprocess_masks(const Tensor& low_res, int first, int count, const MaskFrame& frame, float threshold,
-                         float offset, bool column_major, Tensor* bits, Tensor& stats) override {
+                         float offset, bool column_major, Tensor* bits, Tensor& stats, const Tensor* select) override {
     timed(kOther, [&] {
-      cuda::postprocess_masks(low_res, first, count, frame, threshold, offset, column_major, bits, stats, stream());
+      cuda::postprocess_masks(low_res, first, count, frame, threshold, offset, column_major, bits, stats, select,
+                              stream());
     });
+  }
+
+  void select_masks(const Tensor& iou, const Tensor& stats, const MaskSelection& selection, Tensor& keep) override {
+    timed(kOther, [&] {
+      cuda::select_masks(iou, stats, selection, keep, select_scratch_,
+                         [this](int64_t n) { return alloc({n}, DType::I32); }, stream());
+    });
+  }
+
+  void uncrop_bits(const Tensor& bits, const int crop[4], int image_h, int image_w, Tensor& out) override {
+    timed(kOther, [&] { cuda::uncrop_bits(bits, crop, image_h, image_w, out, stream()); });
+  }
+
+  void encode_runs(const Tensor& bits, int64_t pixels, Tensor& offsets, Tensor& runs) override {
+    timed(kOther, [&] { cuda::encode_runs(bits, pixels, offsets, runs, stream()); });
   }
 
   void activation(Tensor& x, Activation act) override {
@@ -680,6 +697,7 @@ class CudaBackend final : public Backend {
   UniqueDevice preprocess_;
   size_t preprocess_bytes_ = 0;
   std::unique_ptr<cuda::GemmEngine> gemm_;
+  cuda::SelectScratch select_scratch_;
   std::map<std::string, GraphState> graphs_;
   bool profiling_ = false;
   std::vector<UniqueEvent> event_pool_;

@@ -4,8 +4,12 @@
 // pixel evaluates both bilinear stages directly: 4 first-stage values of 4 low-res logits each,
 // read through L1 from the mask's 256 KB of logits, so no intermediate image is ever written.
 // The box, the area and the stability counts are reduced per warp and added with atomics.
+// Stats only (the mask generator's first pass over thousands of masks): a block per band of output
+// rows computes the band's first-stage rows once into shared memory, and each pixel then reads 4 of
+// them: the same values, so the same bits, at a fraction of the work.
 #include "backend/cuda/mask_ops.h"
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <string>
@@ -65,7 +69,15 @@ struct PostArgs {
   uint32_t* bits;  // null: stats only
   int64_t words;
   int32_t* stats;
+  const int32_t* select;  // null: every mask
 };
+
+// The low-res logits of output mask m.
+__device__ __forceinline__ const float* mask_logits(const PostArgs& a, int m) {
+  const int src = a.select ? a.select[m] : m;
+  const int p = src / a.count, j = src - p * a.count;
+  return a.low_res + (static_cast<int64_t>(p) * a.T + a.first + j) * a.h * a.w;
+}
 
 // One output index of torch's bilinear axis: source indices and weights (make_axis in mask_ops.cpp).
 __device__ __forceinline__ void axis_at(int in, float scale, int o, int& i0, int& i1, float& l0, float& l1) {
@@ -95,10 +107,29 @@ __global__ void finish_stats_kernel(int32_t* stats, int64_t masks) {
   if (s[0] == 0) s[1] = s[2] = s[3] = s[4] = 0;
 }
 
+// A warp's counts and box, reduced and added into one mask's stats.
+__device__ __forceinline__ void add_stats(int32_t* s, int area, int hi, int lo, int x0, int y0, int x1, int y1) {
+  const unsigned all = 0xffffffffu;
+  area = __reduce_add_sync(all, area);
+  hi = __reduce_add_sync(all, hi);
+  lo = __reduce_add_sync(all, lo);
+  x0 = __reduce_min_sync(all, x0);
+  y0 = __reduce_min_sync(all, y0);
+  x1 = __reduce_max_sync(all, x1);
+  y1 = __reduce_max_sync(all, y1);
+  if ((threadIdx.x & 31) == 0 && lo > 0) {  // lo counts every pixel any other count does
+    if (area > 0) {
+      atomicAdd(s, area);
+      atomicMin(s + 1, x0), atomicMin(s + 2, y0), atomicMax(s + 3, x1), atomicMax(s + 4, y1);
+    }
+    if (hi > 0) atomicAdd(s + 5, hi);
+    atomicAdd(s + 6, lo);
+  }
+}
+
 __global__ void __launch_bounds__(256) postprocess_kernel(PostArgs a) {
   const int m = blockIdx.y;
-  const int p = m / a.count, j = m - p * a.count;
-  const float* __restrict__ L = a.low_res + (static_cast<int64_t>(p) * a.T + a.first + j) * a.h * a.w;
+  const float* __restrict__ L = mask_logits(a, m);
   const int64_t pixels = static_cast<int64_t>(a.height) * a.width;
   // Which word this thread computes. Row-major: consecutive threads take consecutive words, so a
   // warp reads neighbouring logits. Column-major: consecutive words run down a column, so a warp
@@ -159,23 +190,56 @@ __global__ void __launch_bounds__(256) postprocess_kernel(PostArgs a) {
     }
     if (a.bits) a.bits[m * a.words + word] = bits;
   }
-  const unsigned all = 0xffffffffu;
-  area = __reduce_add_sync(all, area);
-  hi = __reduce_add_sync(all, hi);
-  lo = __reduce_add_sync(all, lo);
-  x0 = __reduce_min_sync(all, x0);
-  y0 = __reduce_min_sync(all, y0);
-  x1 = __reduce_max_sync(all, x1);
-  y1 = __reduce_max_sync(all, y1);
-  if ((threadIdx.x & 31) == 0 && lo > 0) {  // lo counts every pixel any other count does
-    int32_t* s = a.stats + static_cast<int64_t>(m) * 7;
-    if (area > 0) {
-      atomicAdd(s, area);
-      atomicMin(s + 1, x0), atomicMin(s + 2, y0), atomicMax(s + 3, x1), atomicMax(s + 4, y1);
-    }
-    if (hi > 0) atomicAdd(s + 5, hi);
-    atomicAdd(s + 6, lo);
+  add_stats(a.stats + static_cast<int64_t>(m) * 7, area, hi, lo, x0, y0, x1, y1);
+}
+
+// Stats only: block (band, m) covers output rows [band * rows_per_band, + rows_per_band) of mask m.
+// Its first-stage rows (the img_size^2 image's rows that the band's pixels read, cut to input_w
+// columns) go to shared memory first: at most max_rows of them, which the host made sure of.
+__global__ void __launch_bounds__(256) postprocess_stats_kernel(PostArgs a, int rows_per_band, int max_rows) {
+  extern __shared__ float mid[];  // [max_rows, input_w]
+  const int m = blockIdx.y;
+  const float* __restrict__ L = mask_logits(a, m);
+  const int y_begin = blockIdx.x * rows_per_band, y_end = min(y_begin + rows_per_band, a.height);
+  int r_lo, r_hi, unused_i;
+  float unused_f, unused_g;
+  axis_at(a.input_h, a.sy2, y_begin, r_lo, unused_i, unused_f, unused_g);
+  axis_at(a.input_h, a.sy2, y_end - 1, unused_i, r_hi, unused_f, unused_g);
+  const int rows = min(r_hi - r_lo + 1, max_rows);
+  for (int i = threadIdx.x; i < rows * a.input_w; i += blockDim.x) {
+    const int r = r_lo + i / a.input_w, c = i - (i / a.input_w) * a.input_w;
+    int ra, rb, ca, cb;
+    float rl0, rl1, cl0, cl1;
+    axis_at(a.h, a.sy1, r, ra, rb, rl0, rl1);
+    axis_at(a.w, a.sx1, c, ca, cb, cl0, cl1);
+    const float* la = L + ra * a.w;
+    const float* lb = L + rb * a.w;
+    mid[i] = lerp2(rl0, lerp2(cl0, __ldg(la + ca), cl1, __ldg(la + cb)), rl1,
+                   lerp2(cl0, __ldg(lb + ca), cl1, __ldg(lb + cb)));
   }
+  __syncthreads();
+  int area = 0, hi = 0, lo = 0, x0 = INT_MAX, y0 = INT_MAX, x1 = -1, y1 = -1;
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  for (int y = y_begin + warp; y < y_end; y += warps) {
+    int r0, r1;
+    float wy0, wy1;
+    axis_at(a.input_h, a.sy2, y, r0, r1, wy0, wy1);
+    const float* m0 = mid + min(r0 - r_lo, rows - 1) * a.input_w;
+    const float* m1 = mid + min(r1 - r_lo, rows - 1) * a.input_w;
+    for (int x = lane; x < a.width; x += 32) {
+      int c0, c1;
+      float wx0, wx1;
+      axis_at(a.input_w, a.sx2, x, c0, c1, wx0, wx1);
+      const float v = lerp2(wy0, lerp2(wx0, m0[c0], wx1, m0[c1]), wy1, lerp2(wx0, m1[c0], wx1, m1[c1]));
+      hi += v > a.hi;
+      lo += v > a.lo;
+      if (v > a.threshold) {
+        ++area;
+        x0 = min(x0, x), x1 = max(x1, x), y0 = min(y0, y), y1 = max(y1, y);
+      }
+    }
+  }
+  add_stats(a.stats + static_cast<int64_t>(m) * 7, area, hi, lo, x0, y0, x1, y1);
 }
 
 }  // namespace
@@ -211,8 +275,27 @@ void embed_points(const Tensor& coords, const Tensor& labels, const Tensor& gaus
   CUDA_CHECK_LAUNCH("embed_points kernel");
 }
 
+namespace {
+
+// The most first-stage rows that a band of `band` output rows reads (the kernel's axis_at, on the host).
+int band_rows(const Backend::MaskFrame& f, float sy2, int band) {
+  auto source = [&](int o, bool upper) {
+    float src = sy2 * (static_cast<float>(o) + 0.5f) - 0.5f;
+    if (src < 0.0f) src = 0.0f;
+    const int i0 = static_cast<int>(src);
+    return upper ? i0 + (i0 < f.input_h - 1 ? 1 : 0) : i0;
+  };
+  int most = 0;
+  for (int y = 0; y < f.height; y += band)
+    most = std::max(most, source(std::min(y + band, f.height) - 1, true) - source(y, false) + 1);
+  return most;
+}
+
+}  // namespace
+
 void postprocess_masks(const Tensor& low_res, int first, int count, const Backend::MaskFrame& f, float threshold,
-                       float offset, bool column_major, Tensor* bits, Tensor& stats, cudaStream_t stream) {
+                       float offset, bool column_major, Tensor* bits, Tensor& stats, const Tensor* select,
+                       cudaStream_t stream) {
   const char* op = "postprocess_masks";
   require(low_res, DType::F32, op, "low-res logits");
   require(stats, DType::I32, op, "stats");
@@ -222,7 +305,9 @@ void postprocess_masks(const Tensor& low_res, int first, int count, const Backen
   check(f.img_size > 0 && f.input_h > 0 && f.input_w > 0 && f.input_h <= f.img_size && f.input_w <= f.img_size &&
             f.height > 0 && f.width > 0,
         "cuda postprocess_masks: inconsistent frame");
-  const int64_t P = low_res.dim(0), M = P * count, words = mask_bit_words(f.height, f.width);
+  const int64_t P = low_res.dim(0), words = mask_bit_words(f.height, f.width);
+  if (select) require(*select, DType::I32, op, "select");
+  const int64_t M = select ? select->numel() : P * count;
   check(stats.numel() == M * 7, "cuda postprocess_masks: stats " + shape_str(stats.shape()) + " for " +
                                     std::to_string(M) + " masks (expected [M, 7])");
   if (bits) {
@@ -247,15 +332,37 @@ void postprocess_masks(const Tensor& low_res, int first, int count, const Backen
   a.bits = bits ? reinterpret_cast<uint32_t*>(bits->data()) : nullptr;
   a.words = words;
   a.stats = stats.data_as<int32_t>();
+  a.select = select ? select->data_as<const int32_t>() : nullptr;
   const unsigned small = static_cast<unsigned>((M + 255) / 256);
   init_stats_kernel<<<small, 256, 0, stream>>>(a.stats, M);
   CUDA_CHECK_LAUNCH("postprocess_masks init kernel");
-  // Threads per mask: one per word (row-major), or 32 columns x (words per column + 1) (column-major).
-  const int64_t threads =
-      column_major ? (int64_t(f.width) + 31) / 32 * 32 * ((int64_t(f.height) + 31) / 32 + 1) : words;
-  const dim3 grid(static_cast<unsigned>((threads + 255) / 256), static_cast<unsigned>(M));
-  postprocess_kernel<<<grid, 256, 0, stream>>>(a);
-  CUDA_CHECK_LAUNCH("postprocess_masks kernel");
+  // Stats only: bands of output rows whose first-stage rows fit in shared memory.
+  constexpr int kMaxShared = 96 * 1024;
+  int band = 32, rows = 0;
+  if (!bits) {
+    for (; band >= 1; band /= 2) {
+      rows = band_rows(f, a.sy2, band) + 1;  // one spare row: the kernel reads at most `rows`
+      if (int64_t(rows) * f.input_w * 4 <= kMaxShared) break;
+    }
+  }
+  if (!bits && band >= 1) {
+    static const bool configured = [] {
+      CUDA_CHECK(cudaFuncSetAttribute(postprocess_stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      kMaxShared));
+      return true;
+    }();
+    (void)configured;
+    const dim3 grid(static_cast<unsigned>((f.height + band - 1) / band), static_cast<unsigned>(M));
+    postprocess_stats_kernel<<<grid, 256, static_cast<size_t>(rows) * f.input_w * 4, stream>>>(a, band, rows);
+    CUDA_CHECK_LAUNCH("postprocess_masks stats kernel");
+  } else {
+    // Threads per mask: one per word (row-major), or 32 columns x (words per column + 1) (column-major).
+    const int64_t threads =
+        column_major ? (int64_t(f.width) + 31) / 32 * 32 * ((int64_t(f.height) + 31) / 32 + 1) : words;
+    const dim3 grid(static_cast<unsigned>((threads + 255) / 256), static_cast<unsigned>(M));
+    postprocess_kernel<<<grid, 256, 0, stream>>>(a);
+    CUDA_CHECK_LAUNCH("postprocess_masks kernel");
+  }
   finish_stats_kernel<<<small, 256, 0, stream>>>(a.stats, M);
   CUDA_CHECK_LAUNCH("postprocess_masks finish kernel");
 }

@@ -15,6 +15,7 @@ void embed_points(const Tensor& coords, const Tensor& labels, const Tensor& gaus
                   Tensor& out, cudaStream_t stream);
 
 void postprocess_masks(const Tensor& low_res, int first, int count, const Backend::MaskFrame& frame, float threshold,
-                       float offset, bool column_major, Tensor* bits, Tensor& stats, cudaStream_t stream);
+                       float offset, bool column_major, Tensor* bits, Tensor& stats, const Tensor* select,
+                       cudaStream_t stream);
 
 }  // namespace segany::cuda
