@@ -35,15 +35,16 @@ for step in "$@"; do
            done ;;
     # Segment everything, vit_h (random weights), 32x32 grid, no crops, thresholds 0: a folder of
     # copies of each test image, read, decoded, segmented and written as COCO RLE JSON.
-    everything) for run in "vit_h truck 0" "vit_h truck 1" "vit_h dog 0" "vit_b truck 0"; do
+    everything) for run in "vit_h truck 0 64" "vit_h truck 0 256" "vit_h truck 1 64" "vit_h dog 0 64" "vit_b truck 0 64"; do
                   set -- $run
                   ckpt=/tmp/segany_$1.safetensors
                   [ -f "$ckpt" ] || ./build-gpu/apps/segany init --arch "$1" "$ckpt" >/dev/null
                   rm -rf /tmp/amg_in /tmp/amg_out && mkdir -p /tmp/amg_in
                   for i in $(seq 1 12); do cp "$shared/images/$2.jpg" "/tmp/amg_in/$2_$i.jpg"; done
-                  echo "everything $run (arch, image, crop layers)" | tee -a "$out/everything.log"
+                  echo "everything $run (arch, image, crop layers, points per batch)" | tee -a "$out/everything.log"
                   ./build-gpu/apps/segany everything "$ckpt" /tmp/amg_in --device cuda --points-per-side 32 \
-                    --pred-iou-thresh 0 --stability-score-thresh 0 --crop-n-layers "$3" --out /tmp/amg_out 2>&1 |
+                    --pred-iou-thresh 0 --stability-score-thresh 0 --crop-n-layers "$3" --points-per-batch "$4" \
+                    --out /tmp/amg_out 2>&1 |
                     tail -3 | tee -a "$out/everything.log"
                 done ;;
     *) echo "unknown step $step (tests, decoder, unit, bench, everything)"; exit 2 ;;

@@ -220,6 +220,15 @@ TEST_F(CudaOps, LayerNorm) {
   Tensor y = poisoned({500, 256});
   gpu->layer_norm(dev(x, DType::F32), gpu->upload(g), gpu->upload(b), 1e-5f, y);
   EXPECT_CLOSE(host(y), want, 1e-2, 2e-2);
+  // Followed by GELU, in float32 (the decoder's upscaling: 64 channels), both kernels.
+  for (int64_t C : {64, 20}) {
+    const Tensor xg = random_bf16({4096, C}, 393 + C, 1.5f, 0.5f), gg = random_bf16({C}, 394), bg = random_bf16({C}, 395);
+    Tensor wg = Tensor::empty({4096, C});
+    cpu->layer_norm(xg, gg, bg, 1e-6f, wg, Activation::GELU);
+    Tensor yg = poisoned({4096, C}, DType::F32);
+    gpu->layer_norm(dev(xg, DType::F32), gpu->upload(gg), gpu->upload(bg), 1e-6f, yg, Activation::GELU);
+    EXPECT_CLOSE(host(yg), wg, 1e-5, 1e-5);
+  }
 }
 
 // ---- attention -------------------------------------------------------------------------------

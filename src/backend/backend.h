@@ -96,8 +96,9 @@ class Backend {
   virtual void linear(const Tensor& x, const LinearWeights& w, Tensor& y, Activation act = Activation::None,
                       const Tensor* residual = nullptr) = 0;
 
-  // y = LayerNorm(x) over the last dim, statistics in fp32. y may alias x.
-  virtual void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y) = 0;
+  // y = act(LayerNorm(x)) over the last dim, statistics in fp32. y may alias x.
+  virtual void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y,
+                          Activation act = Activation::None) = 0;
 
   // Multi-head self-attention with SAM's decomposed relative position bias, over a grid of
   // grid_h x grid_w tokens per sequence:

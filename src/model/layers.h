@@ -20,7 +20,9 @@ struct Norm {
   Tensor gamma, beta;
   float eps = 1e-5f;
   static Norm load(Backend& be, const io::TensorMap& w, const std::string& name, float eps);
-  void operator()(Backend& be, const Tensor& x, Tensor& y) const { be.layer_norm(x, gamma, beta, eps, y); }
+  void operator()(Backend& be, const Tensor& x, Tensor& y, Activation act = Activation::None) const {
+    be.layer_norm(x, gamma, beta, eps, y, act);
+  }
 };
 
 // SAM's MLP (ReLU between layers, none after the last), as in the mask decoder's heads.

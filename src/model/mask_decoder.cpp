@@ -193,10 +193,10 @@ MaskDecoder::Batch& MaskDecoder::batch(int64_t P, int64_t Ns, bool mask_inputs) 
     b.src = be.alloc({1, HW, C}, kDecoderDType);
   }
   // The upscaling runs after the transformer: its buffers take the transformer's place where they fit.
-  b.u1 = within(be, b.t.image_attn, {P, G, G, C}, act);
-  b.u1s = within(be, b.t.k, {P, 2 * G, 2 * G, C / 4}, act);
-  b.u2 = be.alloc({P, 2 * G, 2 * G, C / 2}, kDecoderDType);
-  b.up = within(be, b.t.scratch_all, {P, 4 * G, 4 * G, C / 8}, act);
+  b.u1 = within(be, b.t.image_attn, {P, HW, C}, act);
+  b.u2 = be.alloc({P, HW * 4, C / 2}, kDecoderDType);
+  b.low_patches = within(be, b.t.k, {P * T, G, G, 16}, DType::F32);
+  b.low_half = within(be, b.t.scratch_all, {P * T, 2 * G, 2 * G, 4}, DType::F32);
   b.mask_tokens = be.alloc({P, T, C}, kDecoderDType);
   b.hyper_in = be.alloc({P, T, C / 8}, kDecoderDType);
   b.one = be.alloc({P, 1, C}, kDecoderDType);
@@ -234,14 +234,16 @@ void MaskDecoder::run(Batch& b) {
   transformer_.forward(be, b.tokens, b.src, prompts_.image_pe(), b.t);
   const Tensor& keys = b.t.keys;
 
-  // Upscale the image cells: [P, 64, 64, C] -> [P, 128, 128, C/4] -> [P, 256, 256, C/8]
-  be.linear(keys.view({P, G, G, C}), *upscale1_, b.u1);
-  be.unpatchify(b.u1, 2, b.u1s);
-  upscale_norm_(be, b.u1s, b.u1s);
-  be.activation(b.u1s, Activation::GELU);
-  be.linear(b.u1s, *upscale2_, b.u2);
-  be.unpatchify(b.u2, 2, b.up);
-  be.activation(b.up, Activation::GELU);
+  // Upscale the image cells: [P, 64, 64, C] -> [P, 128, 128, C/4] -> [P, 256, 256, C/8], two
+  // transposed convolutions, each a linear layer whose output holds a 2x2 patch per input pixel.
+  // The pixels stay in patch order throughout (LayerNorm, GELU and the next linear layer are per
+  // pixel): pixel (4y + 2a + c, 4x + 2b + d) is row ((y G + x) 4 + 2a + b) 4 + 2c + d of up
+  // [P, 16 HW, C/8]; only the low-res masks are put in pixel order, at the end.
+  be.linear(keys.view({P, HW, C}), *upscale1_, b.u1);  // [P, HW, 4 * C/4]
+  Tensor u1 = b.u1.view({P, HW * 4, C / 4});
+  upscale_norm_(be, u1, u1, Activation::GELU);
+  be.linear(u1, *upscale2_, b.u2);  // [P, 4 HW, 4 * C/8]
+  be.activation(b.u2, Activation::GELU);
 
   // One hypernetwork MLP per mask token, each applied to its own token.
   be.copy_tokens(b.tokens, 1, b.mask_tokens, 0, static_cast<int>(T));
@@ -250,7 +252,12 @@ void MaskDecoder::run(Batch& b) {
     hypernetworks_[t].forward(be, b.one, b.one_out, b.mlp_scratch);
     be.copy_tokens(b.one_out, 0, b.hyper_in, static_cast<int>(t), 1);
   }
-  be.matmul_nt(b.hyper_in, b.up.view({P, 16 * HW, C / 8}), b.low_res);
+  Tensor low_patches = b.low_patches.view({P, T, 16 * HW});
+  be.matmul_nt(b.hyper_in, b.u2.view({P, 16 * HW, C / 8}), low_patches);
+  // Patch order -> pixel order: the outer 2x2 patches, then the inner ones.
+  be.unpatchify(b.low_patches, 2, b.low_half);
+  Tensor low_res = b.low_res.view({P * T, 4 * G, 4 * G, 1});
+  be.unpatchify(b.low_half, 2, low_res);
 
   be.copy_tokens(b.tokens, 0, b.iou_token, 0, 1);
   Tensor iou = b.iou.view({P, 1, T});

@@ -87,7 +87,7 @@ class MaskDecoder {
     // Everything in between.
     Tensor sparse, tokens, src, dense, dense_a, dense_p1, dense_p2, dense_b;
     TwoWayTransformer::Buffers t;
-    Tensor u1, u1s, u2, up, mask_tokens, hyper_in, one, one_out, iou_token, mlp_scratch;
+    Tensor u1, u2, low_patches, low_half, mask_tokens, hyper_in, one, one_out, iou_token, mlp_scratch;
   };
   // The buffers of a shape, made on first use and kept.
   Batch& batch(int64_t P, int64_t Ns, bool mask_inputs);

@@ -142,16 +142,20 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y) override {
+  void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y,
+                  Activation act) override {
     require_f32_cpu(x, "layer_norm input");
     const int64_t C = x.dim(-1), M = rows_of(x);
     check(y.numel() == x.numel() && gamma.numel() == C && beta.numel() == C,
           "layer_norm: input " + shape_str(x.shape()) + ", output " + shape_str(y.shape()) + ", weight " +
               shape_str(gamma.shape()));
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < M; ++i)
-      norm_row(x.data_as<const float>() + i * C, gamma.data_as<const float>(), beta.data_as<const float>(), C, eps,
-               y.data_as<float>() + i * C);
+    for (int64_t i = 0; i < M; ++i) {
+      float* out = y.data_as<float>() + i * C;
+      norm_row(x.data_as<const float>() + i * C, gamma.data_as<const float>(), beta.data_as<const float>(), C, eps, out);
+      if (act != Activation::None)
+        for (int64_t c = 0; c < C; ++c) out[c] = apply(act, out[c]);
+    }
   }
 
   void attention_relpos(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads, int gh,

@@ -304,8 +304,9 @@ class CudaBackend final : public Backend {
     timed(kGemm, [&] { w->run(*gemm_, x, y, act, residual); });
   }
 
-  void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y) override {
-    timed(kNorm, [&] { cuda::layer_norm(x, gamma, beta, eps, y, stream()); });
+  void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y,
+                  Activation act) override {
+    timed(kNorm, [&] { cuda::layer_norm(x, gamma, beta, eps, y, act, stream()); });
   }
 
   void attention_relpos(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads, int gh, int gw,

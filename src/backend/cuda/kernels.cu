@@ -256,7 +256,7 @@ __global__ void activation_kernel(T* x, int64_t n, bool gelu) {
 // passes over the registers (mean, then the centred sum of squares), all fp32.
 template <int VPT, class TX, class TY>
 __global__ void layer_norm_vec_kernel(const TX* x, const float* gamma, const float* beta, TY* y, int64_t rows, int C,
-                                      float eps) {
+                                      float eps, bool gelu) {
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
@@ -295,7 +295,10 @@ __global__ void layer_norm_vec_kernel(const TX* x, const float* gamma, const flo
       load_vec<8>(gamma + vi * 8, g);
       load_vec<8>(beta + vi * 8, b);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) o[j] = (v[k][j] - mean) * rstd * g[j] + b[j];
+      for (int j = 0; j < 8; ++j) {
+        o[j] = (v[k][j] - mean) * rstd * g[j] + b[j];
+        if (gelu) o[j] = gelu_erf(o[j]);
+      }
       store_vec<8>(yr + vi * 8, o);
     }
   }
@@ -304,7 +307,7 @@ __global__ void layer_norm_vec_kernel(const TX* x, const float* gamma, const flo
 // Any C and alignment: three passes over the row in memory (it stays in L1).
 template <class TX, class TY>
 __global__ void layer_norm_any_kernel(const TX* x, const float* gamma, const float* beta, TY* y, int64_t rows, int C,
-                                      float eps) {
+                                      float eps, bool gelu) {
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
@@ -319,17 +322,22 @@ __global__ void layer_norm_any_kernel(const TX* x, const float* gamma, const flo
     sq += d * d;
   }
   const float rstd = rsqrtf(warp_sum(sq) / C + eps);
-  for (int k = lane; k < C; k += 32) yr[k] = from_float<TY>((to_float(xr[k]) - mean) * rstd * gamma[k] + beta[k]);
+  for (int k = lane; k < C; k += 32) {
+    const float o = (to_float(xr[k]) - mean) * rstd * gamma[k] + beta[k];
+    yr[k] = from_float<TY>(gelu ? gelu_erf(o) : o);
+  }
 }
 
 template <int VPT, class TX, class TY>
 void launch_layer_norm_vec(const TX* x, const float* g, const float* b, TY* y, int64_t rows, int C, float eps,
-                           unsigned blocks, cudaStream_t stream) {
-  layer_norm_vec_kernel<VPT, TX, TY><<<blocks, kThreads, 0, stream>>>(x, g, b, y, rows, C, eps);
+                           bool gelu, unsigned blocks, cudaStream_t stream) {
+  layer_norm_vec_kernel<VPT, TX, TY><<<blocks, kThreads, 0, stream>>>(x, g, b, y, rows, C, eps, gelu);
 }
 
 void launch_layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, int64_t rows,
-                       int C, cudaStream_t stream) {
+                       int C, Activation act, cudaStream_t stream) {
+  check(act == Activation::None || act == Activation::GELU, "cuda layer_norm: only GELU may follow the norm");
+  const bool gelu = act == Activation::GELU;
   if (rows == 0 || C == 0) return;
   const unsigned blocks = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
   const int vpt = (C / 8 + 31) / 32;
@@ -344,18 +352,18 @@ void launch_layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta,
       const auto* g = gamma.data_as<const float>();
       const auto* b = beta.data_as<const float>();
       if (!vec) {
-        layer_norm_any_kernel<TX, TY><<<blocks, kThreads, 0, stream>>>(xs, g, b, ys, rows, C, eps);
+        layer_norm_any_kernel<TX, TY><<<blocks, kThreads, 0, stream>>>(xs, g, b, ys, rows, C, eps, gelu);
         return;
       }
       switch (vpt) {
-        case 1: launch_layer_norm_vec<1>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
-        case 2: launch_layer_norm_vec<2>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
-        case 3: launch_layer_norm_vec<3>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
-        case 4: launch_layer_norm_vec<4>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
-        case 5: launch_layer_norm_vec<5>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
-        case 6: launch_layer_norm_vec<6>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
-        case 7: launch_layer_norm_vec<7>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
-        default: launch_layer_norm_vec<8>(xs, g, b, ys, rows, C, eps, blocks, stream); break;
+        case 1: launch_layer_norm_vec<1>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
+        case 2: launch_layer_norm_vec<2>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
+        case 3: launch_layer_norm_vec<3>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
+        case 4: launch_layer_norm_vec<4>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
+        case 5: launch_layer_norm_vec<5>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
+        case 6: launch_layer_norm_vec<6>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
+        case 7: launch_layer_norm_vec<7>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
+        default: launch_layer_norm_vec<8>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
       }
     });
   });
@@ -821,7 +829,8 @@ __global__ void gemm_reference_kernel(GemmArgs g) {
 
 // ---- the ops ------------------------------------------------------------------------------------
 
-void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, cudaStream_t stream) {
+void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, Activation act,
+                cudaStream_t stream) {
   require_device(x, "layer_norm", "input");
   require_device(y, "layer_norm", "output");
   const int64_t C = x.dim(-1);
@@ -829,7 +838,7 @@ void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
                                              shape_str(y.shape()));
   require_f32_param(gamma, C, "layer_norm", "weight");
   require_f32_param(beta, C, "layer_norm", "bias");
-  launch_layer_norm(x, gamma, beta, eps, y, x.numel() / C, static_cast<int>(C), stream);
+  launch_layer_norm(x, gamma, beta, eps, y, x.numel() / C, static_cast<int>(C), act, stream);
 }
 
 void add(const Tensor& a, const Tensor& b, Tensor& y, cudaStream_t stream) {

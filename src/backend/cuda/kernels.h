@@ -15,7 +15,8 @@ namespace segany::cuda {
 struct GemmArgs;  // gemm.h
 
 // y = LayerNorm(x) over the last dim (y may alias x). gamma, beta: fp32 [C].
-void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, cudaStream_t stream);
+void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, Activation act,
+                cudaStream_t stream);
 
 // y = a + b with b repeated over a (b's numel divides a's, same last dim). y may alias a.
 void add(const Tensor& a, const Tensor& b, Tensor& y, cudaStream_t stream);
