@@ -161,38 +161,39 @@ std::vector<Candidate> MaskGenerator::process_crop(const Image& image, const amg
     Prompt p;
     p.points = {Point{static_cast<float>(points[i][0]), static_cast<float>(points[i][1]), 1}};
     const PreparedPrompt prepared = prepare_prompt(p, im.frame, cfg, "grid point " + std::to_string(i) + ": ");
-    if (i == 0) {
-      Ns = prepared.set.sparse_tokens();
-      buf.coords = be.alloc_host({n, Ns, 2}, DType::F32);
-      buf.labels = be.alloc_host({n, Ns}, DType::I32);
-    }
+    if (i == 0) Ns = prepared.set.sparse_tokens();
+    grown(buf.coords, n * Ns * 2, [&be](int64_t k) { return be.alloc_host({k}, DType::F32); });
+    grown(buf.labels, n * Ns, host_i32);
     PromptEncoder::pack(prepared.set, buf.coords.data_as<float>() + i * Ns * 2, buf.labels.data_as<int32_t>() + i * Ns);
   }
+  const Tensor coords = buf.coords.view_prefix({n, Ns, 2}), labels = buf.labels.view_prefix({n, Ns});
 
   // Decode: every candidate's logits and score, in the original's order (point by point, three
-  // masks each).
+  // masks each), and its stability counts and box at the crop's size.
+  const Backend::MaskFrame frame{static_cast<int>(cfg.image_encoder.img_size), im.frame.input_h, im.frame.input_w,
+                                 im.frame.original_h, im.frame.original_w};
+  const float offset = static_cast<float>(o.stability_score_offset);
   Tensor low = grown(buf.low, N * plane, device_f32).view_prefix({n, kMasksPerPoint, plane});
   Tensor iou = grown(buf.iou, N, device_f32).view_prefix({n, kMasksPerPoint, 1});
+  Tensor stats = grown(buf.stats, N * 7, device_i32).view_prefix({N, 7});
+  const Tensor low4 = low.view({n, kMasksPerPoint, side, side});
   MaskDecoder& decoder = sam.mask_decoder();
   for (int64_t begin = 0; begin < n; begin += o.points_per_batch) {
     const int64_t P = std::min<int64_t>(o.points_per_batch, n - begin);
     MaskDecoder::Batch& b = decoder.batch(P, Ns, false);
     be.copy_tokens(im.embedding.view(b.embedding.shape()), 0, b.embedding, 0, static_cast<int>(b.embedding.dim(1)));
-    be.upload_async(buf.coords.slice0(begin, begin + P), b.coords);
-    be.upload_async(buf.labels.slice0(begin, begin + P), b.labels);
+    be.upload_async(coords.slice0(begin, begin + P), b.coords);
+    be.upload_async(labels.slice0(begin, begin + P), b.labels);
     decoder.forward(b);
     Tensor low_part = low.slice0(begin, begin + P), iou_part = iou.slice0(begin, begin + P);
     be.copy_tokens(b.low_res.view({P, T, plane}), 1, low_part, 0, kMasksPerPoint);  // the multimask tokens
     be.copy_tokens(b.iou.view({P, T, 1}), 1, iou_part, 0, kMasksPerPoint);
+    Tensor stats_part = stats.slice0(begin * kMasksPerPoint, (begin + P) * kMasksPerPoint);
+    be.postprocess_masks(low4.slice0(begin, begin + P), 0, kMasksPerPoint, frame, kMaskThreshold, offset, false,
+                         nullptr, stats_part);
   }
 
-  // Stability counts and boxes at the crop's size, then the filters and the crop's NMS.
-  const Backend::MaskFrame frame{static_cast<int>(cfg.image_encoder.img_size), im.frame.input_h, im.frame.input_w,
-                                 im.frame.original_h, im.frame.original_w};
-  const float offset = static_cast<float>(o.stability_score_offset);
-  const Tensor low4 = low.view({n, kMasksPerPoint, side, side});
-  Tensor stats = grown(buf.stats, N * 7, device_i32).view_prefix({N, 7});
-  be.postprocess_masks(low4, 0, kMasksPerPoint, frame, kMaskThreshold, offset, false, nullptr, stats);
+  // The filters and the crop's NMS.
   Backend::MaskSelection sel;
   // Thresholds as the original compares them: a Python float against a float32 tensor.
   sel.filter_iou = o.pred_iou_thresh > 0.0;
@@ -216,11 +217,16 @@ std::vector<Candidate> MaskGenerator::process_crop(const Image& image, const amg
   if (K == 0) return {};
 
   // The kept masks: bits (column-major, COCO's order) in the crop, placed in the image, run lengths.
-  const Tensor kept = keep.slice0(1, 1 + K);
+  const int64_t crop_words = mask_bit_words(frame.height, frame.width);
   Tensor kept_stats = grown(buf.kept_stats, int64_t(K) * 7, device_i32).view_prefix({K, 7});
-  Tensor bits = grown(buf.bits, K * mask_bit_words(frame.height, frame.width), device_i32)
-                    .view_prefix({K, mask_bit_words(frame.height, frame.width)});
-  be.postprocess_masks(low4, 0, kMasksPerPoint, frame, kMaskThreshold, offset, true, &bits, kept_stats, &kept);
+  Tensor bits = grown(buf.bits, K * crop_words, device_i32).view_prefix({K, crop_words});
+  constexpr int kChunk = 16384;  // masks per postprocess call
+  for (int k0 = 0; k0 < K; k0 += kChunk) {
+    const int k1 = std::min(K, k0 + kChunk);
+    const Tensor kept = keep.slice0(1 + k0, 1 + k1);
+    Tensor bits_part = bits.slice0(k0, k1), stats_part = kept_stats.slice0(k0, k1);
+    be.postprocess_masks(low4, 0, kMasksPerPoint, frame, kMaskThreshold, offset, true, &bits_part, stats_part, &kept);
+  }
   if (!whole_image) {
     const int64_t words = mask_bit_words(orig_h, orig_w);
     Tensor placed = grown(buf.image_bits, K * words, device_i32).view_prefix({K, words});
