@@ -27,12 +27,6 @@
 namespace segany::cuda {
 namespace {
 
-void require(const Tensor& t, DType dtype, const char* op, const char* what) {
-  check(t.defined() && t.device() == Device::CUDA && t.dtype() == dtype,
-        std::string("cuda ") + op + ": " + what + " must be a " + dtype_name(dtype) + " GPU tensor" +
-            (t.defined() ? std::string(", found ") + dtype_name(t.dtype()) + " " + shape_str(t.shape()) : ""));
-}
-
 // ---- select_masks -----------------------------------------------------------------------------
 
 struct SelectArgs {
@@ -241,9 +235,9 @@ __global__ void __launch_bounds__(kRunThreads) write_runs_kernel(const uint32_t*
 void select_masks(const Tensor& iou, const Tensor& stats, const Backend::MaskSelection& sel, Tensor& keep,
                   SelectScratch& scratch, const std::function<Tensor(int64_t)>& alloc, cudaStream_t stream) {
   const char* op = "select_masks";
-  require(iou, DType::F32, op, "iou");
-  require(stats, DType::I32, op, "stats");
-  require(keep, DType::I32, op, "keep");
+  require_gpu(iou, DType::F32, op, "iou");
+  require_gpu(stats, DType::I32, op, "stats");
+  require_gpu(keep, DType::I32, op, "keep");
   const int64_t n = iou.numel();
   check(stats.numel() == n * 7 && keep.numel() == n + 1 && n < (int64_t(1) << 24),
         "cuda select_masks: iou " + shape_str(iou.shape()) + ", stats " + shape_str(stats.shape()) + ", keep " +
@@ -286,8 +280,8 @@ void select_masks(const Tensor& iou, const Tensor& stats, const Backend::MaskSel
 
 void uncrop_bits(const Tensor& bits, const int crop[4], int image_h, int image_w, Tensor& out, cudaStream_t stream) {
   const char* op = "uncrop_bits";
-  require(bits, DType::I32, op, "bits");
-  require(out, DType::I32, op, "output");
+  require_gpu(bits, DType::I32, op, "bits");
+  require_gpu(out, DType::I32, op, "output");
   const int cw = crop[2] - crop[0], ch = crop[3] - crop[1];
   check(crop[0] >= 0 && crop[1] >= 0 && cw > 0 && ch > 0 && crop[2] <= image_w && crop[3] <= image_h,
         "cuda uncrop_bits: the crop lies outside the image");
@@ -305,9 +299,9 @@ void uncrop_bits(const Tensor& bits, const int crop[4], int image_h, int image_w
 
 void encode_runs(const Tensor& bits, int64_t pixels, Tensor& offsets, Tensor& runs, cudaStream_t stream) {
   const char* op = "encode_runs";
-  require(bits, DType::I32, op, "bits");
-  require(offsets, DType::I64, op, "offsets");
-  require(runs, DType::I32, op, "runs");
+  require_gpu(bits, DType::I32, op, "bits");
+  require_gpu(offsets, DType::I64, op, "offsets");
+  require_gpu(runs, DType::I32, op, "runs");
   const int64_t words = (pixels + 31) / 32, K = offsets.numel() - 1;
   check(pixels > 0 && K >= 0 && bits.numel() == K * words && K < (int64_t(1) << 31),
         "cuda encode_runs: bits " + shape_str(bits.shape()) + " for " + std::to_string(K) + " masks of " +

@@ -58,6 +58,13 @@ inline cudaDataType_t cuda_dtype(DType t) {
   }
 }
 
+// Throws unless `t` is a GPU tensor of `dtype`: "cuda <op>: <what> must be a <dtype> GPU tensor".
+inline void require_gpu(const Tensor& t, DType dtype, const char* op, const char* what) {
+  check(t.defined() && t.device() == Device::CUDA && t.dtype() == dtype,
+        std::string("cuda ") + op + ": " + what + " must be a " + dtype_name(dtype) + " GPU tensor" +
+            (t.defined() ? std::string(", found ") + dtype_name(t.dtype()) + " " + shape_str(t.shape()) : ""));
+}
+
 // The largest power of two (<= 256) that divides a pointer's address: cuBLASLt picks kernels by it.
 inline int pointer_alignment(const void* p) {
   const auto a = reinterpret_cast<uintptr_t>(p);

@@ -20,12 +20,6 @@
 namespace segany::cuda {
 namespace {
 
-void require(const Tensor& t, DType dtype, const char* op, const char* what) {
-  check(t.defined() && t.device() == Device::CUDA && t.dtype() == dtype,
-        std::string("cuda ") + op + ": " + what + " must be a " + dtype_name(dtype) + " GPU tensor" +
-            (t.defined() ? std::string(", found ") + dtype_name(t.dtype()) + " " + shape_str(t.shape()) : ""));
-}
-
 // ---- embed_points ----------------------------------------------------------------------------
 
 template <class TO>
@@ -247,10 +241,10 @@ __global__ void __launch_bounds__(256) postprocess_stats_kernel(PostArgs a, int 
 void embed_points(const Tensor& coords, const Tensor& labels, const Tensor& gaussian, const Tensor& table, int img_size,
                   Tensor& out, cudaStream_t stream) {
   const char* op = "embed_points";
-  require(coords, DType::F32, op, "coords");
-  require(labels, DType::I32, op, "labels");
-  require(gaussian, DType::F32, op, "gaussian");
-  require(table, DType::F32, op, "table");
+  require_gpu(coords, DType::F32, op, "coords");
+  require_gpu(labels, DType::I32, op, "labels");
+  require_gpu(gaussian, DType::F32, op, "gaussian");
+  require_gpu(table, DType::F32, op, "table");
   check(out.defined() && out.device() == Device::CUDA && is_float_dtype(out.dtype()),
         "cuda embed_points: the output must be a float32 or bf16 GPU tensor");
   const int64_t C = table.dim(-1), half = C / 2, N = labels.numel();
@@ -297,8 +291,8 @@ void postprocess_masks(const Tensor& low_res, int first, int count, const Backen
                        float offset, bool column_major, Tensor* bits, Tensor& stats, const Tensor* select,
                        cudaStream_t stream) {
   const char* op = "postprocess_masks";
-  require(low_res, DType::F32, op, "low-res logits");
-  require(stats, DType::I32, op, "stats");
+  require_gpu(low_res, DType::F32, op, "low-res logits");
+  require_gpu(stats, DType::I32, op, "stats");
   check(low_res.ndim() == 4 && first >= 0 && count >= 0 && first + count <= low_res.dim(1),
         "cuda postprocess_masks: masks " + std::to_string(first) + "+" + std::to_string(count) +
             " of low-res logits " + shape_str(low_res.shape()) + " (expected [P, T, h, w])");
@@ -306,12 +300,12 @@ void postprocess_masks(const Tensor& low_res, int first, int count, const Backen
             f.height > 0 && f.width > 0,
         "cuda postprocess_masks: inconsistent frame");
   const int64_t P = low_res.dim(0), words = mask_bit_words(f.height, f.width);
-  if (select) require(*select, DType::I32, op, "select");
+  if (select) require_gpu(*select, DType::I32, op, "select");
   const int64_t M = select ? select->numel() : P * count;
   check(stats.numel() == M * 7, "cuda postprocess_masks: stats " + shape_str(stats.shape()) + " for " +
                                     std::to_string(M) + " masks (expected [M, 7])");
   if (bits) {
-    require(*bits, DType::I32, op, "bits");
+    require_gpu(*bits, DType::I32, op, "bits");
     check(bits->numel() == M * words, "cuda postprocess_masks: bits " + shape_str(bits->shape()) + " for " +
                                           std::to_string(M) + " masks of " + std::to_string(words) + " words");
   }
@@ -346,12 +340,9 @@ void postprocess_masks(const Tensor& low_res, int first, int count, const Backen
     }
   }
   if (!bits && band >= 1) {
-    static const bool configured = [] {
-      CUDA_CHECK(cudaFuncSetAttribute(postprocess_stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      kMaxShared));
-      return true;
-    }();
-    (void)configured;
+    // Per call (a microsecond): the attribute belongs to the current device.
+    CUDA_CHECK(cudaFuncSetAttribute(postprocess_stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    kMaxShared));
     const dim3 grid(static_cast<unsigned>((f.height + band - 1) / band), static_cast<unsigned>(M));
     postprocess_stats_kernel<<<grid, 256, static_cast<size_t>(rows) * f.input_w * 4, stream>>>(a, band, rows);
     CUDA_CHECK_LAUNCH("postprocess_masks stats kernel");
