@@ -7,12 +7,16 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <random>
 
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
 #include "io/checkpoint.h"
+#include "model/random_init.h"
+#include "model/sam.h"
 #include "pipeline/amg_utils.h"
+#include "pipeline/decoder.h"
 #include "segany/mask_generator.h"
 #include "segany/predictor.h"
 #include "test_util.h"
@@ -504,6 +508,53 @@ TEST(AmgGenerator, RejectsInconsistentOptions) {
   o.points_per_batch = 0;
   EXPECT_THROW(MaskGenerator(predictor, o), Error);
   EXPECT_THROW(mask_output_mode_from_name("png"), Error);
+}
+
+// The prompt path's COCO run lengths: counted by the backend from column-major bits when no
+// uint8 masks are asked for, fetched with the first download up to runs_per_mask a mask and after
+// it where masks have more; equal to the host's runs of the uint8 masks either way.
+TEST(PromptRunLengths, FromTheBackendEqualTheMasksRuns) {
+  const SamConfig cfg = SamConfig::vit_b();
+  auto be = make_cpu_backend();
+  Sam sam(cfg, random_sam_weights(cfg, 3), *be);
+  const int64_t G = cfg.image_encoder.grid(), C = cfg.mask_decoder.transformer_dim;
+  Tensor embedding = Tensor::empty({1, G * G, C});
+  std::mt19937 gen(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t i = 0; i < embedding.numel(); ++i) embedding.data_as<float>()[i] = normal(gen);
+  const ImageFrame frame = image_frame(1200, 1800, cfg.image_encoder.img_size);
+  std::vector<PreparedPrompt> prepared;
+  std::vector<Prompt> prompts(3);
+  prompts[0].points = {{900, 600, 1}};
+  prompts[1].points = {{300, 200, 1}, {1500, 1000, 0}};
+  prompts[1].multimask = false;
+  prompts[2].box = Box{100, 150, 1700, 1100};
+  for (const Prompt& p : prompts) prepared.push_back(prepare_prompt(p, frame, cfg, ""));
+  auto decode = [&](int64_t runs_per_mask, const MaskOutputs& outputs) {
+    std::vector<Masks> out(prepared.size());
+    Decoder decoder(sam, runs_per_mask);
+    const Decoder::Job job{&embedding, frame, prepared, out};
+    decoder.decode({&job, 1}, outputs);
+    return out;
+  };
+  const std::vector<Masks> want = decode(4096, {.masks = true, .rle = true, .low_res_logits = false});
+  size_t most_runs = 0;
+  for (int64_t runs_per_mask : {int64_t(4096), int64_t(16)}) {
+    SCOPED_TRACE("runs per mask " + std::to_string(runs_per_mask));
+    const std::vector<Masks> got = decode(runs_per_mask, {.masks = false, .rle = true, .low_res_logits = false});
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t k = 0; k < got.size(); ++k) {
+      EXPECT_FALSE(got[k].masks.defined());
+      ASSERT_EQ(got[k].rle.size(), want[k].rle.size());
+      for (size_t j = 0; j < got[k].rle.size(); ++j) {
+        EXPECT_TRUE(got[k].rle[j] == want[k].rle[j]) << "prompt " << k << ", mask " << j;
+        most_runs = std::max(most_runs, want[k].rle[j].counts.size());
+      }
+      for (int64_t j = 0; j < want[k].areas.numel(); ++j)
+        EXPECT_EQ(got[k].areas.data_as<int64_t>()[j], want[k].areas.data_as<int64_t>()[j]);
+    }
+  }
+  EXPECT_GT(most_runs, 16u) << "no mask has more runs than the first download brings";
 }
 
 }  // namespace

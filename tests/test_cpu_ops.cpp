@@ -170,7 +170,8 @@ TEST_F(CpuOps, AttentionBroadcastsBatchOne) {
   EXPECT_EQ(max_diff(one, out2.slice0(2, 3)), 0.0f);
 }
 
-// patchify + linear == a stride-p convolution; linear + unpatchify == a stride-p transposed one.
+// patchify + linear == a stride-p convolution; the transposed one is a linear layer whose output
+// holds each input pixel's p x p patch, feature order (ky, kx, c).
 TEST_F(CpuOps, ConvolutionsAsLinearLayers) {
   const int B = 2, H = 6, W = 4, Ci = 3, Co = 5, p = 2;
   const Tensor x = randn({B, H, W, Ci}, 16), w = randn({Co, Ci, p, p}, 17), b = randn({Co}, 18);
@@ -195,9 +196,8 @@ TEST_F(CpuOps, ConvolutionsAsLinearLayers) {
   Tensor lw, lb;
   conv_transpose_as_linear(wt, b, lw, lb);
   auto tl = be->prepare_linear("convT", lw, &lb);
-  Tensor mid = Tensor::empty({B, H / p, W / p, p * p * Co}), yt = Tensor::empty({B, H, W, Co});
-  be->linear(xt, *tl, mid);
-  be->unpatchify(mid, p, yt);
+  Tensor patches_t = Tensor::empty({B, H / p, W / p, p * p * Co});
+  be->linear(xt, *tl, patches_t);
   for (int n = 0; n < B; ++n)
     for (int r = 0; r < H; ++r)
       for (int c = 0; c < W; ++c)
@@ -206,8 +206,40 @@ TEST_F(CpuOps, ConvolutionsAsLinearLayers) {
           for (int k = 0; k < Ci; ++k)
             s += double(xt.data_as<float>()[((n * H / p + r / p) * W / p + c / p) * Ci + k]) *
                  wt.data_as<float>()[((k * Co + o) * p + r % p) * p + c % p];
-          ASSERT_NEAR(yt.data_as<float>()[((n * H + r) * W + c) * Co + o], s, 1e-5);
+          const int64_t at = ((n * H / p + r / p) * W / p + c / p) * p * p * Co + ((r % p) * p + c % p) * Co + o;
+          ASSERT_NEAR(patches_t.data_as<float>()[at], s, 1e-5);
         }
+}
+
+// The decoder's masks from two 2x2 transposed convolutions left in patch order: pixel
+// (4i + 2a + c, 4j + 2b + d) of the mask is the GELU'd feature row that the first convolution's
+// patch (a, b) of cell (i, j), then the second's patch (c, d), put there.
+TEST_F(CpuOps, HypernetworkMasksReadThePatchOrder) {
+  const int64_t P = 2, T = 3, D = 5, G = 3, side = 4 * G;
+  const Tensor up = randn({P, side * side, D}, 23), hyper = randn({P, T, D}, 24);
+  Tensor low = Tensor::empty({P, T, side, side});
+  be->hypernetwork_masks(up, hyper, low);
+  auto gelu = [](double v) { return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))); };
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t i = 0; i < G; ++i)
+      for (int64_t j = 0; j < G; ++j)
+        for (int64_t a = 0; a < 2; ++a)
+          for (int64_t bb = 0; bb < 2; ++bb)
+            for (int64_t c = 0; c < 2; ++c)
+              for (int64_t d = 0; d < 2; ++d) {
+                // cell (i, j) -> its patch row of [G G 4] -> that row's patch of [G G 4 4]
+                const int64_t row = ((i * G + j) * 4 + (a * 2 + bb)) * 4 + (c * 2 + d);
+                const int64_t y = 4 * i + 2 * a + c, x = 4 * j + 2 * bb + d;
+                for (int64_t t = 0; t < T; ++t) {
+                  double s = 0;
+                  for (int64_t k = 0; k < D; ++k)
+                    s += double(hyper.data_as<float>()[(p * T + t) * D + k]) *
+                         gelu(up.data_as<float>()[(p * side * side + row) * D + k]);
+                  ASSERT_NEAR(low.data_as<float>()[((p * T + t) * side + y) * side + x], s, 1e-5);
+                }
+              }
+  Tensor wrong = Tensor::empty({P, T, side, side + 4});
+  EXPECT_THROW(be->hypernetwork_masks(up, hyper, wrong), Error);
 }
 
 TEST_F(CpuOps, Conv3x3ViaIm2col) {

@@ -2,6 +2,14 @@
 
 namespace segany {
 
+void Backend::add_layer_norm(const Tensor& x, const Tensor& r, const Tensor& gamma, const Tensor& beta, float eps,
+                             Tensor& y, const Tensor* pe, Tensor* y_pe) {
+  check(pe == nullptr || y_pe != nullptr, "add_layer_norm: a positional encoding needs an output for y + pe");
+  add(x, r, y);
+  layer_norm(y, gamma, beta, eps, y);
+  if (pe) add(y, *pe, *y_pe);
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& device, int threads) {
   if (device == "cpu") return make_cpu_backend(threads);
   if (device == "cuda") return make_cuda_backend(0);

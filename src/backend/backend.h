@@ -99,6 +99,12 @@ class Backend {
   // y = act(LayerNorm(x)) over the last dim, statistics in fp32. y may alias x.
   virtual void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y,
                           Activation act = Activation::None) = 0;
+  // y = LayerNorm(x + r), r repeated to x's size as add() repeats b; with `pe`, also y_pe = y + pe
+  // (pe repeated likewise). The mask decoder's image side: residual, norm and the positional
+  // encoding its next attention reads, in one pass. y may alias x, or r where r is not repeated.
+  // The default composes add and layer_norm.
+  virtual void add_layer_norm(const Tensor& x, const Tensor& r, const Tensor& gamma, const Tensor& beta, float eps,
+                              Tensor& y, const Tensor* pe = nullptr, Tensor* y_pe = nullptr);
 
   // Multi-head self-attention with SAM's decomposed relative position bias, over a grid of
   // grid_h x grid_w tokens per sequence:
@@ -138,14 +144,15 @@ class Backend {
   // Space-to-depth: x [B, H, W, C] -> y [B, H/p, W/p, p*p*C], feature order (ky, kx, c).
   // A stride-p pxp convolution is patchify + linear.
   virtual void patchify(const Tensor& x, int p, Tensor& y) = 0;
-  // Depth-to-space, the inverse: x [B, H, W, p*p*C] -> y [B, H*p, W*p, C]. A stride-p pxp
-  // transposed convolution is linear + unpatchify.
-  virtual void unpatchify(const Tensor& x, int p, Tensor& y) = 0;
   // im2col of a 3x3, padding 1 convolution: x [B, H, W, C] -> y [B, H, W, 9*C], order (ky, kx, c).
   virtual void im2col3x3(const Tensor& x, Tensor& y) = 0;
 
-  // Batched y[b] = a[b] b[b]^T: a [B, M, K], b [B, N, K] -> y [B, M, N].
-  virtual void matmul_nt(const Tensor& a, const Tensor& b, Tensor& y) = 0;
+  // The mask decoder's low-res masks, float32: low_res[p, t, y, x] = hyper[p, t, :] . GELU(up[p, r, :])
+  // for every pixel (y, x) of the [4G, 4G] masks, where up [P, 16 G G, D] is the upscaled image in
+  // the upscaling's patch order (pixel (4i + 2a + c, 4j + 2b + d) is row r = ((i G + j) 4 + 2a + b) 4
+  // + 2c + d: two 2x2 transposed convolutions, never put in pixel order), hyper [P, T, D] the
+  // hypernetworks' outputs and low_res [P, T, 4G, 4G].
+  virtual void hypernetwork_masks(const Tensor& up, const Tensor& hyper, Tensor& low_res) = 0;
 
   // SAM's sparse prompt embedding (the prompt encoder's points and box corners), for P prompts
   // of N tokens each:

@@ -59,6 +59,22 @@ void upscale_mask_logits(const float* low_res, int h, int w, const Backend::Mask
   resize_bilinear_window(mid, f.input_h, f.input_w, f.height, f.width, f.height, f.width, out);
 }
 
+HypernetworkShape hypernetwork_shape(const Tensor& up, const Tensor& hyper, const Tensor& low_res) {
+  HypernetworkShape s;
+  const std::string shapes = shape_str(up.shape()) + ", " + shape_str(hyper.shape()) + " -> " + shape_str(low_res.shape());
+  check(up.dtype() == DType::F32 && hyper.dtype() == DType::F32 && low_res.dtype() == DType::F32,
+        "hypernetwork_masks: upscaled image, hypernetwork outputs and masks must be float32 (" + shapes + ")");
+  check(up.ndim() == 3 && hyper.ndim() == 3 && low_res.ndim() == 4,
+        "hypernetwork_masks: expected up [P, 16 G G, D], hyper [P, T, D], low_res [P, T, 4G, 4G], found " + shapes);
+  s.P = hyper.dim(0), s.T = hyper.dim(1), s.D = hyper.dim(2);
+  const int64_t side = low_res.dim(2);
+  s.G = side / 4;
+  check(side > 0 && side % 4 == 0 && low_res.dim(3) == side && low_res.dim(0) == s.P && low_res.dim(1) == s.T &&
+            up.dim(0) == s.P && up.dim(1) == side * side && up.dim(2) == s.D && s.D > 0,
+        "hypernetwork_masks: expected up [P, 16 G G, D], hyper [P, T, D], low_res [P, T, 4G, 4G], found " + shapes);
+  return s;
+}
+
 int64_t mask_bit_words(int height, int width) { return (int64_t(height) * width + 31) / 32; }
 
 void unpack_mask_bits(const uint32_t* bits, int64_t pixels, uint8_t* out) {

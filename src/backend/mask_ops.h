@@ -19,6 +19,17 @@ void resize_bilinear_window(const float* src, int h, int w, int H, int W, int ro
 // postprocess_masks). `mid` holds input_h * input_w floats of scratch.
 void upscale_mask_logits(const float* low_res, int h, int w, const Backend::MaskFrame& frame, float* mid, float* out);
 
+// The shapes of Backend::hypernetwork_masks, checked (both backends' twins): P prompts, T masks
+// each, D features, masks of side 4G.
+struct HypernetworkShape {
+  int64_t P = 0, T = 0, D = 0, G = 0;
+};
+HypernetworkShape hypernetwork_shape(const Tensor& up, const Tensor& hyper, const Tensor& low_res);
+// Row of the upscaled image (in patch order) that holds pixel (y, x) of a mask of side 4G.
+inline int64_t hypernetwork_row(int64_t y, int64_t x, int64_t G) {
+  return (((y >> 2) * G + (x >> 2)) * 4 + ((y >> 1) & 1) * 2 + ((x >> 1) & 1)) * 4 + (y & 1) * 2 + (x & 1);
+}
+
 // Words of 32 bits that one bit-packed mask of height x width pixels takes.
 int64_t mask_bit_words(int height, int width);
 // A bit-packed mask (row-major pixel order) -> uint8 [pixels], 1 inside.

@@ -43,7 +43,7 @@ class Mlp {
 // Backend::patchify / im2col3x3.
 Tensor conv_weight_as_linear(const Tensor& weight);
 // ConvTranspose2d (kernel = stride = p) weight [Cin, Cout, p, p] and bias [Cout] -> a linear layer
-// weight [(ky, kx, Cout), Cin] and bias [p*p*Cout], followed by Backend::unpatchify.
+// weight [(ky, kx, Cout), Cin] and bias [p*p*Cout], the output holding a p x p patch per input pixel.
 void conv_transpose_as_linear(const Tensor& weight, const Tensor& bias, Tensor& lin_weight, Tensor& lin_bias);
 
 }  // namespace segany

@@ -87,7 +87,6 @@ TwoWayTransformer::Buffers TwoWayTransformer::buffers(Backend& be, int64_t P, in
   b.scratch.k = all.slice0(part, 2 * part);
   b.scratch.v = all.slice0(2 * part, 3 * part);
   b.scratch.o = all.slice0(3 * part, 4 * part);
-  b.scratch_all = all;
   return b;
 }
 
@@ -97,7 +96,11 @@ void TwoWayTransformer::forward(Backend& be, Tensor& queries, const Tensor& src,
   const int tokens = static_cast<int>(Tt);
   // The prompt tokens as they came in serve as the queries' positional encoding throughout.
   be.copy_tokens(queries, 0, b.qpe, 0, tokens);
-  Tensor keys = src;  // [1 or P, HW, C] until the first image-to-token attention, then b.keys [P, HW, C]
+  // keys [1 or P, HW, C] until the first image-to-token attention, then b.keys [P, HW, C]; k = keys +
+  // key_pe, what the attentions compare against, made with each new keys by their norm.
+  Tensor keys = src;
+  Tensor k = b.k.view_prefix({keys.dim(0), HW, C});
+  be.add(keys, key_pe, k);
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& L = layers_[i];
     // Self-attention of the tokens; the first layer sees no positional encoding and no residual
@@ -111,28 +114,23 @@ void TwoWayTransformer::forward(Backend& be, Tensor& queries, const Tensor& src,
     L.norm1(be, queries, queries);
     // Tokens attend to the image.
     be.add(queries, b.qpe, b.q);
-    Tensor k = b.k.view_prefix({keys.dim(0), HW, C});
-    be.add(keys, key_pe, k);
     L.cross_token_to_image->forward(be, b.q, k, keys, queries, b.scratch, &queries);
     L.norm2(be, queries, queries);
     // MLP on the tokens.
     be.linear(queries, *L.mlp_lin1, b.hidden, Activation::ReLU);
     be.linear(b.hidden, *L.mlp_lin2, queries, Activation::None, &queries);
     L.norm3(be, queries, queries);
-    // The image attends to the tokens: from here on every prompt has its own keys.
+    // The image attends to the tokens: from here on every prompt has its own keys. The residual
+    // (the old keys, [1 or P]), the norm and the next k in one pass.
     be.add(queries, b.qpe, b.q);
     L.cross_image_to_token->forward(be, k, b.q, queries, b.image_attn, b.scratch);
-    if (i == 0)
-      be.add(b.image_attn, keys, b.keys);  // keys [1 or P] broadcast
-    else
-      be.add(b.keys, b.image_attn, b.keys);
-    L.norm4(be, b.keys, b.keys);
+    k = b.k;
+    be.add_layer_norm(b.image_attn, keys, L.norm4.gamma, L.norm4.beta, L.norm4.eps, b.keys, &key_pe, &k);
     keys = b.keys;
   }
   // Final attention from the tokens to the image.
   be.add(queries, b.qpe, b.q);
-  be.add(keys, key_pe, b.k);
-  final_attn_->forward(be, b.q, b.k, keys, queries, b.scratch, &queries);
+  final_attn_->forward(be, b.q, k, keys, queries, b.scratch, &queries);
   norm_final_(be, queries, queries);
 }
 
@@ -195,8 +193,6 @@ MaskDecoder::Batch& MaskDecoder::batch(int64_t P, int64_t Ns, bool mask_inputs) 
   // The upscaling runs after the transformer: its buffers take the transformer's place where they fit.
   b.u1 = within(be, b.t.image_attn, {P, HW, C}, act);
   b.u2 = be.alloc({P, HW * 4, C / 2}, kDecoderDType);
-  b.low_patches = within(be, b.t.k, {P * T, G, G, 16}, DType::F32);
-  b.low_half = within(be, b.t.scratch_all, {P * T, 2 * G, 2 * G, 4}, DType::F32);
   b.mask_tokens = be.alloc({P, T, C}, kDecoderDType);
   b.hyper_in = be.alloc({P, T, C / 8}, kDecoderDType);
   b.one = be.alloc({P, 1, C}, kDecoderDType);
@@ -238,12 +234,11 @@ void MaskDecoder::run(Batch& b) {
   // transposed convolutions, each a linear layer whose output holds a 2x2 patch per input pixel.
   // The pixels stay in patch order throughout (LayerNorm, GELU and the next linear layer are per
   // pixel): pixel (4y + 2a + c, 4x + 2b + d) is row ((y G + x) 4 + 2a + b) 4 + 2c + d of up
-  // [P, 16 HW, C/8]; only the low-res masks are put in pixel order, at the end.
+  // [P, 16 HW, C/8]; only the low-res masks are written in pixel order (hypernetwork_masks).
   be.linear(keys.view({P, HW, C}), *upscale1_, b.u1);  // [P, HW, 4 * C/4]
   Tensor u1 = b.u1.view({P, HW * 4, C / 4});
   upscale_norm_(be, u1, u1, Activation::GELU);
-  be.linear(u1, *upscale2_, b.u2);  // [P, 4 HW, 4 * C/8]
-  be.activation(b.u2, Activation::GELU);
+  be.linear(u1, *upscale2_, b.u2);  // [P, 4 HW, 4 * C/8], GELU applied as the masks read it
 
   // One hypernetwork MLP per mask token, each applied to its own token.
   be.copy_tokens(b.tokens, 1, b.mask_tokens, 0, static_cast<int>(T));
@@ -252,12 +247,7 @@ void MaskDecoder::run(Batch& b) {
     hypernetworks_[t].forward(be, b.one, b.one_out, b.mlp_scratch);
     be.copy_tokens(b.one_out, 0, b.hyper_in, static_cast<int>(t), 1);
   }
-  Tensor low_patches = b.low_patches.view({P, T, 16 * HW});
-  be.matmul_nt(b.hyper_in, b.u2.view({P, 16 * HW, C / 8}), low_patches);
-  // Patch order -> pixel order: the outer 2x2 patches, then the inner ones.
-  be.unpatchify(b.low_patches, 2, b.low_half);
-  Tensor low_res = b.low_res.view({P * T, 4 * G, 4 * G, 1});
-  be.unpatchify(b.low_half, 2, low_res);
+  be.hypernetwork_masks(b.u2.view({P, 16 * HW, C / 8}), b.hyper_in, b.low_res);
 
   be.copy_tokens(b.tokens, 0, b.iou_token, 0, 1);
   Tensor iou = b.iou.view({P, 1, T});

@@ -47,7 +47,6 @@ class TwoWayTransformer {
     Tensor image_attn;            // [P, HW, C]
     Tensor keys;                  // [P, HW, C]: the output
     Attention::Scratch scratch;  // four parts of one buffer
-    Tensor scratch_all;
   };
   Buffers buffers(Backend& be, int64_t P, int64_t Tt, int64_t HW) const;
 
@@ -87,7 +86,7 @@ class MaskDecoder {
     // Everything in between.
     Tensor sparse, tokens, src, dense, dense_a, dense_p1, dense_p2, dense_b;
     TwoWayTransformer::Buffers t;
-    Tensor u1, u2, low_patches, low_half, mask_tokens, hyper_in, one, one_out, iou_token, mlp_scratch;
+    Tensor u1, u2, mask_tokens, hyper_in, one, one_out, iou_token, mlp_scratch;
   };
   // The buffers of a shape, made on first use and kept.
   Batch& batch(int64_t P, int64_t Ns, bool mask_inputs);

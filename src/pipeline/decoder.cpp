@@ -140,7 +140,8 @@ PreparedPrompt prepare_prompt(const Prompt& p, const ImageFrame& frame, const Sa
   return out;
 }
 
-Decoder::Decoder(Sam& sam) : sam_(sam), done_(sam.backend().make_fence()) {}
+Decoder::Decoder(Sam& sam, int64_t runs_per_mask)
+    : sam_(sam), runs_per_mask_(std::max<int64_t>(runs_per_mask, 1)), done_(sam.backend().make_fence()) {}
 
 namespace {
 
@@ -165,6 +166,12 @@ Tensor region(const Tensor& buffer, int64_t offset, const Shape& shape, DType dt
   return Tensor::wrap(p, shape, dtype, buffer.owner(), buffer.device());
 }
 
+// A view of `shape` int64 elements at `offset` (in int64 elements) of an int64 `buffer`.
+Tensor region64(const Tensor& buffer, int64_t offset, const Shape& shape) {
+  auto* p = static_cast<char*>(const_cast<void*>(buffer.data())) + offset * 8;
+  return Tensor::wrap(p, shape, DType::I64, buffer.owner(), buffer.device());
+}
+
 // A buffer of at least `numel` 4-byte elements, reused while large enough.
 Tensor& grown(Tensor& buf, int64_t numel, const std::function<Tensor(int64_t)>& make) {
   if (!buf.defined() || buf.numel() < numel)
@@ -180,9 +187,13 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
   const int64_t G = cfg.image_encoder.grid(), side = 4 * G, plane = side * side;
   const int64_t T = sam_.mask_decoder().num_mask_tokens();
   const bool post = outputs.masks || outputs.rle;
-  // Bits in the order the host reads them: row-major to expand into uint8 masks, column-major to
-  // count COCO's runs. With both asked for, the runs are counted on the uint8 masks.
-  const bool column_major = outputs.rle && !outputs.masks;
+  // Bits row-major to expand into uint8 masks on the host. For run lengths alone, column-major bits
+  // whose runs the device counts: only the runs come back. With both asked for, the runs are
+  // counted on the uint8 masks.
+  const bool device_runs = outputs.rle && !outputs.masks;
+  // Runs each mask brings back with the first download; a call whose masks have more in all
+  // fetches the rest after it (a second sync).
+  const int64_t runs_per_mask = runs_per_mask_;
 
   // One group: prompts of one image decoded in one batch.
   struct Group {
@@ -192,8 +203,10 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
     bool mask_inputs = false, multimask = false;
     int64_t first = 0, count = 0, words = 0;
     // Offsets (4-byte elements) into the host buffers.
-    int64_t coords = 0, labels = 0, masks = 0;        // inputs
-    int64_t low = 0, iou = 0, bits = 0, stats = 0;    // outputs
+    int64_t coords = 0, labels = 0, masks = 0;                       // inputs
+    int64_t low = 0, iou = 0, bits = 0, stats = 0, offsets = 0, runs = 0;  // outputs
+    // Offsets into the device buffers of bits, run offsets and runs: each group has its own.
+    int64_t bits_dev = 0, offsets_dev = 0, runs_dev = 0;
   };
   std::vector<Group> groups;
   for (const Job& job : jobs) {
@@ -219,8 +232,8 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
   if (groups.empty()) return;
 
   // Where everything goes, then the inputs packed into the host buffer.
-  Layout in, out;
-  int64_t most_masks = 0, most_bits = 0;
+  Layout in, out, bits_at, offsets_at, runs_at;
+  int64_t most_masks = 0;
   for (Group& g : groups) {
     const int64_t P = static_cast<int64_t>(g.members.size()), M = P * g.count;
     g.coords = in.take(P * g.Ns * 2);
@@ -228,10 +241,19 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
     if (g.mask_inputs) g.masks = in.take(P * plane);
     if (outputs.low_res_logits) g.low = out.take(M * plane);
     g.iou = out.take(M);
-    if (post) g.stats = out.take(M * 7);
-    if (post) g.bits = out.take(M * g.words);
+    if (post) {
+      g.stats = out.take(M * 7);
+      g.bits_dev = bits_at.take(M * g.words);
+    }
+    if (device_runs) {
+      g.offsets = out.take(2 * (M + 1));  // int64
+      g.runs = out.take(M * runs_per_mask);
+      g.offsets_dev = offsets_at.take(M + 1);
+      g.runs_dev = runs_at.take(M * runs_per_mask);
+    } else if (post) {
+      g.bits = out.take(M * g.words);
+    }
     most_masks = std::max(most_masks, M);
-    most_bits = std::max(most_bits, M * g.words);
   }
   auto host = [&be](int64_t n) { return be.alloc_host({n}, DType::I32); };
   Tensor& ih = grown(inputs_host_, in.size(), host);
@@ -253,7 +275,10 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
   });
   Tensor& iou_dev = grown(iou_dev_, most_masks, [&be](int64_t n) { return be.alloc({n}, DType::F32); });
   Tensor& stats_dev = grown(stats_dev_, post ? most_masks * 7 : 1, device);
-  Tensor& bits_dev = grown(bits_dev_, post ? most_bits : 1, device);
+  Tensor& bits_dev = grown(bits_dev_, std::max<int64_t>(bits_at.size(), 1), device);
+  Tensor& offsets_dev = grown(offsets_dev_, std::max<int64_t>(offsets_at.size(), 1),
+                              [&be](int64_t n) { return be.alloc({n}, DType::I64); });
+  Tensor& runs_dev = grown(runs_dev_, std::max<int64_t>(runs_at.size(), 1), device);
 
   // Queue every group: inputs up, prompt encoder and mask decoder against the image's embedding,
   // postprocessing, outputs down. Groups that share a shape share its buffers: the stream's
@@ -285,17 +310,57 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
       const Backend::MaskFrame frame{static_cast<int>(cfg.image_encoder.img_size), f.input_h, f.input_w, f.original_h,
                                      f.original_w};
       Tensor stats = stats_dev.view_prefix({M, 7});
-      Tensor bits = bits_dev.view_prefix({M, g.words});
+      Tensor bits = region(bits_dev, g.bits_dev, {M, g.words}, DType::I32);
       be.postprocess_masks(b.low_res, static_cast<int>(g.first), static_cast<int>(g.count), frame, 0.0f, 0.0f,
-                           column_major, &bits, stats);
+                           device_runs, &bits, stats);
       Tensor stats_host = region(oh, g.stats, stats.shape(), DType::I32);
-      Tensor bits_host = region(oh, g.bits, bits.shape(), DType::I32);
       be.download_async(stats, stats_host);
-      be.download_async(bits, bits_host);
+      if (device_runs) {
+        Tensor offsets = region64(offsets_dev, g.offsets_dev, {M + 1});
+        Tensor runs = region(runs_dev, g.runs_dev, {M * runs_per_mask}, DType::I32);
+        be.encode_runs(bits, int64_t(f.original_h) * f.original_w, offsets, runs);
+        Tensor offsets_host = region(oh, g.offsets, {M + 1}, DType::I64);
+        Tensor runs_host = region(oh, g.runs, runs.shape(), DType::I32);
+        be.download_async(offsets, offsets_host);
+        be.download_async(runs, runs_host);
+      } else {
+        Tensor bits_host = region(oh, g.bits, bits.shape(), DType::I32);
+        be.download_async(bits, bits_host);
+      }
     }
   }
   be.record(*done_);
   done_->wait();
+
+  // Groups whose masks have more runs than came back: counted again into a buffer that holds
+  // them all (each group's bits are still on the device), then fetched.
+  std::map<const Group*, const uint32_t*> more_runs;
+  if (device_runs) {
+    Layout more;
+    std::vector<std::pair<const Group*, int64_t>> again;
+    for (const Group& g : groups) {
+      const int64_t M = static_cast<int64_t>(g.members.size()) * g.count;
+      const int64_t total = reinterpret_cast<const int64_t*>(oh.data_as<int32_t>() + g.offsets)[M];
+      if (total > M * runs_per_mask) again.emplace_back(&g, more.take(total));
+    }
+    if (!again.empty()) {
+      Tensor& runs_more = grown(runs_dev_, more.size(), device);
+      Tensor& host_more = grown(runs_host_, more.size(), host);
+      for (const auto& [g, at] : again) {
+        const int64_t M = static_cast<int64_t>(g->members.size()) * g->count;
+        const int64_t total = reinterpret_cast<const int64_t*>(oh.data_as<int32_t>() + g->offsets)[M];
+        Tensor bits = region(bits_dev, g->bits_dev, {M, g->words}, DType::I32);
+        Tensor offsets = region64(offsets_dev, g->offsets_dev, {M + 1});
+        Tensor runs = region(runs_more, at, {total}, DType::I32);
+        be.encode_runs(bits, int64_t(g->job->frame.original_h) * g->job->frame.original_w, offsets, runs);
+        Tensor runs_host = region(host_more, at, {total}, DType::I32);
+        be.download_async(runs, runs_host);
+        more_runs[g] = reinterpret_cast<const uint32_t*>(host_more.data_as<int32_t>() + at);
+      }
+      be.record(*done_);
+      done_->wait();
+    }
+  }
 
   // Expand on the host, prompts in parallel: every Masks gets its own tensors.
   std::vector<std::pair<const Group*, size_t>> items;
@@ -334,8 +399,14 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
           uint8_t* u8 = m.masks.data_as<uint8_t>() + j * pixels;
           unpack_mask_bits(mb, pixels, u8);
           if (outputs.rle) m.rle.push_back(amg::mask_to_rle(u8, static_cast<int>(H), static_cast<int>(W)));
-        } else if (outputs.rle) {
-          m.rle.push_back(Rle{static_cast<int>(H), static_cast<int>(W), run_lengths_from_bits(mb, pixels)});
+        } else {
+          const auto* off = reinterpret_cast<const int64_t*>(oh.data_as<int32_t>() + g.offsets);
+          const auto it_more = more_runs.find(&g);
+          const uint32_t* runs = it_more != more_runs.end()
+                                     ? it_more->second
+                                     : reinterpret_cast<const uint32_t*>(oh.data_as<int32_t>() + g.runs);
+          m.rle.push_back(Rle{static_cast<int>(H), static_cast<int>(W),
+                              std::vector<uint32_t>(runs + off[at + j], runs + off[at + j + 1])});
         }
       }
     } catch (...) {

@@ -51,7 +51,9 @@ PreparedPrompt prepare_prompt(const Prompt& p, const ImageFrame& frame, const Sa
 
 class Decoder {
  public:
-  explicit Decoder(Sam& sam);
+  // runs_per_mask: COCO run lengths that come back with a call's one download, per mask, where
+  // the backend counts them (rle without masks); masks with more take a second download.
+  explicit Decoder(Sam& sam, int64_t runs_per_mask = 4096);
 
   // One image's prompts: its embedding [1, G*G, C] on the device, and where its Masks go
   // (out.size() == prompts.size()).
@@ -68,10 +70,11 @@ class Decoder {
 
  private:
   Sam& sam_;
+  int64_t runs_per_mask_;
   // Host buffers the device reads from and writes to (pinned on CUDA), grown as needed and reused.
   Tensor inputs_host_, outputs_host_;
   // Device buffers for each group's postprocessed outputs, reused group after group.
-  Tensor low_dev_, iou_dev_, bits_dev_, stats_dev_;
+  Tensor low_dev_, iou_dev_, bits_dev_, stats_dev_, offsets_dev_, runs_dev_, runs_host_;
   std::unique_ptr<Backend::Fence> done_;
 };
 

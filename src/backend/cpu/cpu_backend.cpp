@@ -10,6 +10,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/softmax.h"
+#include "backend/mask_ops.h"
 
 namespace segany {
 namespace {
@@ -296,21 +297,6 @@ class CpuBackend final : public Backend {
                         p * C * sizeof(float));
   }
 
-  void unpatchify(const Tensor& x, int p, Tensor& y) override {
-    const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3) / (int64_t(p) * p);
-    check(x.dim(3) == C * p * p && y.numel() == x.numel(),
-          "unpatchify: " + shape_str(x.shape()) + " by " + std::to_string(p) + " into " + shape_str(y.shape()));
-    const float* xs = x.data_as<const float>();
-    float* ys = y.data_as<float>();
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < H; ++i)
-        for (int64_t j = 0; j < W; ++j)
-          for (int64_t ky = 0; ky < p; ++ky)
-            std::memcpy(ys + ((b * H * p + i * p + ky) * W * p + j * p) * C, xs + (((b * H + i) * W + j) * p + ky) * p * C,
-                        p * C * sizeof(float));
-  }
-
   void im2col3x3(const Tensor& x, Tensor& y) override {
     const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
     check(y.numel() == 9 * x.numel(), "im2col3x3: " + shape_str(x.shape()) + " into " + shape_str(y.shape()));
@@ -331,13 +317,30 @@ class CpuBackend final : public Backend {
             }
   }
 
-  void matmul_nt(const Tensor& a, const Tensor& b, Tensor& y) override {
-    const int64_t B = a.dim(0), M = a.dim(1), K = a.dim(2), N = b.dim(1);
-    check(b.dim(0) == B && b.dim(2) == K && y.numel() == B * M * N,
-          "matmul_nt: " + shape_str(a.shape()) + " x " + shape_str(b.shape()) + "^T -> " + shape_str(y.shape()));
-    for (int64_t i = 0; i < B; ++i)
-      sgemm_nt(M, N, K, 1.0f, a.data_as<const float>() + i * M * K, K, b.data_as<const float>() + i * N * K, K, 0.0f,
-               y.data_as<float>() + i * M * N, N);
+  void hypernetwork_masks(const Tensor& up, const Tensor& hyper, Tensor& low_res) override {
+    require_f32_cpu(up, "hypernetwork_masks upscaled image");
+    require_f32_cpu(hyper, "hypernetwork_masks hypernetwork outputs");
+    require_f32_cpu(low_res, "hypernetwork_masks output");
+    const HypernetworkShape s = hypernetwork_shape(up, hyper, low_res);
+    const int64_t side = 4 * s.G, plane = side * side;
+    const float* ups = up.data_as<const float>();
+    const float* hs = hyper.data_as<const float>();
+    float* out = low_res.data_as<float>();
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t p = 0; p < s.P; ++p)
+      for (int64_t y = 0; y < side; ++y) {
+        std::vector<float> g(static_cast<size_t>(s.D));
+        for (int64_t x = 0; x < side; ++x) {
+          const float* u = ups + (p * plane + hypernetwork_row(y, x, s.G)) * s.D;
+          for (int64_t k = 0; k < s.D; ++k) g[k] = gelu(u[k]);
+          for (int64_t t = 0; t < s.T; ++t) {
+            const float* h = hs + (p * s.T + t) * s.D;
+            float acc = 0.0f;
+            for (int64_t k = 0; k < s.D; ++k) acc += h[k] * g[k];
+            out[(p * s.T + t) * plane + y * side + x] = acc;
+          }
+        }
+      }
   }
 
   void synchronize() override {}

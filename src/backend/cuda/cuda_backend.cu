@@ -309,6 +309,11 @@ class CudaBackend final : public Backend {
     timed(kNorm, [&] { cuda::layer_norm(x, gamma, beta, eps, y, act, stream()); });
   }
 
+  void add_layer_norm(const Tensor& x, const Tensor& r, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y,
+                      const Tensor* pe, Tensor* y_pe) override {
+    timed(kNorm, [&] { cuda::add_layer_norm(x, &r, gamma, beta, eps, y, pe, y_pe, Activation::None, stream()); });
+  }
+
   void attention_relpos(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads, int gh, int gw,
                         Tensor& out) override {
     require_cuda(qkv, "attention_relpos qkv");
@@ -462,34 +467,12 @@ class CudaBackend final : public Backend {
     timed(kOther, [&] { cuda::patchify(x, p, y, stream()); });
   }
 
-  void unpatchify(const Tensor& x, int p, Tensor& y) override {
-    timed(kOther, [&] { cuda::unpatchify(x, p, y, stream()); });
-  }
-
   void im2col3x3(const Tensor& x, Tensor& y) override {
     timed(kOther, [&] { cuda::im2col3x3(x, y, stream()); });
   }
 
-  // y[b] = a[b] b[b]^T: the same engine as linear, with batch strides and no epilogue.
-  void matmul_nt(const Tensor& a, const Tensor& b, Tensor& y) override {
-    require_cuda(a, "matmul_nt a");
-    require_cuda(b, "matmul_nt b");
-    require_cuda(y, "matmul_nt output");
-    check(a.ndim() == 3 && b.ndim() == 3, "matmul_nt: " + shape_str(a.shape()) + " x " + shape_str(b.shape()) +
-                                              "^T: both must be [B, rows, K]");
-    const int64_t B = a.dim(0), M = a.dim(1), K = a.dim(2), N = b.dim(1);
-    check(b.dim(0) == B && b.dim(2) == K && y.numel() == B * M * N,
-          "matmul_nt: " + shape_str(a.shape()) + " x " + shape_str(b.shape()) + "^T -> " + shape_str(y.shape()));
-    check(a.dtype() == b.dtype() && cuda::is_float_dtype(a.dtype()) && cuda::is_float_dtype(y.dtype()),
-          std::string("cuda matmul_nt: inputs must be both bf16 or both float32 (TF32), the output bf16 or float32, "
-                      "found ") +
-              dtype_name(a.dtype()) + " x " + dtype_name(b.dtype()) + " -> " + dtype_name(y.dtype()));
-    cuda::GemmArgs g;
-    g.M = M, g.N = N, g.K = K, g.batch = B;
-    g.a = a.data(), g.a_type = a.dtype(), g.stride_a = M * K;
-    g.b = b.data(), g.b_type = b.dtype(), g.stride_b = N * K;
-    g.d = y.data(), g.d_type = y.dtype(), g.stride_d = M * N;
-    timed(kGemm, [&] { gemm_->run(g); });
+  void hypernetwork_masks(const Tensor& up, const Tensor& hyper, Tensor& low_res) override {
+    timed(kOther, [&] { cuda::hypernetwork_masks(up, hyper, low_res, stream()); });
   }
 
   // ---- preprocessing ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // The CUDA backend's extras beyond backend.h: its options, and its stream for callers that
 // enqueue their own work next to the model's (the pipeline's uploads and pre/post-processing).
 //
-// Activations are bf16 (activation_dtype()), parameters from upload() fp32. linear and matmul_nt
+// Activations are bf16 (activation_dtype()), parameters from upload() fp32. linear layers
 // take bf16 inputs and write bf16 or fp32; every other op takes bf16 or fp32 on either side.
 // No op needs scratch memory, so there is no arena: ops enqueue work and nothing else.
 #pragma once

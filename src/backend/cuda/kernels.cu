@@ -130,7 +130,7 @@ constexpr int kThreads = 256;
 
 // ---- runs: copy contiguous runs of elements from one layout to another -----------------
 //
-// patchify, unpatchify, im2col and copy_tokens all move runs of `len`
+// patchify, im2col and copy_tokens all move runs of `len`
 // contiguous elements; a map says where run r comes from (-1: zeros) and where it goes.
 
 template <class Map, class TS, class TD, int V>
@@ -186,19 +186,6 @@ struct PatchifyMap {
   }
 };
 
-// run = ((b*H + i)*W + j)*p + ky over x, len p*C.
-struct UnpatchifyMap {
-  int64_t H, W, C, p;
-  __device__ void operator()(int64_t run, int64_t& s, int64_t& d) const {
-    int64_t t = run;
-    const int64_t ky = t % p; t /= p;
-    const int64_t j = t % W; t /= W;
-    const int64_t i = t % H;
-    const int64_t b = t / H;
-    s = run * p * C;
-    d = ((b * H * p + i * p + ky) * W * p + j * p) * C;
-  }
-};
 
 // run = ((b*H + i)*W + j)*9 + ky*3 + kx over y, len C.
 struct Im2colMap {
@@ -250,35 +237,69 @@ __global__ void activation_kernel(T* x, int64_t n, bool gelu) {
   }
 }
 
-// ---- LayerNorm: one warp per output row ---------------------------------------------------------
+// ---- LayerNorm: one warp, or a group of 8 or 16 of its lanes, per output row --------------------
 
-// C % 8 == 0 and C <= 256 * VPT: each lane holds VPT vectors of 8 in registers, statistics by two
-// passes over the registers (mean, then the centred sum of squares), all fp32.
-template <int VPT, class TX, class TY>
-__global__ void layer_norm_vec_kernel(const TX* x, const float* gamma, const float* beta, TY* y, int64_t rows, int C,
-                                      float eps, bool gelu) {
-  const int lane = threadIdx.x % 32;
-  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
-  const int nvec = C / 8;
-  TY* yr = y + row * C;
-  const TX* xr = x + row * C;
+// What a norm reads and writes: y = act(LayerNorm(x + r)) and y_pe = y + pe, where r and pe (each
+// optional) repeat every r_rows / pe_rows rows (one image's rows added to every prompt's).
+struct NormArgs {
+  const void* x;
+  const void* r;  // null: no residual
+  int64_t r_rows;
+  const float* gamma;
+  const float* beta;
+  void* y;
+  const void* pe;  // null: no y_pe
+  int64_t pe_rows;
+  void* y_pe;
+  int64_t rows;
+  int C;
+  float eps;
+  bool gelu;
+};
+
+// Sum over each group of kLanes lanes (a butterfly; every lane of the warp takes part).
+template <int kLanes>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+  for (int o = kLanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// C % 8 == 0 and C <= kLanes * 8 * VPT: each lane holds VPT vectors of 8 in registers, statistics by
+// two passes over the registers (mean, then the centred sum of squares), all fp32. Narrow rows
+// (C <= 64, 128) share a warp: kLanes lanes per row, 32 / kLanes rows per warp.
+template <int VPT, int kLanes, class TX, class TY>
+__global__ void layer_norm_vec_kernel(NormArgs a) {
+  constexpr int kRowsPerWarp = 32 / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const int64_t row = (blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32) * kRowsPerWarp +
+                      (threadIdx.x % 32) / kLanes;
+  const bool live = row < a.rows;  // lanes past the last row still take part in the shuffles
+  const int C = a.C, nvec = C / 8;
+  const TX* xr = static_cast<const TX*>(a.x) + (live ? row : 0) * C;
+  const TX* rr = a.r ? static_cast<const TX*>(a.r) + (live ? row % a.r_rows : 0) * C : nullptr;
   float v[VPT][8];
   float sum = 0.0f;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    const int vi = lane + 32 * k;
+    const int vi = lane + kLanes * k;
     if (vi < nvec) {
       load_vec<8>(xr + vi * 8, v[k]);
+      if (rr) {
+        float w[8];
+        load_vec<8>(rr + vi * 8, w);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[k][j] += w[j];
+      }
 #pragma unroll
       for (int j = 0; j < 8; ++j) sum += v[k][j];
     }
   }
-  const float mean = warp_sum(sum) / C;
+  const float mean = group_sum<kLanes>(sum) / C;
   float sq = 0.0f;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    if (lane + 32 * k < nvec) {
+    if (lane + kLanes * k < nvec) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const float d = v[k][j] - mean;
@@ -286,84 +307,106 @@ __global__ void layer_norm_vec_kernel(const TX* x, const float* gamma, const flo
       }
     }
   }
-  const float rstd = rsqrtf(warp_sum(sq) / C + eps);
+  const float rstd = rsqrtf(group_sum<kLanes>(sq) / C + a.eps);
+  if (!live) return;
+  TY* yr = static_cast<TY*>(a.y) + row * C;
+  const TY* per = a.pe ? static_cast<const TY*>(a.pe) + (row % a.pe_rows) * C : nullptr;
+  TY* ype = a.pe ? static_cast<TY*>(a.y_pe) + row * C : nullptr;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    const int vi = lane + 32 * k;
+    const int vi = lane + kLanes * k;
     if (vi < nvec) {
       float g[8], b[8], o[8];
-      load_vec<8>(gamma + vi * 8, g);
-      load_vec<8>(beta + vi * 8, b);
+      load_vec<8>(a.gamma + vi * 8, g);
+      load_vec<8>(a.beta + vi * 8, b);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         o[j] = (v[k][j] - mean) * rstd * g[j] + b[j];
-        if (gelu) o[j] = gelu_erf(o[j]);
+        if (a.gelu) o[j] = gelu_erf(o[j]);
       }
       store_vec<8>(yr + vi * 8, o);
+      if (per) {
+        float e[8];
+        load_vec<8>(per + vi * 8, e);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) e[j] += to_float(from_float<TY>(o[j]));
+        store_vec<8>(ype + vi * 8, e);
+      }
     }
   }
 }
 
 // Any C and alignment: three passes over the row in memory (it stays in L1).
 template <class TX, class TY>
-__global__ void layer_norm_any_kernel(const TX* x, const float* gamma, const float* beta, TY* y, int64_t rows, int C,
-                                      float eps, bool gelu) {
-  const int lane = threadIdx.x % 32;
+__global__ void layer_norm_any_kernel(NormArgs a) {
+  const int lane = threadIdx.x % 32, C = a.C;
   const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
-  TY* yr = y + row * C;
-  const TX* xr = x + row * C;
+  if (row >= a.rows) return;
+  const TX* xr = static_cast<const TX*>(a.x) + row * C;
+  const TX* rr = a.r ? static_cast<const TX*>(a.r) + (row % a.r_rows) * C : nullptr;
+  auto in = [&](int k) { return rr ? to_float(xr[k]) + to_float(rr[k]) : to_float(xr[k]); };
   float sum = 0.0f;
-  for (int k = lane; k < C; k += 32) sum += to_float(xr[k]);
+  for (int k = lane; k < C; k += 32) sum += in(k);
   const float mean = warp_sum(sum) / C;
   float sq = 0.0f;
   for (int k = lane; k < C; k += 32) {
-    const float d = to_float(xr[k]) - mean;
+    const float d = in(k) - mean;
     sq += d * d;
   }
-  const float rstd = rsqrtf(warp_sum(sq) / C + eps);
+  const float rstd = rsqrtf(warp_sum(sq) / C + a.eps);
+  TY* yr = static_cast<TY*>(a.y) + row * C;
+  const TY* per = a.pe ? static_cast<const TY*>(a.pe) + (row % a.pe_rows) * C : nullptr;
+  TY* ype = a.pe ? static_cast<TY*>(a.y_pe) + row * C : nullptr;
   for (int k = lane; k < C; k += 32) {
-    const float o = (to_float(xr[k]) - mean) * rstd * gamma[k] + beta[k];
-    yr[k] = from_float<TY>(gelu ? gelu_erf(o) : o);
+    const float o = (in(k) - mean) * rstd * a.gamma[k] + a.beta[k];
+    const TY out = from_float<TY>(a.gelu ? gelu_erf(o) : o);
+    yr[k] = out;  // y may alias x or r: element k is read above by this lane only
+    if (per) ype[k] = from_float<TY>(to_float(per[k]) + to_float(out));
   }
 }
 
-template <int VPT, class TX, class TY>
-void launch_layer_norm_vec(const TX* x, const float* g, const float* b, TY* y, int64_t rows, int C, float eps,
-                           bool gelu, unsigned blocks, cudaStream_t stream) {
-  layer_norm_vec_kernel<VPT, TX, TY><<<blocks, kThreads, 0, stream>>>(x, g, b, y, rows, C, eps, gelu);
+template <int VPT, int kLanes, class TX, class TY>
+void launch_layer_norm_vec(const NormArgs& a, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = kThreads / 32 * (32 / kLanes);
+  const unsigned blocks = static_cast<unsigned>((a.rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  layer_norm_vec_kernel<VPT, kLanes, TX, TY><<<blocks, kThreads, 0, stream>>>(a);
 }
 
-void launch_layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, int64_t rows,
-                       int C, Activation act, cudaStream_t stream) {
+// y = act(LayerNorm(x + r)), y_pe = y + pe (r and pe optional, with x's dtype and y's).
+void launch_layer_norm(const Tensor& x, const Tensor* r, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y,
+                       const Tensor* pe, Tensor* y_pe, Activation act, cudaStream_t stream) {
   check(act == Activation::None || act == Activation::GELU, "cuda layer_norm: only GELU may follow the norm");
-  const bool gelu = act == Activation::GELU;
+  const int64_t C = x.dim(-1), rows = x.numel() / C;
   if (rows == 0 || C == 0) return;
-  const unsigned blocks = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
+  NormArgs a{};
+  a.x = x.data(), a.gamma = gamma.data_as<const float>(), a.beta = beta.data_as<const float>(), a.y = y.data();
+  a.rows = rows, a.C = static_cast<int>(C), a.eps = eps, a.gelu = act == Activation::GELU;
+  if (r) a.r = r->data(), a.r_rows = r->numel() / C;
+  if (pe) a.pe = pe->data(), a.pe_rows = pe->numel() / C, a.y_pe = y_pe->data();
   const int vpt = (C / 8 + 31) / 32;
   const bool vec = C % 8 == 0 && vpt <= 8 && aligned16(x.data()) && aligned16(y.data()) && aligned16(gamma.data()) &&
-                   aligned16(beta.data());
+                   aligned16(beta.data()) && (!r || aligned16(r->data())) &&
+                   (!pe || (aligned16(pe->data()) && aligned16(y_pe->data())));
   with_type(x.dtype(), [&](auto tx) {
     with_type(y.dtype(), [&](auto ty) {
       using TX = decltype(tx);
       using TY = decltype(ty);
-      const auto* xs = static_cast<const TX*>(x.data());
-      auto* ys = static_cast<TY*>(y.data());
-      const auto* g = gamma.data_as<const float>();
-      const auto* b = beta.data_as<const float>();
       if (!vec) {
-        layer_norm_any_kernel<TX, TY><<<blocks, kThreads, 0, stream>>>(xs, g, b, ys, rows, C, eps, gelu);
+        const unsigned blocks = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
+        layer_norm_any_kernel<TX, TY><<<blocks, kThreads, 0, stream>>>(a);
         return;
       }
+      if (C <= 64) return launch_layer_norm_vec<1, 8, TX, TY>(a, stream);
+      if (C <= 128) return launch_layer_norm_vec<1, 16, TX, TY>(a, stream);
       switch (vpt) {
-        case 1: launch_layer_norm_vec<1>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
-        case 2: launch_layer_norm_vec<2>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
-        case 3: launch_layer_norm_vec<3>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
-        case 4: launch_layer_norm_vec<4>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
-        case 5: launch_layer_norm_vec<5>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
-        case 6: launch_layer_norm_vec<6>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
-        case 7: launch_layer_norm_vec<7>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
-        default: launch_layer_norm_vec<8>(xs, g, b, ys, rows, C, eps, gelu, blocks, stream); break;
+        case 1: launch_layer_norm_vec<1, 32, TX, TY>(a, stream); break;
+        case 2: launch_layer_norm_vec<2, 32, TX, TY>(a, stream); break;
+        case 3: launch_layer_norm_vec<3, 32, TX, TY>(a, stream); break;
+        case 4: launch_layer_norm_vec<4, 32, TX, TY>(a, stream); break;
+        case 5: launch_layer_norm_vec<5, 32, TX, TY>(a, stream); break;
+        case 6: launch_layer_norm_vec<6, 32, TX, TY>(a, stream); break;
+        case 7: launch_layer_norm_vec<7, 32, TX, TY>(a, stream); break;
+        default: launch_layer_norm_vec<8, 32, TX, TY>(a, stream); break;
       }
     });
   });
@@ -601,31 +644,40 @@ __device__ __forceinline__ float dot_shared(const float* a_s, const float* b) {
   return acc;
 }
 
-// Tk <= kKeys <= 32: one thread per query, the (batch, head)'s keys and values in shared memory;
-// the scores stay in registers (an exact softmax, no online rescaling).
+// Tk <= kKeys <= 32: one thread per (query, head), a block's threads taking every head of
+// kFewKeysThreads / heads consecutive queries, so that a warp reads and writes whole rows. Every
+// head's keys and values sit in shared memory (each head's block padded by 4 floats: the heads a
+// warp reads at once fall in different banks); the scores stay in registers (an exact softmax, no
+// online rescaling).
 template <class TI, class TO, int kHd, int kKeys>
-__global__ void __launch_bounds__(kFewKeysThreads) few_keys_attention_kernel(AttnParams p) {
-  __shared__ __align__(16) float k_s[kKeys][kHd];
-  __shared__ __align__(16) float v_s[kKeys][kHd];
-  const int hd = p.head_dim, h = blockIdx.y;
+__global__ void __launch_bounds__(kFewKeysThreads) few_keys_attention_kernel(AttnParams p, int heads) {
+  constexpr int kHeadFloats = kKeys * kHd + 4;
+  extern __shared__ __align__(16) float kv_s[];  // k: [heads][kHeadFloats], then v likewise
+  float* k_s = kv_s;
+  float* v_s = kv_s + heads * kHeadFloats;
+  const int hd = p.head_dim;
   const int64_t b = blockIdx.z;
-  const TI* kg = static_cast<const TI*>(p.k) + b * p.k_batch + int64_t(h) * hd;
-  const TI* vg = static_cast<const TI*>(p.v) + b * p.v_batch + int64_t(h) * hd;
-  for (int i = threadIdx.x; i < kKeys * kHd; i += blockDim.x) {
-    const int j = i / kHd, d = i % kHd;
+  const TI* kg = static_cast<const TI*>(p.k) + b * p.k_batch;
+  const TI* vg = static_cast<const TI*>(p.v) + b * p.v_batch;
+  for (int i = threadIdx.x; i < heads * kKeys * kHd; i += blockDim.x) {
+    const int h = i / (kKeys * kHd), j = (i / kHd) % kKeys, d = i % kHd;
     const bool ok = j < p.Tk && d < hd;
-    k_s[j][d] = ok ? to_float(kg[int64_t(j) * p.k_row + d]) : 0.0f;
-    v_s[j][d] = ok ? to_float(vg[int64_t(j) * p.v_row + d]) : 0.0f;
+    const int64_t at = int64_t(j) * p.k_row + int64_t(h) * hd + d;
+    k_s[h * kHeadFloats + j * kHd + d] = ok ? to_float(kg[at]) : 0.0f;
+    v_s[h * kHeadFloats + j * kHd + d] = ok ? to_float(vg[int64_t(j) * p.v_row + int64_t(h) * hd + d]) : 0.0f;
   }
   __syncthreads();
-  const int t = blockIdx.x * kFewKeysThreads + threadIdx.x;
-  if (t >= p.Tq) return;
+  const int h = threadIdx.x % heads;
+  const int t = blockIdx.x * (kFewKeysThreads / heads) + threadIdx.x / heads;
+  if (t >= p.Tq || threadIdx.x >= kFewKeysThreads / heads * heads) return;
   float q[kHd];
   load_head_row<TI, kHd>(static_cast<const TI*>(p.q) + b * p.q_batch + int64_t(t) * p.q_row + int64_t(h) * hd, hd, q);
+  const float* kh = k_s + h * kHeadFloats;
+  const float* vh = v_s + h * kHeadFloats;
   float s[kKeys], mx = -INFINITY;
 #pragma unroll
   for (int j = 0; j < kKeys; ++j) {
-    s[j] = j < p.Tk ? dot_shared<kHd>(k_s[j], q) * p.scale : -INFINITY;
+    s[j] = j < p.Tk ? dot_shared<kHd>(kh + j * kHd, q) * p.scale : -INFINITY;
     mx = fmaxf(mx, s[j]);
   }
   float l = 0.0f, o[kHd];
@@ -637,12 +689,20 @@ __global__ void __launch_bounds__(kFewKeysThreads) few_keys_attention_kernel(Att
     l += e;
 #pragma unroll
     for (int d = 0; d < kHd; d += 4) {
-      const float4 v = *reinterpret_cast<const float4*>(&v_s[j][d]);
+      const float4 v = *reinterpret_cast<const float4*>(vh + j * kHd + d);
       o[d] += e * v.x, o[d + 1] += e * v.y, o[d + 2] += e * v.z, o[d + 3] += e * v.w;
     }
   }
   const float inv = 1.0f / l;
   TO* og = static_cast<TO*>(p.out) + b * p.o_batch + int64_t(t) * p.o_row + int64_t(h) * hd;
+  if constexpr (sizeof(TO) == 4) {
+    if (hd == kHd && reinterpret_cast<uintptr_t>(og) % 16 == 0) {
+#pragma unroll
+      for (int d = 0; d < kHd; d += 4)
+        *reinterpret_cast<float4*>(og + d) = make_float4(o[d] * inv, o[d + 1] * inv, o[d + 2] * inv, o[d + 3] * inv);
+      return;
+    }
+  }
 #pragma unroll
   for (int d = 0; d < kHd; ++d)
     if (d < hd) og[d] = from_float<TO>(o[d] * inv);
@@ -757,19 +817,22 @@ bool launch_lopsided_attention(const AttnParams& p, DType in, DType out, int hea
       using TI = decltype(ti);
       using TO = decltype(to);
       if (p.Tk <= kFewKeys) {
-        const dim3 grid(static_cast<unsigned>((p.Tq + kFewKeysThreads - 1) / kFewKeysThreads),
-                        static_cast<unsigned>(heads), static_cast<unsigned>(batch));
         // The fewest key slots that hold Tk: the scores of every slot are computed.
+        const int slots = p.Tk <= 8 ? 8 : p.Tk <= 16 ? 16 : 32;
+        const size_t smem = 2 * size_t(heads) * (size_t(slots) * kHd + 4) * sizeof(float);
+        if (heads > kFewKeysThreads || smem > 48 * 1024) return;  // the tiled kernel takes it
+        const int queries = kFewKeysThreads / heads;
+        const dim3 grid(static_cast<unsigned>((p.Tq + queries - 1) / queries), 1, static_cast<unsigned>(batch));
         auto pick = [&](auto hd_tag) {
           constexpr int H = decltype(hd_tag)::value;
-          return p.Tk <= 8    ? few_keys_attention_kernel<TI, TO, H, 8>
-                 : p.Tk <= 16 ? few_keys_attention_kernel<TI, TO, H, 16>
-                              : few_keys_attention_kernel<TI, TO, H, 32>;
+          return slots == 8    ? few_keys_attention_kernel<TI, TO, H, 8>
+                 : slots == 16 ? few_keys_attention_kernel<TI, TO, H, 16>
+                               : few_keys_attention_kernel<TI, TO, H, 32>;
         };
         auto kernel = kHd == 16   ? pick(std::integral_constant<int, 16>{})
                       : kHd == 32 ? pick(std::integral_constant<int, 32>{})
                                   : pick(std::integral_constant<int, 64>{});
-        kernel<<<grid, kFewKeysThreads, 0, stream>>>(p);
+        kernel<<<grid, kFewKeysThreads, smem, stream>>>(p, heads);
         launched = true;
       } else if (p.Tq <= kFewQueries) {
         auto kernel = kHd == 16 ? few_queries_attention_kernel<TI, TO, 16>
@@ -831,14 +894,33 @@ __global__ void gemm_reference_kernel(GemmArgs g) {
 
 void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, Activation act,
                 cudaStream_t stream) {
+  add_layer_norm(x, nullptr, gamma, beta, eps, y, nullptr, nullptr, act, stream);
+}
+
+void add_layer_norm(const Tensor& x, const Tensor* r, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y,
+                    const Tensor* pe, Tensor* y_pe, Activation act, cudaStream_t stream) {
   require_device(x, "layer_norm", "input");
   require_device(y, "layer_norm", "output");
-  const int64_t C = x.dim(-1);
-  check(y.numel() == x.numel() && C > 0, "cuda layer_norm: input " + shape_str(x.shape()) + ", output " +
-                                             shape_str(y.shape()));
+  const int64_t C = x.dim(-1), n = x.numel();
+  check(y.numel() == n && C > 0, "cuda layer_norm: input " + shape_str(x.shape()) + ", output " + shape_str(y.shape()));
   require_f32_param(gamma, C, "layer_norm", "weight");
   require_f32_param(beta, C, "layer_norm", "bias");
-  launch_layer_norm(x, gamma, beta, eps, y, x.numel() / C, static_cast<int>(C), act, stream);
+  // r and pe repeat over x as add() repeats its b: whole rows, the same last dim.
+  auto repeated = [&](const Tensor& t, DType dtype, const char* what) {
+    require_device(t, "layer_norm", what);
+    check(t.dtype() == dtype && t.dim(-1) == C && t.numel() > 0 && n % t.numel() == 0,
+          std::string("cuda layer_norm: ") + what + " " + dtype_name(t.dtype()) + " " + shape_str(t.shape()) +
+              " does not repeat over " + dtype_name(dtype) + " " + shape_str(x.shape()));
+  };
+  if (r) repeated(*r, x.dtype(), "residual");
+  if (pe) {
+    check(y_pe != nullptr, "cuda layer_norm: a positional encoding needs an output for y + pe");
+    repeated(*pe, y.dtype(), "positional encoding");
+    require_device(*y_pe, "layer_norm", "y + pe output");
+    check(y_pe->dtype() == y.dtype() && y_pe->numel() == n,
+          "cuda layer_norm: y + pe output " + shape_str(y_pe->shape()) + " for " + shape_str(y.shape()));
+  }
+  launch_layer_norm(x, r, gamma, beta, eps, y, pe, y_pe, act, stream);
 }
 
 void add(const Tensor& a, const Tensor& b, Tensor& y, cudaStream_t stream) {
@@ -920,16 +1002,6 @@ void patchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream) {
                      "patchify kernel");
 }
 
-void unpatchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream) {
-  require_device(x, "unpatchify", "input");
-  require_device(y, "unpatchify", "output");
-  check(x.ndim() == 4 && p > 0, "cuda unpatchify: input must be [B, H, W, p*p*C], found " + shape_str(x.shape()));
-  const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3) / (int64_t(p) * p);
-  check(x.dim(3) == C * p * p && y.numel() == x.numel(),
-        "cuda unpatchify: " + shape_str(x.shape()) + " by " + std::to_string(p) + " into " + shape_str(y.shape()));
-  launch_runs(x, y, UnpatchifyMap{H, W, C, p}, B * H * W * p, p * C, (p * C) % 8 == 0, stream,
-                     "unpatchify kernel");
-}
 
 void im2col3x3(const Tensor& x, Tensor& y, cudaStream_t stream) {
   require_device(x, "im2col3x3", "input");

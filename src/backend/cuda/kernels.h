@@ -17,6 +17,10 @@ struct GemmArgs;  // gemm.h
 // y = LayerNorm(x) over the last dim (y may alias x). gamma, beta: fp32 [C].
 void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y, Activation act,
                 cudaStream_t stream);
+// Backend::add_layer_norm: y = act(LayerNorm(x + r)) and y_pe = y + pe, r and pe optional (null),
+// each repeated over x as add() repeats b. One pass: the rows stay in registers.
+void add_layer_norm(const Tensor& x, const Tensor* r, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y,
+                    const Tensor* pe, Tensor* y_pe, Activation act, cudaStream_t stream);
 
 // y = a + b with b repeated over a (b's numel divides a's, same last dim). y may alias a.
 void add(const Tensor& a, const Tensor& b, Tensor& y, cudaStream_t stream);
@@ -27,9 +31,8 @@ void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, i
 // x = act(x) in place (GELU: exact erf form).
 void activation(Tensor& x, Activation act, cudaStream_t stream);
 
-// Space-to-depth, depth-to-space and 3x3 im2col, channels-last, feature order (ky, kx, c).
+// Space-to-depth and 3x3 im2col, channels-last, feature order (ky, kx, c).
 void patchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream);
-void unpatchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream);
 void im2col3x3(const Tensor& x, Tensor& y, cudaStream_t stream);
 
 // Plain multi-head attention, q [Bq, Tq, D], k [Bk, Tk, D], v [Bv, Tk, D] (a batch of 1 is

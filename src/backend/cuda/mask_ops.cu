@@ -1,12 +1,11 @@
-// Prompt embedding and mask postprocessing kernels (mask_ops.h).
+// Prompt embedding, the decoder's masks from its hypernetworks, and mask postprocessing (mask_ops.h).
 //
-// postprocess: one thread per 32-pixel word of a mask (one block row of the grid per mask). Each
-// pixel evaluates both bilinear stages directly: 4 first-stage values of 4 low-res logits each,
-// read through L1 from the mask's 256 KB of logits, so no intermediate image is ever written.
-// The box, the area and the stability counts are reduced per warp and added with atomics.
-// Stats only (the mask generator's first pass over thousands of masks): a block per band of output
-// rows computes the band's first-stage rows once into shared memory, and each pixel then reads 4 of
-// them: the same values, so the same bits, at a fraction of the work.
+// postprocess: a block per tile of 32 x 128 output pixels of a mask computes the first-stage values
+// (the img_size^2 image, cut to the input size) that its pixels read once into shared memory; each
+// pixel then reads 4 of them. Bits leave through warp ballots, the box, the area and the stability
+// counts are reduced per warp and added with atomics; no intermediate image is ever written. For
+// images upscaled so much that a tile's window does not fit, a direct kernel evaluates both
+// bilinear stages per pixel (one thread per 32-pixel word) from the logits through L1.
 #include "backend/cuda/mask_ops.h"
 
 #include <algorithm>
@@ -49,6 +48,56 @@ __global__ void embed_points_kernel(const float* __restrict__ coords, const int3
     out[t * C + k] = __float2bfloat16_rn(s);
     out[t * C + half + k] = __float2bfloat16_rn(c);
   }
+}
+
+// ---- hypernetwork_masks ------------------------------------------------------------------------
+
+constexpr int kMaxHyperMasks = 8, kHyperThreads = 256;
+
+__device__ __forceinline__ float gelu_exact(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f)); }
+
+// Block (pixel tile, p): kHyperThreads consecutive pixels of prompt p's masks; hyper[p] in shared
+// memory. D % 4 == 0 with 16-byte aligned rows reads float4s, else floats.
+template <bool kVec4>
+__global__ void __launch_bounds__(kHyperThreads) hypernetwork_masks_kernel(const float* __restrict__ up,
+                                                                           const float* __restrict__ hyper,
+                                                                           float* __restrict__ low_res, int T, int D,
+                                                                           int G) {
+  extern __shared__ float h_s[];  // [T][D]
+  const int p = blockIdx.y, side = 4 * G;
+  const int64_t plane = int64_t(side) * side;
+  for (int i = threadIdx.x; i < T * D; i += blockDim.x) h_s[i] = hyper[int64_t(p) * T * D + i];
+  __syncthreads();
+  const int64_t pixel = blockIdx.x * int64_t(kHyperThreads) + threadIdx.x;
+  if (pixel >= plane) return;
+  const int y = static_cast<int>(pixel / side), x = static_cast<int>(pixel % side);
+  const int64_t row = (((y >> 2) * int64_t(G) + (x >> 2)) * 4 + ((y >> 1) & 1) * 2 + ((x >> 1) & 1)) * 4 + (y & 1) * 2 +
+                      (x & 1);
+  const float* u = up + (int64_t(p) * plane + row) * D;
+  float acc[kMaxHyperMasks];
+#pragma unroll
+  for (int t = 0; t < kMaxHyperMasks; ++t) acc[t] = 0.0f;
+  if constexpr (kVec4) {
+    for (int k = 0; k < D; k += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(u + k);
+      const float g[4] = {gelu_exact(v.x), gelu_exact(v.y), gelu_exact(v.z), gelu_exact(v.w)};
+#pragma unroll
+      for (int t = 0; t < kMaxHyperMasks; ++t)
+        if (t < T)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[t] = fmaf(h_s[t * D + k + j], g[j], acc[t]);
+    }
+  } else {
+    for (int k = 0; k < D; ++k) {
+      const float g = gelu_exact(u[k]);
+#pragma unroll
+      for (int t = 0; t < kMaxHyperMasks; ++t)
+        if (t < T) acc[t] = fmaf(h_s[t * D + k], g, acc[t]);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kMaxHyperMasks; ++t)
+    if (t < T) low_res[(int64_t(p) * T + t) * plane + pixel] = acc[t];
 }
 
 // ---- postprocess ------------------------------------------------------------------------------
@@ -187,49 +236,113 @@ __global__ void __launch_bounds__(256) postprocess_kernel(PostArgs a) {
   add_stats(a.stats + static_cast<int64_t>(m) * 7, area, hi, lo, x0, y0, x1, y1);
 }
 
-// Stats only: block (band, m) covers output rows [band * rows_per_band, + rows_per_band) of mask m.
-// Its first-stage rows (the img_size^2 image's rows that the band's pixels read, cut to input_w
-// columns) go to shared memory first: at most max_rows of them, which the host made sure of.
-__global__ void __launch_bounds__(256) postprocess_stats_kernel(PostArgs a, int rows_per_band, int max_rows) {
-  extern __shared__ float mid[];  // [max_rows, input_w]
-  const int m = blockIdx.y;
+// The tiled kernel: block (tile x, tile y, m) covers kTileRows x kTileCols output pixels of mask
+// m. The first-stage values its pixels read (a window of the img_size^2 image, at most max_rows x
+// max_cols, which the host made sure of) go to shared memory first; each pixel then reads 4 of
+// them: the same values, so the same bits, as the direct kernel, at a fraction of the work. Bits
+// leave by warp ballots: a warp takes 32 pixels that are consecutive in the bits' order (a row
+// segment, or 32 rows of one column: the tile is 32 rows high) and ORs them into the two words
+// they straddle, which the caller zeroed.
+constexpr int kTileRows = 32, kTileCols = 128;
+
+// The source indices [lo, hi] that output indices [begin, end) of an axis read (axis_at is monotonic).
+__device__ __forceinline__ void axis_span(int in, float scale, int begin, int end, int& lo, int& hi) {
+  int unused_i;
+  float unused_a, unused_b;
+  axis_at(in, scale, begin, lo, unused_i, unused_a, unused_b);
+  axis_at(in, scale, end - 1, unused_i, hi, unused_a, unused_b);
+}
+
+// 32 bits of pixels from bit position `at` of a mask's words on; zero words are left alone.
+__device__ __forceinline__ void or_bits(uint32_t* words, int64_t at, uint32_t b) {
+  if (b == 0) return;
+  const int s = static_cast<int>(at & 31);
+  atomicOr(words + (at >> 5), b << s);
+  if (s != 0 && (b >> (32 - s)) != 0) atomicOr(words + (at >> 5) + 1, b >> (32 - s));
+}
+
+__global__ void __launch_bounds__(256) postprocess_tile_kernel(PostArgs a, int max_rows, int max_cols) {
+  extern __shared__ float mid[];  // [max_rows][max_cols + 1]
+  const int m = blockIdx.z;
   const float* __restrict__ L = mask_logits(a, m);
-  const int y_begin = blockIdx.x * rows_per_band, y_end = min(y_begin + rows_per_band, a.height);
-  int r_lo, r_hi, unused_i;
-  float unused_f, unused_g;
-  axis_at(a.input_h, a.sy2, y_begin, r_lo, unused_i, unused_f, unused_g);
-  axis_at(a.input_h, a.sy2, y_end - 1, unused_i, r_hi, unused_f, unused_g);
-  const int rows = min(r_hi - r_lo + 1, max_rows);
-  for (int i = threadIdx.x; i < rows * a.input_w; i += blockDim.x) {
-    const int r = r_lo + i / a.input_w, c = i - (i / a.input_w) * a.input_w;
+  const int y_begin = blockIdx.y * kTileRows, x_begin = blockIdx.x * kTileCols;
+  const int y_end = min(y_begin + kTileRows, a.height), x_end = min(x_begin + kTileCols, a.width);
+  int r_lo, r_hi, c_lo, c_hi;
+  axis_span(a.input_h, a.sy2, y_begin, y_end, r_lo, r_hi);
+  axis_span(a.input_w, a.sx2, x_begin, x_end, c_lo, c_hi);
+  const int rows = min(r_hi - r_lo + 1, max_rows), cols = min(c_hi - c_lo + 1, max_cols), stride = max_cols + 1;
+  for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
+    const int ri = i / cols, ci = i - ri * cols;
     int ra, rb, ca, cb;
     float rl0, rl1, cl0, cl1;
-    axis_at(a.h, a.sy1, r, ra, rb, rl0, rl1);
-    axis_at(a.w, a.sx1, c, ca, cb, cl0, cl1);
+    axis_at(a.h, a.sy1, r_lo + ri, ra, rb, rl0, rl1);
+    axis_at(a.w, a.sx1, c_lo + ci, ca, cb, cl0, cl1);
     const float* la = L + ra * a.w;
     const float* lb = L + rb * a.w;
-    mid[i] = lerp2(rl0, lerp2(cl0, __ldg(la + ca), cl1, __ldg(la + cb)), rl1,
-                   lerp2(cl0, __ldg(lb + ca), cl1, __ldg(lb + cb)));
+    mid[ri * stride + ci] = lerp2(rl0, lerp2(cl0, __ldg(la + ca), cl1, __ldg(la + cb)), rl1,
+                                  lerp2(cl0, __ldg(lb + ca), cl1, __ldg(lb + cb)));
   }
   __syncthreads();
   int area = 0, hi = 0, lo = 0, x0 = INT_MAX, y0 = INT_MAX, x1 = -1, y1 = -1;
   const int warp = threadIdx.x / 32, warps = blockDim.x / 32, lane = threadIdx.x % 32;
-  for (int y = y_begin + warp; y < y_end; y += warps) {
+  uint32_t* words = a.bits ? a.bits + static_cast<int64_t>(m) * a.words : nullptr;
+  // One pixel: its second-stage taps (rows of mid at m0, m1; columns c0, c1) -> counts, box, bit.
+  auto pixel = [&](bool in, int y, int x, const float* m0, const float* m1, float wy0, float wy1, int c0, int c1,
+                   float wx0, float wx1) {
+    if (!in) return false;
+    const float v = lerp2(wy0, lerp2(wx0, m0[c0], wx1, m0[c1]), wy1, lerp2(wx0, m1[c0], wx1, m1[c1]));
+    hi += v > a.hi;
+    lo += v > a.lo;
+    if (!(v > a.threshold)) return false;
+    ++area;
+    x0 = min(x0, x), x1 = max(x1, x), y0 = min(y0, y), y1 = max(y1, y);
+    return true;
+  };
+  auto column = [&](int x, int& c0, int& c1, float& wx0, float& wx1) {
+    axis_at(a.input_w, a.sx2, x, c0, c1, wx0, wx1);
+    c0 = min(c0 - c_lo, cols - 1), c1 = min(c1 - c_lo, cols - 1);
+  };
+  auto row = [&](int y, const float*& m0, const float*& m1, float& wy0, float& wy1) {
     int r0, r1;
-    float wy0, wy1;
     axis_at(a.input_h, a.sy2, y, r0, r1, wy0, wy1);
-    const float* m0 = mid + min(r0 - r_lo, rows - 1) * a.input_w;
-    const float* m1 = mid + min(r1 - r_lo, rows - 1) * a.input_w;
-    for (int x = lane; x < a.width; x += 32) {
+    m0 = mid + min(r0 - r_lo, rows - 1) * stride;
+    m1 = mid + min(r1 - r_lo, rows - 1) * stride;
+  };
+  if (!a.column_major) {
+    // A warp per output row, its lanes along the row.
+    constexpr int kSteps = kTileCols / 32;
+    int c0[kSteps], c1[kSteps];
+    float wx0[kSteps], wx1[kSteps];
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) column(min(x_begin + lane + 32 * k, x_end - 1), c0[k], c1[k], wx0[k], wx1[k]);
+    for (int y = y_begin + warp; y < y_end; y += warps) {
+      const float *m0, *m1;
+      float wy0, wy1;
+      row(y, m0, m1, wy0, wy1);
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {
+        const int x = x_begin + lane + 32 * k;
+        const bool on = pixel(x < x_end, y, x, m0, m1, wy0, wy1, c0[k], c1[k], wx0[k], wx1[k]);
+        if (words) {
+          const uint32_t b = __ballot_sync(0xffffffffu, on);
+          if (lane == 0) or_bits(words, int64_t(y) * a.width + x_begin + 32 * k, b);
+        }
+      }
+    }
+  } else {
+    // A warp per output column, its lanes down the tile's 32 rows.
+    const int y = y_begin + lane;
+    const float *m0, *m1;
+    float wy0, wy1;
+    row(min(y, y_end - 1), m0, m1, wy0, wy1);
+    for (int x = x_begin + warp; x < x_end; x += warps) {
       int c0, c1;
       float wx0, wx1;
-      axis_at(a.input_w, a.sx2, x, c0, c1, wx0, wx1);
-      const float v = lerp2(wy0, lerp2(wx0, m0[c0], wx1, m0[c1]), wy1, lerp2(wx0, m1[c0], wx1, m1[c1]));
-      hi += v > a.hi;
-      lo += v > a.lo;
-      if (v > a.threshold) {
-        ++area;
-        x0 = min(x0, x), x1 = max(x1, x), y0 = min(y0, y), y1 = max(y1, y);
+      column(x, c0, c1, wx0, wx1);
+      const bool on = pixel(y < y_end, y, x, m0, m1, wy0, wy1, c0, c1, wx0, wx1);
+      if (words) {
+        const uint32_t b = __ballot_sync(0xffffffffu, on);
+        if (lane == 0) or_bits(words, int64_t(x) * a.height + y_begin, b);
       }
     }
   }
@@ -271,21 +384,41 @@ void embed_points(const Tensor& coords, const Tensor& labels, const Tensor& gaus
 
 namespace {
 
-// The most first-stage rows that a band of `band` output rows reads (the kernel's axis_at, on the host).
-int band_rows(const Backend::MaskFrame& f, float sy2, int band) {
+// The most first-stage indices that a tile of `tile` output indices reads along an axis of `out`
+// indices resized from `in` (the kernel's axis_at, on the host).
+int tile_span(int in, int out, float scale, int tile) {
   auto source = [&](int o, bool upper) {
-    float src = sy2 * (static_cast<float>(o) + 0.5f) - 0.5f;
+    float src = scale * (static_cast<float>(o) + 0.5f) - 0.5f;
     if (src < 0.0f) src = 0.0f;
     const int i0 = static_cast<int>(src);
-    return upper ? i0 + (i0 < f.input_h - 1 ? 1 : 0) : i0;
+    return upper ? i0 + (i0 < in - 1 ? 1 : 0) : i0;
   };
   int most = 0;
-  for (int y = 0; y < f.height; y += band)
-    most = std::max(most, source(std::min(y + band, f.height) - 1, true) - source(y, false) + 1);
+  for (int o = 0; o < out; o += tile) most = std::max(most, source(std::min(o + tile, out) - 1, true) - source(o, false) + 1);
   return most;
 }
 
 }  // namespace
+
+void hypernetwork_masks(const Tensor& up, const Tensor& hyper, Tensor& low_res, cudaStream_t stream) {
+  require_gpu(up, DType::F32, "hypernetwork_masks", "upscaled image");
+  require_gpu(hyper, DType::F32, "hypernetwork_masks", "hypernetwork outputs");
+  require_gpu(low_res, DType::F32, "hypernetwork_masks", "output");
+  const HypernetworkShape s = hypernetwork_shape(up, hyper, low_res);
+  check(s.T <= kMaxHyperMasks && s.T * s.D * sizeof(float) <= 48 * 1024 && s.P <= 65535,
+        "cuda hypernetwork_masks: " + std::to_string(s.P) + " prompts of " + std::to_string(s.T) + " masks of " +
+            std::to_string(s.D) + " features exceed what the kernel takes (8 masks, 12288 weights, 65535 prompts)");
+  const int64_t plane = 16 * s.G * s.G;
+  if (s.P == 0 || s.T == 0) return;
+  const dim3 grid(static_cast<unsigned>((plane + kHyperThreads - 1) / kHyperThreads), static_cast<unsigned>(s.P));
+  const size_t smem = size_t(s.T * s.D) * sizeof(float);
+  const bool vec4 = s.D % 4 == 0 && reinterpret_cast<uintptr_t>(up.data()) % 16 == 0;
+  auto kernel = vec4 ? hypernetwork_masks_kernel<true> : hypernetwork_masks_kernel<false>;
+  kernel<<<grid, kHyperThreads, smem, stream>>>(up.data_as<const float>(), hyper.data_as<const float>(),
+                                                 low_res.data_as<float>(), static_cast<int>(s.T),
+                                                 static_cast<int>(s.D), static_cast<int>(s.G));
+  CUDA_CHECK_LAUNCH("hypernetwork_masks kernel");
+}
 
 void postprocess_masks(const Tensor& low_res, int first, int count, const Backend::MaskFrame& f, float threshold,
                        float offset, bool column_major, Tensor* bits, Tensor& stats, const Tensor* select,
@@ -330,22 +463,19 @@ void postprocess_masks(const Tensor& low_res, int first, int count, const Backen
   const unsigned small = static_cast<unsigned>((M + 255) / 256);
   init_stats_kernel<<<small, 256, 0, stream>>>(a.stats, M);
   CUDA_CHECK_LAUNCH("postprocess_masks init kernel");
-  // Stats only: bands of output rows whose first-stage rows fit in shared memory.
+  if (bits) CUDA_CHECK(cudaMemsetAsync(bits->data(), 0, size_t(M) * words * 4, stream));
+  // Tiles whose first-stage window fits in shared memory (always, but for images upscaled many
+  // times over); else the direct kernel.
   constexpr int kMaxShared = 96 * 1024;
-  int band = 32, rows = 0;
-  if (!bits) {
-    for (; band >= 1; band /= 2) {
-      rows = band_rows(f, a.sy2, band) + 1;  // one spare row: the kernel reads at most `rows`
-      if (int64_t(rows) * f.input_w * 4 <= kMaxShared) break;
-    }
-  }
-  if (!bits && band >= 1) {
+  const int rows = tile_span(f.input_h, f.height, a.sy2, kTileRows), cols = tile_span(f.input_w, f.width, a.sx2, kTileCols);
+  const int64_t smem = int64_t(rows) * (cols + 1) * 4;
+  if (smem <= kMaxShared) {
     // Per call (a microsecond): the attribute belongs to the current device.
-    CUDA_CHECK(cudaFuncSetAttribute(postprocess_stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    kMaxShared));
-    const dim3 grid(static_cast<unsigned>((f.height + band - 1) / band), static_cast<unsigned>(M));
-    postprocess_stats_kernel<<<grid, 256, static_cast<size_t>(rows) * f.input_w * 4, stream>>>(a, band, rows);
-    CUDA_CHECK_LAUNCH("postprocess_masks stats kernel");
+    CUDA_CHECK(cudaFuncSetAttribute(postprocess_tile_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxShared));
+    const dim3 grid(static_cast<unsigned>((f.width + kTileCols - 1) / kTileCols),
+                    static_cast<unsigned>((f.height + kTileRows - 1) / kTileRows), static_cast<unsigned>(M));
+    postprocess_tile_kernel<<<grid, 256, static_cast<size_t>(smem), stream>>>(a, rows, cols);
+    CUDA_CHECK_LAUNCH("postprocess_masks tile kernel");
   } else {
     // Threads per mask: one per word (row-major), or 32 columns x (words per column + 1) (column-major).
     const int64_t threads =
