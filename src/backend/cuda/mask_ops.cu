@@ -261,8 +261,29 @@ __device__ __forceinline__ void or_bits(uint32_t* words, int64_t at, uint32_t b)
   if (s != 0 && (b >> (32 - s)) != 0) atomicOr(words + (at >> 5) + 1, b >> (32 - s));
 }
 
+// A thread's share of one mask's stats: pixel count, box, the two stability counts.
+struct PixelStats {
+  int area = 0, hi = 0, lo = 0, x0 = INT_MAX, y0 = INT_MAX, x1 = -1, y1 = -1;
+  // Pixel (y, x) of logit v; true if inside the mask.
+  __device__ __forceinline__ bool add(const PostArgs& a, float v, int y, int x) {
+    hi += v > a.hi;
+    lo += v > a.lo;
+    if (!(v > a.threshold)) return false;
+    ++area;
+    x0 = min(x0, x), x1 = max(x1, x), y0 = min(y0, y), y1 = max(y1, y);
+    return true;
+  }
+};
+
+// The second stage at one output pixel: rows m0, m1 of the first-stage window, columns c0, c1.
+__device__ __forceinline__ float second_stage(const float* m0, const float* m1, float wy0, float wy1, int c0, int c1,
+                                              float wx0, float wx1) {
+  return lerp2(wy0, lerp2(wx0, m0[c0], wx1, m0[c1]), wy1, lerp2(wx0, m1[c0], wx1, m1[c1]));
+}
+
 __global__ void __launch_bounds__(256) postprocess_tile_kernel(PostArgs a, int max_rows, int max_cols) {
   extern __shared__ float mid[];  // [max_rows][max_cols + 1]
+  __shared__ int block_stats[8][7];
   const int m = blockIdx.z;
   const float* __restrict__ L = mask_logits(a, m);
   const int y_begin = blockIdx.y * kTileRows, x_begin = blockIdx.x * kTileCols;
@@ -271,58 +292,46 @@ __global__ void __launch_bounds__(256) postprocess_tile_kernel(PostArgs a, int m
   axis_span(a.input_h, a.sy2, y_begin, y_end, r_lo, r_hi);
   axis_span(a.input_w, a.sx2, x_begin, x_end, c_lo, c_hi);
   const int rows = min(r_hi - r_lo + 1, max_rows), cols = min(c_hi - c_lo + 1, max_cols), stride = max_cols + 1;
-  for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
-    const int ri = i / cols, ci = i - ri * cols;
-    int ra, rb, ca, cb;
-    float rl0, rl1, cl0, cl1;
+  // The window, a row of it per warp: the row's taps are the warp's, the columns' its lanes'.
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  for (int ri = warp; ri < rows; ri += warps) {
+    int ra, rb;
+    float rl0, rl1;
     axis_at(a.h, a.sy1, r_lo + ri, ra, rb, rl0, rl1);
-    axis_at(a.w, a.sx1, c_lo + ci, ca, cb, cl0, cl1);
     const float* la = L + ra * a.w;
     const float* lb = L + rb * a.w;
-    mid[ri * stride + ci] = lerp2(rl0, lerp2(cl0, __ldg(la + ca), cl1, __ldg(la + cb)), rl1,
-                                  lerp2(cl0, __ldg(lb + ca), cl1, __ldg(lb + cb)));
+#pragma unroll 4
+    for (int ci = lane; ci < cols; ci += 32) {
+      int ca, cb;
+      float cl0, cl1;
+      axis_at(a.w, a.sx1, c_lo + ci, ca, cb, cl0, cl1);
+      mid[ri * stride + ci] = lerp2(rl0, lerp2(cl0, __ldg(la + ca), cl1, __ldg(la + cb)), rl1,
+                                    lerp2(cl0, __ldg(lb + ca), cl1, __ldg(lb + cb)));
+    }
   }
   __syncthreads();
-  int area = 0, hi = 0, lo = 0, x0 = INT_MAX, y0 = INT_MAX, x1 = -1, y1 = -1;
-  const int warp = threadIdx.x / 32, warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  PixelStats st;
   uint32_t* words = a.bits ? a.bits + static_cast<int64_t>(m) * a.words : nullptr;
-  // One pixel: its second-stage taps (rows of mid at m0, m1; columns c0, c1) -> counts, box, bit.
-  auto pixel = [&](bool in, int y, int x, const float* m0, const float* m1, float wy0, float wy1, int c0, int c1,
-                   float wx0, float wx1) {
-    if (!in) return false;
-    const float v = lerp2(wy0, lerp2(wx0, m0[c0], wx1, m0[c1]), wy1, lerp2(wx0, m1[c0], wx1, m1[c1]));
-    hi += v > a.hi;
-    lo += v > a.lo;
-    if (!(v > a.threshold)) return false;
-    ++area;
-    x0 = min(x0, x), x1 = max(x1, x), y0 = min(y0, y), y1 = max(y1, y);
-    return true;
-  };
-  auto column = [&](int x, int& c0, int& c1, float& wx0, float& wx1) {
-    axis_at(a.input_w, a.sx2, x, c0, c1, wx0, wx1);
-    c0 = min(c0 - c_lo, cols - 1), c1 = min(c1 - c_lo, cols - 1);
-  };
-  auto row = [&](int y, const float*& m0, const float*& m1, float& wy0, float& wy1) {
-    int r0, r1;
-    axis_at(a.input_h, a.sy2, y, r0, r1, wy0, wy1);
-    m0 = mid + min(r0 - r_lo, rows - 1) * stride;
-    m1 = mid + min(r1 - r_lo, rows - 1) * stride;
-  };
   if (!a.column_major) {
     // A warp per output row, its lanes along the row.
     constexpr int kSteps = kTileCols / 32;
     int c0[kSteps], c1[kSteps];
     float wx0[kSteps], wx1[kSteps];
 #pragma unroll
-    for (int k = 0; k < kSteps; ++k) column(min(x_begin + lane + 32 * k, x_end - 1), c0[k], c1[k], wx0[k], wx1[k]);
+    for (int k = 0; k < kSteps; ++k) {
+      axis_at(a.input_w, a.sx2, min(x_begin + lane + 32 * k, x_end - 1), c0[k], c1[k], wx0[k], wx1[k]);
+      c0[k] = min(c0[k] - c_lo, cols - 1), c1[k] = min(c1[k] - c_lo, cols - 1);
+    }
     for (int y = y_begin + warp; y < y_end; y += warps) {
-      const float *m0, *m1;
+      int r0, r1;
       float wy0, wy1;
-      row(y, m0, m1, wy0, wy1);
+      axis_at(a.input_h, a.sy2, y, r0, r1, wy0, wy1);
+      const float* m0 = mid + min(r0 - r_lo, rows - 1) * stride;
+      const float* m1 = mid + min(r1 - r_lo, rows - 1) * stride;
 #pragma unroll
       for (int k = 0; k < kSteps; ++k) {
         const int x = x_begin + lane + 32 * k;
-        const bool on = pixel(x < x_end, y, x, m0, m1, wy0, wy1, c0[k], c1[k], wx0[k], wx1[k]);
+        const bool on = x < x_end && st.add(a, second_stage(m0, m1, wy0, wy1, c0[k], c1[k], wx0[k], wx1[k]), y, x);
         if (words) {
           const uint32_t b = __ballot_sync(0xffffffffu, on);
           if (lane == 0) or_bits(words, int64_t(y) * a.width + x_begin + 32 * k, b);
@@ -332,21 +341,47 @@ __global__ void __launch_bounds__(256) postprocess_tile_kernel(PostArgs a, int m
   } else {
     // A warp per output column, its lanes down the tile's 32 rows.
     const int y = y_begin + lane;
-    const float *m0, *m1;
+    int r0, r1;
     float wy0, wy1;
-    row(min(y, y_end - 1), m0, m1, wy0, wy1);
+    axis_at(a.input_h, a.sy2, min(y, y_end - 1), r0, r1, wy0, wy1);
+    const float* m0 = mid + min(r0 - r_lo, rows - 1) * stride;
+    const float* m1 = mid + min(r1 - r_lo, rows - 1) * stride;
     for (int x = x_begin + warp; x < x_end; x += warps) {
       int c0, c1;
       float wx0, wx1;
-      column(x, c0, c1, wx0, wx1);
-      const bool on = pixel(y < y_end, y, x, m0, m1, wy0, wy1, c0, c1, wx0, wx1);
+      axis_at(a.input_w, a.sx2, x, c0, c1, wx0, wx1);
+      c0 = min(c0 - c_lo, cols - 1), c1 = min(c1 - c_lo, cols - 1);
+      const bool on = y < y_end && st.add(a, second_stage(m0, m1, wy0, wy1, c0, c1, wx0, wx1), y, x);
       if (words) {
         const uint32_t b = __ballot_sync(0xffffffffu, on);
         if (lane == 0) or_bits(words, int64_t(x) * a.height + y_begin, b);
       }
     }
   }
-  add_stats(a.stats + static_cast<int64_t>(m) * 7, area, hi, lo, x0, y0, x1, y1);
+  // The block's stats, reduced (warps, then the block) before one set of atomics per block.
+  const unsigned all = 0xffffffffu;
+  const int v[7] = {__reduce_add_sync(all, st.area), __reduce_min_sync(all, st.x0), __reduce_min_sync(all, st.y0),
+                    __reduce_max_sync(all, st.x1),   __reduce_max_sync(all, st.y1), __reduce_add_sync(all, st.hi),
+                    __reduce_add_sync(all, st.lo)};
+  if (lane == 0)
+#pragma unroll
+    for (int i = 0; i < 7; ++i) block_stats[warp][i] = v[i];
+  __syncthreads();
+  if (threadIdx.x < 7) {
+    const int i = threadIdx.x;
+    int r = block_stats[0][i];
+    for (int w = 1; w < warps; ++w) {
+      const int u = block_stats[w][i];
+      r = (i == 1 || i == 2) ? min(r, u) : (i == 3 || i == 4) ? max(r, u) : r + u;
+    }
+    int32_t* s = a.stats + static_cast<int64_t>(m) * 7;
+    if (i == 0 || i == 5 || i == 6) {
+      if (r > 0) atomicAdd(s + i, r);
+    } else if (r != INT_MAX && r != -1) {
+      if (i <= 2) atomicMin(s + i, r);
+      else atomicMax(s + i, r);
+    }
+  }
 }
 
 }  // namespace
