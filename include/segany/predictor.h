@@ -37,8 +37,9 @@ struct Rle {
   bool operator==(const Rle&) const = default;
 };
 
-// What a prediction returns for each mask besides its score. Masks leave the GPU bit-packed; the
-// host expands them into what is asked for here.
+// What a prediction returns for each mask besides its score. Masks leave the GPU bit-packed and the
+// host expands them into what is asked for here; run lengths alone (rle without masks) are counted
+// on the GPU, and only they leave it.
 struct MaskOutputs {
   bool masks = true;           // Masks::masks, uint8 [M, H, W]
   bool rle = false;            // Masks::rle, each mask run-length encoded (COCO's order)
