@@ -175,6 +175,9 @@ TEST_F(CudaOps, LinearEncoderShapes) {
     run_linear_case(*gpu, *cpu, {M, C, 3 * C, true, Activation::None, false}, seed += 10);  // qkv
     run_linear_case(*gpu, *cpu, {M, C, 4 * C, true, Activation::GELU, false}, seed += 10);  // mlp.lin1
     run_linear_case(*gpu, *cpu, {M, 4 * C, C, true, Activation::None, true}, seed += 10);   // mlp.lin2 + x
+    // attn.proj into the float32 stream in place: the first product of the shape is tuned, on
+    // scratch rows (32 MiB holds fewer than M); the residual must still be added once.
+    run_linear_case(*gpu, *cpu, {M, C, C, true, Activation::None, true, DType::F32}, seed += 10);
   }
 }
 

@@ -34,12 +34,12 @@
 namespace segany {
 namespace {
 
+using cuda::make_event;
+using cuda::UniqueEvent;
+
 // RAII owners for the runtime's handles (no new/delete, nothing leaks when a constructor throws).
 struct StreamDeleter {
   void operator()(cudaStream_t s) const { cudaStreamDestroy(s); }
-};
-struct EventDeleter {
-  void operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
 };
 struct GraphExecDeleter {
   void operator()(cudaGraphExec_t g) const { cudaGraphExecDestroy(g); }
@@ -51,7 +51,6 @@ struct PinnedDeleter {
   void operator()(void* p) const { cudaFreeHost(p); }
 };
 using UniqueStream = std::unique_ptr<std::remove_pointer_t<cudaStream_t>, StreamDeleter>;
-using UniqueEvent = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDeleter>;
 using UniqueGraphExec = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, GraphExecDeleter>;
 using UniqueGraph = std::unique_ptr<std::remove_pointer_t<cudaGraph_t>, GraphDeleter>;
 using UniquePinned = std::unique_ptr<void, PinnedDeleter>;
@@ -59,12 +58,6 @@ struct DeviceDeleter {
   void operator()(void* p) const { cudaFree(p); }
 };
 using UniqueDevice = std::unique_ptr<void, DeviceDeleter>;
-
-UniqueEvent make_event(unsigned flags) {
-  cudaEvent_t e = nullptr;
-  CUDA_CHECK(cudaEventCreateWithFlags(&e, flags));
-  return UniqueEvent(e);
-}
 
 // float -> bf16 bits, round to nearest even (NaN stays NaN): the host side of uploads.
 inline uint16_t bf16_bits(float f) {
@@ -125,7 +118,11 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     stream_.reset(s);
     staging_done_ = make_event(cudaEventDisableTiming);
-    gemm_ = std::make_unique<cuda::GemmEngine>(stream_.get(), options_.gemm_workspace_bytes);
+    gemm_ = std::make_unique<cuda::GemmEngine>(
+        stream_.get(), options_.gemm_workspace_bytes, options_.tune_gemm, [memory = memory_](std::ptrdiff_t delta) {
+          if (delta > 0) memory->add(static_cast<size_t>(delta));
+          else memory->sub(static_cast<size_t>(-delta));
+        });
     memory_->add(options_.gemm_workspace_bytes);  // the engine's one cudaMalloc
   }
 

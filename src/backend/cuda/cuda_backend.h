@@ -21,6 +21,9 @@ struct CudaOptions {
   // refused with a message until their CudaLinear subclasses exist.
   cuda::LinearFormat linear_format = cuda::LinearFormat::BF16;
   size_t gemm_workspace_bytes = size_t(32) << 20;  // cuBLASLt's workspace, allocated once
+  // Time the heuristic's candidates on the first product of each shape and keep the fastest
+  // (gemm.h); false keeps the heuristic's first choice (no timing, no syncs at plan creation).
+  bool tune_gemm = true;
   // Run attention_relpos through the plain reference kernel (kernels.h) even where the flash
   // kernel takes the shape: for A/B checks of the flash kernel inside the whole model.
   bool reference_attention = false;

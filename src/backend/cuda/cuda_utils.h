@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
+#include <type_traits>
 #include <string>
 
 #include "segany/error.h"
@@ -71,6 +73,17 @@ inline int pointer_alignment(const void* p) {
   int align = 256;
   while (align > 1 && (a % align) != 0) align /= 2;
   return align;
+}
+
+// An owned CUDA event (destroyed with the owner), created with cudaEventCreateWithFlags.
+struct EventDeleter {
+  void operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
+};
+using UniqueEvent = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDeleter>;
+inline UniqueEvent make_event(unsigned flags) {
+  cudaEvent_t e = nullptr;
+  CUDA_CHECK(cudaEventCreateWithFlags(&e, flags));
+  return UniqueEvent(e);
 }
 
 }  // namespace segany::cuda

@@ -5,6 +5,8 @@
 // the exact erf form; the two differ by at most ~5e-4 in absolute value (near |x| ~ 2), under a
 // tenth of bf16's rounding step at those magnitudes, so the fused epilogue is kept. The residual
 // is cuBLASLt's C operand with beta = 1 (C may be D: the in-place residual of the transformer).
+#include <algorithm>
+#include <array>
 #include <string>
 
 #include "backend/cuda/cuda_utils.h"
@@ -27,7 +29,13 @@ const char* linear_format_name(LinearFormat f) {
 struct GemmEngine::Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
-  cublasLtMatmulAlgo_t algo{};
+  cublasLtMatmulAlgo_t algo{};                   // the one products launch
+  // The heuristic's candidates, best guess first (a fixed array: nvcc's front end fails on
+  // std::vector of cuBLASLt's unnamed algorithm struct).
+  static constexpr int kMaxCandidates = 8;
+  std::array<cublasLtMatmulAlgo_t, kMaxCandidates> candidates{};
+  int candidate_count = 0;
+  bool untuned = true;                           // tune() has not looked at this plan yet
   cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
   bool fallback = false;  // cuBLASLt has no algorithm: gemm_reference (kernels.h) runs it
   Plan() = default;
@@ -42,7 +50,8 @@ struct GemmEngine::Plan {
   }
 };
 
-GemmEngine::GemmEngine(cudaStream_t stream, size_t workspace_bytes) : stream_(stream), workspace_bytes_(workspace_bytes) {
+GemmEngine::GemmEngine(cudaStream_t stream, size_t workspace_bytes, bool tune, MemoryHook memory)
+    : stream_(stream), tune_(tune), memory_(std::move(memory)), workspace_bytes_(workspace_bytes) {
   CUBLAS_CHECK(cublasLtCreate(&handle_));
   if (workspace_bytes_ > 0) {
     const cudaError_t err = cudaMalloc(&workspace_, workspace_bytes_);
@@ -76,6 +85,44 @@ std::string describe(const GemmArgs& g) {
          dtype_name(g.d_type) + (g.bias ? " +bias" : "") + (g.c ? " +residual" : "") +
          (g.act == Activation::GELU ? " gelu" : g.act == Activation::ReLU ? " relu" : "");
 }
+
+// Owners for tune()'s temporaries.
+struct LayoutOwner {
+  cublasLtMatrixLayout_t layout = nullptr;
+  LayoutOwner() = default;
+  LayoutOwner(const LayoutOwner&) = delete;
+  LayoutOwner& operator=(const LayoutOwner&) = delete;
+  ~LayoutOwner() {
+    if (layout) cublasLtMatrixLayoutDestroy(layout);
+  }
+};
+struct TuneScratch {
+  const GemmEngine::MemoryHook& memory;
+  cudaStream_t stream;
+  void* data = nullptr;
+  size_t bytes = 0;
+  TuneScratch(const GemmEngine::MemoryHook& m, cudaStream_t s) : memory(m), stream(s) {}
+  TuneScratch(const TuneScratch&) = delete;
+  TuneScratch& operator=(const TuneScratch&) = delete;
+  // Zeroed device memory, or false (and nothing held) when there is none.
+  bool allocate(size_t n) {
+    if (cudaMalloc(&data, n) != cudaSuccess) {
+      cudaGetLastError();
+      data = nullptr;
+      return false;
+    }
+    bytes = n;
+    if (memory) memory(static_cast<std::ptrdiff_t>(n));
+    CUDA_CHECK(cudaMemsetAsync(data, 0, n, stream));
+    return true;
+  }
+  ~TuneScratch() {
+    if (!data) return;
+    cudaStreamSynchronize(stream);  // the timed products may still be writing it
+    cudaFree(data);
+    if (memory) memory(-static_cast<std::ptrdiff_t>(bytes));
+  }
+};
 
 void set_layout_batch(cublasLtMatrixLayout_t l, int64_t batch, int64_t stride) {
   if (batch <= 1) return;
@@ -120,7 +167,7 @@ GemmEngine::Plan& GemmEngine::plan(const Key& key, const GemmArgs& g) {
 
   cublasLtMatmulPreference_t pref = nullptr;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  cublasLtMatmulHeuristicResult_t result{};
+  cublasLtMatmulHeuristicResult_t results[Plan::kMaxCandidates] = {};
   int found = 0;
   const cublasStatus_t st = [&] {
     const uint64_t ws = workspace_bytes_;
@@ -138,13 +185,16 @@ GemmEngine::Plan& GemmEngine::plan(const Key& key, const GemmArgs& g) {
     if (s == CUBLAS_STATUS_SUCCESS)
       s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d));
     if (s == CUBLAS_STATUS_SUCCESS)
-      s = cublasLtMatmulAlgoGetHeuristic(handle_, p->desc, p->a, p->b, p->c, p->d, pref, 1, &result, &found);
+      s = cublasLtMatmulAlgoGetHeuristic(handle_, p->desc, p->a, p->b, p->c, p->d, pref, tune_ ? Plan::kMaxCandidates : 1,
+                                         results, &found);
     return s;
   }();
   cublasLtMatmulPreferenceDestroy(pref);
-  if (st == CUBLAS_STATUS_SUCCESS && found > 0)
-    p->algo = result.algo;
-  else if (st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED)
+  if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+    p->algo = results[0].algo;
+    for (int i = 0; i < found; ++i)
+      if (results[i].state == CUBLAS_STATUS_SUCCESS) p->candidates[p->candidate_count++] = results[i].algo;
+  } else if (st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED)
     p->fallback = true;  // no kernel for this shape and alignment: a slow, exact one
   else
     throw_cublas_error(st, ("cublasLtMatmulAlgoGetHeuristic for " + describe(g)).c_str(), __FILE__, __LINE__);
@@ -177,11 +227,75 @@ void GemmEngine::run(const GemmArgs& g) {
     gemm_reference(g, stream_);
     return;
   }
-  if (g.bias)
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
+  if (p.untuned) tune(p, g);
+  CUBLAS_CHECK(launch(p, p.algo, g, p.b, p.c, p.d));
+}
+
+cublasStatus_t GemmEngine::launch(const Plan& p, const cublasLtMatmulAlgo_t& algo, const GemmArgs& g,
+                                  cublasLtMatrixLayout_t layout_x, cublasLtMatrixLayout_t layout_c,
+                                  cublasLtMatrixLayout_t layout_d) const {
+  if (g.bias) {
+    const cublasStatus_t s =
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias));
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+  }
   const float alpha = 1.0f, beta = g.c ? 1.0f : 0.0f;
-  CUBLAS_CHECK(cublasLtMatmul(handle_, p.desc, &alpha, g.b, p.a, g.a, p.b, &beta, g.c ? g.c : g.d, p.c, g.d, p.d,
-                              &p.algo, workspace_, workspace_bytes_, stream_));
+  return cublasLtMatmul(handle_, p.desc, &alpha, g.b, p.a, g.a, layout_x, &beta, g.c ? g.c : g.d, layout_c, g.d,
+                        layout_d, &algo, workspace_, workspace_bytes_, stream_);
+}
+
+void GemmEngine::tune(Plan& p, const GemmArgs& g) {
+  p.untuned = false;
+  if (!tune_ || p.candidate_count < 2) return;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;  // no timing inside a capture: the first guess stays
+
+  // An in-place residual runs into scratch, on as many leading rows as kTuneScratchBytes holds.
+  GemmArgs t = g;
+  const bool in_place = g.c != nullptr && g.c == g.d;
+  cublasLtMatrixLayout_t layout_x = p.b, layout_c = p.c, layout_d = p.d;
+  LayoutOwner own_x, own_cd;
+  TuneScratch scratch(memory_, stream_);
+  if (in_place) {
+    if (g.batch > 1) return;  // no batched product accumulates in place; not worth the layouts
+    const size_t row_bytes = static_cast<size_t>(g.N) * dtype_size(g.d_type);
+    int64_t rows = std::min<int64_t>(g.M, static_cast<int64_t>(kTuneScratchBytes / row_bytes));
+    if (rows < g.M) rows = rows / 128 * 128;  // whole tiles, as the full product has
+    if (rows <= 0) return;
+    if (!scratch.allocate(static_cast<size_t>(rows) * row_bytes)) return;  // no room: the first guess stays
+    t.c = t.d = scratch.data;
+    if (rows < g.M) {
+      t.M = rows;
+      CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&own_x.layout, cuda_dtype(g.a_type), g.K, rows, g.K));
+      CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&own_cd.layout, cuda_dtype(g.d_type), g.N, rows, g.N));
+      layout_x = own_x.layout;
+      layout_c = layout_d = own_cd.layout;
+    }
+  }
+
+  UniqueEvent start = make_event(0), stop = make_event(0);
+  float best_ms = 0.0f;
+  const cublasLtMatmulAlgo_t* best = nullptr;
+  for (int i = 0; i < p.candidate_count; ++i) {
+    const cublasLtMatmulAlgo_t& algo = p.candidates[i];
+    if (t.M != g.M) {  // the candidate was proposed for the full product
+      cublasLtMatmulHeuristicResult_t check_result{};
+      if (cublasLtMatmulAlgoCheck(handle_, p.desc, p.a, layout_x, layout_c, layout_d, &algo, &check_result) !=
+          CUBLAS_STATUS_SUCCESS)
+        continue;
+    }
+    if (launch(p, algo, t, layout_x, layout_c, layout_d) != CUBLAS_STATUS_SUCCESS) continue;  // warm-up
+    constexpr int kRuns = 3;
+    CUDA_CHECK(cudaEventRecord(start.get(), stream_));
+    for (int r = 0; r < kRuns; ++r) CUBLAS_CHECK(launch(p, algo, t, layout_x, layout_c, layout_d));
+    CUDA_CHECK(cudaEventRecord(stop.get(), stream_));
+    CUDA_CHECK(cudaEventSynchronize(stop.get()));
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+    if (!best || ms < best_ms) best = &algo, best_ms = ms;
+  }
+  if (best) p.algo = *best;
 }
 
 // ---- linear layers ------------------------------------------------------------------------------

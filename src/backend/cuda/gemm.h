@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -57,11 +58,23 @@ struct GemmArgs {
 };
 
 // The cuBLASLt handle, workspace and plan cache of one backend; all products go to its stream.
-// A plan (descriptors, layouts and the heuristic's algorithm) is made on the first product of a
-// shape; later products of that shape only set pointers and launch, which graph capture records.
+// A plan (descriptors, layouts and an algorithm) is made on the first product of a shape; later
+// products of that shape only set pointers and launch, which graph capture records.
+//
+// Tuning: the heuristic's first choice is up to 15% slower than its best candidate at the
+// encoder's shapes (H100: the attention projection with an fp32 residual, the MLP's GELU layer),
+// so a plan made outside stream capture times the heuristic's candidates on the call's own
+// operands and keeps the fastest. A product that does not accumulate into its output in place is
+// idempotent, so its candidates run on the real buffers and the call's result is unchanged; an
+// in-place residual (C == D) is timed into a scratch buffer of at most kTuneScratchBytes (the
+// first rows of the product when it is larger), allocated for the tuning only and reported
+// through `memory` so that peak-memory figures include it.
 class GemmEngine {
  public:
-  GemmEngine(cudaStream_t stream, size_t workspace_bytes);
+  static constexpr size_t kTuneScratchBytes = size_t(32) << 20;
+  // Called with +bytes / -bytes around the tuning scratch's allocation (may be empty).
+  using MemoryHook = std::function<void(std::ptrdiff_t)>;
+  GemmEngine(cudaStream_t stream, size_t workspace_bytes, bool tune = true, MemoryHook memory = {});
   ~GemmEngine();
   GemmEngine(const GemmEngine&) = delete;
   GemmEngine& operator=(const GemmEngine&) = delete;
@@ -77,8 +90,16 @@ class GemmEngine {
   using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, int, bool, bool,
                          int, int, int, int>;
   Plan& plan(const Key& key, const GemmArgs& args);
+  void tune(Plan& p, const GemmArgs& args);
+  // One product with `algo` and the given layouts of the activation, C and D (the plan's own, or
+  // tune()'s for fewer rows); the status is returned, not thrown, so that tuning can skip a candidate.
+  cublasStatus_t launch(const Plan& p, const cublasLtMatmulAlgo_t& algo, const GemmArgs& args,
+                        cublasLtMatrixLayout_t layout_x, cublasLtMatrixLayout_t layout_c,
+                        cublasLtMatrixLayout_t layout_d) const;
 
   cudaStream_t stream_;
+  bool tune_ = true;
+  MemoryHook memory_;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
