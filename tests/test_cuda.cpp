@@ -137,6 +137,9 @@ struct LinearCase {
   Activation act;
   bool residual_in_place;
   DType out = DType::BF16;
+  // A layer of the encoder (bf16), or of the mask decoder (the prompt path's dtype): the backend
+  // picks the format by the name.
+  bool decoder = false;
 };
 
 void run_linear_case(Backend& gpu, Backend& cpu, const LinearCase& c, uint64_t seed) {
@@ -144,14 +147,17 @@ void run_linear_case(Backend& gpu, Backend& cpu, const LinearCase& c, uint64_t s
   const Tensor w = random_bf16({c.N, c.K}, seed + 1, 1.0f / std::sqrt(float(c.K)));
   const Tensor b = random_bf16({c.N}, seed + 2, 0.5f);
   const Tensor r = random_bf16({c.M, c.N}, seed + 3);
-  auto wc = cpu.prepare_linear("test", w, c.bias ? &b : nullptr);
-  auto wg = gpu.prepare_linear("test", w, c.bias ? &b : nullptr);
+  const std::string name = c.decoder ? "mask_decoder.test" : "image_encoder.test";
+  auto wc = cpu.prepare_linear(name, w, c.bias ? &b : nullptr);
+  auto wg = gpu.prepare_linear(name, w, c.bias ? &b : nullptr);
+  const DType in = c.decoder ? gpu.prompt_dtype() : gpu.activation_dtype();
+  const DType out = c.out == DType::F32 ? DType::F32 : in;
   Tensor want = Tensor::empty({c.M, c.N});
   cpu.linear(x, *wc, want, c.act, c.residual_in_place ? &r : nullptr);
 
-  Tensor xg = gpu.alloc(x.shape());
+  Tensor xg = gpu.alloc(x.shape(), in);
   gpu.copy_from_host(x, xg);
-  Tensor yg = gpu.alloc({c.M, c.N}, c.out);
+  Tensor yg = gpu.alloc({c.M, c.N}, out);
   if (c.residual_in_place) {
     gpu.copy_from_host(r, yg);
     gpu.linear(xg, *wg, yg, c.act, &yg);
@@ -162,8 +168,12 @@ void run_linear_case(Backend& gpu, Backend& cpu, const LinearCase& c, uint64_t s
     gpu.linear(xg, *wg, yg, c.act, nullptr);
   }
   const Tensor got = gpu.download(yg);
-  // cuBLASLt's GELU is the tanh form (|difference to erf| < 5e-4): inside both bounds.
-  EXPECT_CLOSE(got, want, 1e-2, 2e-2);
+  // cuBLASLt's GELU is the tanh form (|difference to erf| < 5e-4): inside both bounds. fp16
+  // outputs are rounded 8x finer than bf16 ones.
+  if (out == DType::F16)
+    EXPECT_CLOSE(got, want, 2e-3, 3e-3);
+  else
+    EXPECT_CLOSE(got, want, 1e-2, 2e-2);
 }
 
 TEST_F(CudaOps, LinearEncoderShapes) {
@@ -190,10 +200,22 @@ TEST_F(CudaOps, LinearEpiloguesAndSmallShapes) {
       run_linear_case(*gpu, *cpu, {21, 256, 2048, bias, act, false}, seed += 10);  // decoder MLP, 3 prompts
       run_linear_case(*gpu, *cpu, {4096, 768, 768, bias, act, false, DType::F32}, seed += 10);
     }
-  run_linear_case(*gpu, *cpu, {3 * 7, 256, 256, true, Activation::None, true}, seed += 10);  // out_proj + q
-  run_linear_case(*gpu, *cpu, {3 * 128 * 128, 4, 4, true, Activation::None, false}, seed += 10);  // mask conv
-  run_linear_case(*gpu, *cpu, {3, 256, 4, true, Activation::None, false}, seed += 10);  // iou head out
   run_linear_case(*gpu, *cpu, {4096, 2304, 256, false, Activation::None, false}, seed += 10);  // neck 3x3
+}
+
+TEST_F(CudaOps, LinearDecoderShapes) {
+  // The prompt path's layers (fp16 on the GPU), 64 prompts of 7 tokens on a 64 x 64 image.
+  uint64_t seed = 250;
+  const int64_t tokens = 64 * 7, cells = 64 * 4096;
+  const bool dec = true;
+  run_linear_case(*gpu, *cpu, {tokens, 256, 2048, true, Activation::ReLU, false, DType::BF16, dec}, seed += 10);
+  run_linear_case(*gpu, *cpu, {tokens, 2048, 256, true, Activation::None, true, DType::BF16, dec}, seed += 10);
+  run_linear_case(*gpu, *cpu, {tokens, 256, 256, true, Activation::None, true, DType::BF16, dec}, seed += 10);
+  run_linear_case(*gpu, *cpu, {cells, 256, 128, true, Activation::None, false, DType::BF16, dec}, seed += 10);
+  run_linear_case(*gpu, *cpu, {cells, 128, 256, true, Activation::None, false, DType::BF16, dec}, seed += 10);
+  run_linear_case(*gpu, *cpu, {4 * cells, 64, 128, true, Activation::None, false, DType::BF16, dec}, seed += 10);
+  run_linear_case(*gpu, *cpu, {3 * 128 * 128, 4, 4, true, Activation::None, false, DType::BF16, dec}, seed += 10);
+  run_linear_case(*gpu, *cpu, {64, 256, 4, true, Activation::None, false, DType::F32, dec}, seed += 10);  // iou out
 }
 
 // ---- norms and windows -------------------------------------------------------------------------
@@ -245,24 +267,28 @@ TEST_F(CudaOps, LayerNorm) {
 }
 
 TEST_F(CudaOps, AddLayerNormWithPositionalEncoding) {
-  // The decoder's image side in float32: keys [P, HW, C] = norm(attention out + keys), the keys
-  // of the first layer one image [1, HW, C] shared by every prompt, then in place over its own
-  // residual; with k = keys + pe. C = 256 takes the vector kernel, 20 the any-width one.
+  // The decoder's image side (fp16 on the GPU; and float32): keys [P, HW, C] = norm(attention out
+  // + keys), the keys of the first layer one image [1, HW, C] shared by every prompt, then in place
+  // over its own residual; with k = keys + pe. C = 256 takes the vector kernel, 20 the any-width one.
+  for (DType dt : {DType::F16, DType::F32})
   for (int64_t C : {256, 20}) {
     const int64_t P = 3, HW = 1000;
     const Tensor x = random_bf16({P, HW, C}, 410 + C), shared = random_bf16({1, HW, C}, 411 + C, 2.0f, 1.0f);
     const Tensor own = random_bf16({P, HW, C}, 412 + C), pe = random_bf16({1, HW, C}, 413 + C);
     const Tensor g = random_bf16({C}, 414, 0.3f, 1.0f), b = random_bf16({C}, 415, 0.3f);
-    const Tensor gd = gpu->upload(g), bd = gpu->upload(b), ped = dev(pe, DType::F32);
+    const Tensor gd = gpu->upload(g), bd = gpu->upload(b), ped = dev(pe, dt);
+    // fp16 rounds each output (and y + pe rounds the rounded y again).
+    const double bound = dt == DType::F32 ? 1e-5 : 1.5e-3;
     for (const Tensor* r : {&shared, &own}) {
-      SCOPED_TRACE("C=" + std::to_string(C) + (r == &shared ? ", shared residual" : ", own residual, in place"));
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " C=" + std::to_string(C) +
+                   (r == &shared ? ", shared residual" : ", own residual, in place"));
       Tensor want = Tensor::empty({P, HW, C}), want_pe = Tensor::empty({P, HW, C});
       cpu->add_layer_norm(x, *r, g, b, 1e-5f, want, &pe, &want_pe);
-      Tensor rd = dev(*r, DType::F32);
-      Tensor y = r == &own ? rd : poisoned({P, HW, C}, DType::F32), y_pe = poisoned({P, HW, C}, DType::F32);
-      gpu->add_layer_norm(dev(x, DType::F32), rd, gd, bd, 1e-5f, y, &ped, &y_pe);
-      EXPECT_CLOSE(host(y), want, 1e-5, 1e-5);
-      EXPECT_CLOSE(host(y_pe), want_pe, 1e-5, 1e-5);
+      Tensor rd = dev(*r, dt);
+      Tensor y = r == &own ? rd : poisoned({P, HW, C}, dt), y_pe = poisoned({P, HW, C}, dt);
+      gpu->add_layer_norm(dev(x, dt), rd, gd, bd, 1e-5f, y, &ped, &y_pe);
+      EXPECT_CLOSE(host(y), want, bound, bound);
+      EXPECT_CLOSE(host(y_pe), want_pe, bound, bound);
     }
   }
 }
@@ -332,27 +358,35 @@ TEST_F(CudaOps, AttentionRelPosOtherShapes) {
   attention_relpos_case(*this, *gpu, *cpu, 1, 2, 80, 20, 32, 720);
 }
 
-void attention_case(CudaOps& t, Backend& gpu, Backend& cpu, Shape qs, Shape ks, int heads, uint64_t seed) {
-  SCOPED_TRACE("q " + shape_str(qs) + " k " + shape_str(ks) + " heads " + std::to_string(heads));
+void attention_case(CudaOps& t, Backend& gpu, Backend& cpu, Shape qs, Shape ks, int heads, uint64_t seed,
+                    DType dt = DType::BF16) {
+  SCOPED_TRACE(std::string(dtype_name(dt)) + " q " + shape_str(qs) + " k " + shape_str(ks) + " heads " +
+               std::to_string(heads));
   Shape vs = ks;
   const Tensor q = random_bf16(qs, seed), k = random_bf16(ks, seed + 1), v = random_bf16(vs, seed + 2);
   const int64_t B = std::max(qs[0], ks[0]);
   Tensor want = Tensor::empty({B, qs[1], qs[2]});
   cpu.attention(q, k, v, heads, want);
-  Tensor out = t.poisoned({B, qs[1], qs[2]});
-  gpu.attention(t.dev(q), t.dev(k), t.dev(v), heads, out);
-  EXPECT_CLOSE(gpu.download(out), want, 1e-2, 3e-2);
+  Tensor out = t.poisoned({B, qs[1], qs[2]}, dt);
+  gpu.attention(t.dev(q, dt), t.dev(k, dt), t.dev(v, dt), heads, out);
+  if (dt == DType::BF16)
+    EXPECT_CLOSE(gpu.download(out), want, 1e-2, 3e-2);
+  else
+    EXPECT_CLOSE(gpu.download(out), want, 2e-3, 4e-3);
 }
 
 TEST_F(CudaOps, AttentionDecoderShapes) {
-  attention_case(*this, *gpu, *cpu, {3, 7, 128}, {1, 4096, 128}, 8, 800);  // tokens -> image (downsampled)
-  attention_case(*this, *gpu, *cpu, {3, 4096, 128}, {3, 7, 128}, 8, 810);  // image -> tokens
-  attention_case(*this, *gpu, *cpu, {3, 7, 256}, {3, 7, 256}, 8, 820);     // token self-attention
-  attention_case(*this, *gpu, *cpu, {1, 5, 64}, {3, 4096, 64}, 8, 830);    // a shared q, per-batch keys
-  attention_case(*this, *gpu, *cpu, {2, 33, 96}, {2, 70, 96}, 1, 840);     // head dim 96, ragged tiles
-  attention_case(*this, *gpu, *cpu, {2, 32, 256}, {2, 1000, 256}, 8, 850);  // 32 queries (the most), head dim 32
-  attention_case(*this, *gpu, *cpu, {2, 300, 512}, {1, 32, 512}, 8, 860);   // 32 keys (the most), head dim 64
-  attention_case(*this, *gpu, *cpu, {1, 33, 64}, {1, 33, 64}, 2, 870);      // 33 of each: the tiled kernel
+  // In the prompt path's fp16, and in bf16.
+  for (DType dt : {DType::F16, DType::BF16}) {
+    attention_case(*this, *gpu, *cpu, {3, 7, 128}, {1, 4096, 128}, 8, 800, dt);  // tokens -> image (downsampled)
+    attention_case(*this, *gpu, *cpu, {3, 4096, 128}, {3, 7, 128}, 8, 810, dt);  // image -> tokens
+    attention_case(*this, *gpu, *cpu, {3, 7, 256}, {3, 7, 256}, 8, 820, dt);     // token self-attention
+    attention_case(*this, *gpu, *cpu, {1, 5, 64}, {3, 4096, 64}, 8, 830, dt);    // a shared q, per-batch keys
+    attention_case(*this, *gpu, *cpu, {2, 33, 96}, {2, 70, 96}, 1, 840, dt);     // head dim 96, ragged tiles
+    attention_case(*this, *gpu, *cpu, {2, 32, 256}, {2, 1000, 256}, 8, 850, dt);  // 32 queries (the most), hd 32
+    attention_case(*this, *gpu, *cpu, {2, 300, 512}, {1, 32, 512}, 8, 860, dt);   // 32 keys (the most), hd 64
+    attention_case(*this, *gpu, *cpu, {1, 33, 64}, {1, 33, 64}, 2, 870, dt);      // 33 of each: the tiled kernel
+  }
 }
 
 // ---- elementwise and layout ------------------------------------------------------------------
@@ -390,6 +424,9 @@ TEST_F(CudaOps, CopyTokens) {
   Tensor d2 = dev(dst0);
   gpu->copy_tokens(dev(src, DType::F32), 5, d2, 2, 6);  // fp32 parameter rows into bf16 tokens
   EXPECT_CLOSE(host(d2), want, 0.0, 0.0);
+  Tensor d16 = dev(dst0, DType::F16);
+  gpu->copy_tokens(dev(src, DType::F32), 5, d16, 2, 6);  // into fp16 tokens: exact but for subnormals
+  EXPECT_CLOSE(host(d16), want, 1e-6, 1e-6);
   const Tensor s3 = random_bf16({2, 5, 3}, 1002), d3 = random_bf16({2, 4, 3}, 1003);
   Tensor want3 = d3.clone();
   cpu->copy_tokens(s3, 1, want3, 0, 3);
@@ -402,15 +439,17 @@ TEST_F(CudaOps, CopyTokensFromOneSequenceIntoEvery) {
   const Tensor src = random_bf16({1, 7, 256}, 1010), dst0 = random_bf16({5, 12, 256}, 1011);
   Tensor want = dst0.clone();
   cpu->copy_tokens(src, 0, want, 3, 7);
-  for (DType from : {DType::BF16, DType::F32}) {
-    Tensor d = dev(dst0);
-    gpu->copy_tokens(dev(src, from), 0, d, 3, 7);
-    EXPECT_CLOSE(host(d), want, 0.0, 0.0);
-  }
+  for (DType from : {DType::BF16, DType::F32, DType::F16})
+    for (DType to : {DType::BF16, DType::F16}) {
+      Tensor d = dev(dst0, to);
+      gpu->copy_tokens(dev(src, from), 0, d, 3, 7);
+      const double bound = from == DType::F16 || to == DType::F16 ? 1e-6 : 0.0;  // fp16's subnormals
+      EXPECT_CLOSE(host(d), want, bound, bound);
+    }
 }
 
 // Points, padding points and box corners of 37 prompts: fp32 within the last bits of sinf/cosf,
-// bf16 within its rounding.
+// bf16 and fp16 within their rounding.
 TEST_F(CudaOps, EmbedPoints) {
   const int64_t P = 37, N = 5, C = 256;
   Tensor coords = Tensor::empty({P, N, 2}), labels = Tensor::empty({P, N}, DType::I32);
@@ -426,11 +465,13 @@ TEST_F(CudaOps, EmbedPoints) {
   Tensor lg = gpu->alloc(labels.shape(), DType::I32);
   gpu->upload_async(labels, lg);
   const Tensor cg = dev(coords, DType::F32), gg = dev(gaussian, DType::F32), tg = dev(table, DType::F32);
-  for (DType out : {DType::F32, DType::BF16}) {
+  for (DType out : {DType::F32, DType::BF16, DType::F16}) {
     Tensor got = poisoned({P, N, C}, out);
     gpu->embed_points(cg, lg, gg, tg, 1024, got);
     if (out == DType::F32)
       EXPECT_CLOSE(host(got), want, 1e-6, 1e-6);
+    else if (out == DType::F16)
+      EXPECT_CLOSE(host(got), want, 5e-4, 5e-4);
     else
       EXPECT_CLOSE(host(got), want, 4e-3, 4e-3);
   }
@@ -590,7 +631,7 @@ TEST_F(CudaOps, UncropBitsAndEncodeRunsEqualTheCpu) {
 }
 
 TEST_F(CudaOps, Activations) {
-  for (DType dt : {DType::BF16, DType::F32})
+  for (DType dt : {DType::BF16, DType::F32, DType::F16})
     for (Activation act : {Activation::GELU, Activation::ReLU})
       for (int64_t n : {int64_t(3) * 256 * 256 * 32, int64_t(1001)}) {
         SCOPED_TRACE(std::string(dtype_name(dt)) + " act " + std::to_string(int(act)) + " n " + std::to_string(n));
@@ -628,17 +669,19 @@ TEST_F(CudaOps, PatchifyIm2col) {
 
 TEST_F(CudaOps, HypernetworkMasks) {
   // The decoder's masks: 4 hypernetwork outputs of 32 against a [256, 256] upscaled image in patch
-  // order, per prompt; then widths the vector loads do not take and fewer masks.
+  // order, per prompt; then widths the vector loads do not take and fewer masks. Inputs in each
+  // float dtype (bf16 values, exact in all three): the same float32 masks.
   struct Case { int64_t P, T, D, G; };
+  for (DType dt : {DType::F16, DType::F32, DType::BF16})
   for (const Case& c : {Case{3, 4, 32, 64}, Case{2, 3, 6, 5}, Case{1, 1, 16, 2}}) {
-    SCOPED_TRACE("P=" + std::to_string(c.P) + " T=" + std::to_string(c.T) + " D=" + std::to_string(c.D) +
-                 " G=" + std::to_string(c.G));
+    SCOPED_TRACE(std::string(dtype_name(dt)) + " P=" + std::to_string(c.P) + " T=" + std::to_string(c.T) +
+                 " D=" + std::to_string(c.D) + " G=" + std::to_string(c.G));
     const int64_t side = 4 * c.G;
     const Tensor up = random_bf16({c.P, side * side, c.D}, 1500 + c.D), hyper = random_bf16({c.P, c.T, c.D}, 1501);
     Tensor want = Tensor::empty({c.P, c.T, side, side});
     cpu->hypernetwork_masks(up, hyper, want);
     Tensor y = poisoned(want.shape(), DType::F32);
-    gpu->hypernetwork_masks(dev(up, DType::F32), dev(hyper, DType::F32), y);
+    gpu->hypernetwork_masks(dev(up, dt), dev(hyper, dt), y);
     EXPECT_CLOSE(host(y), want, 1e-5, 1e-5);
   }
 }

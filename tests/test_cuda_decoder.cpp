@@ -1,4 +1,4 @@
-// The prompt path on the GPU (prompt encoder and mask decoder in fp32 on TF32 tensor cores, fused
+// The prompt path on the GPU (prompt encoder and mask decoder with fp16 activations, fused
 // postprocessing, graph replayed) against the fp32 CPU path, given the same image embedding: on
 // both golden models, and (printed) on a random full-size vit_h decoder. Bounds (the issue's): low-res logits within 2e-2
 // absolute, IoU predictions within 1e-2, masks IoU >= 0.99. And a mixed GPU batch (images with

@@ -21,9 +21,12 @@ inline bool have_golden() { return std::filesystem::exists(golden_dir() + "/READ
 #define SEGANY_REQUIRE_GOLDEN() \
   if (!::segany::test::have_golden()) GTEST_SKIP() << "no golden data at " << ::segany::test::golden_dir()
 
-// A fresh empty folder for one test.
+// A fresh empty folder for one test, named after `name` and the running test: ctest runs the tests
+// of one executable in parallel processes, which must not empty each other's folders.
 inline std::string temp_dir(const std::string& name) {
   std::filesystem::path p = std::filesystem::path(SEGANY_TEST_TMP) / name;
+  if (const auto* info = ::testing::UnitTest::GetInstance()->current_test_info())
+    p /= std::string(info->test_suite_name()) + "." + info->name();
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p.string();

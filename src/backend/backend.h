@@ -36,8 +36,13 @@ class Backend {
   virtual std::string name() const = 0;
 
   // ---- memory --------------------------------------------------------------------------------
-  // The dtype activations are kept in (float32 on the CPU, bf16 on the GPU).
+  // The dtype the image encoder's activations are kept in (float32 on the CPU, bf16 on the GPU).
   virtual DType activation_dtype() const = 0;
+  // The dtype the prompt path (prompt encoder, mask decoder) keeps its activations in, arithmetic
+  // in fp32 throughout: float32 on the CPU, fp16 on the GPU. Its masks are thresholded logits, and
+  // low-confidence masks hold wide areas of logits near the threshold: bf16's 8-bit significand
+  // moves a few percent of their pixels, fp16's 11 bits about as few as fp32 on TF32 tensor cores.
+  virtual DType prompt_dtype() const { return activation_dtype(); }
   // An activation buffer on the device, owned by the returned tensor. Not for the hot path:
   // the model allocates its workspace once per batch size.
   virtual Tensor alloc(const Shape& shape, DType dtype) = 0;

@@ -62,8 +62,10 @@ void upscale_mask_logits(const float* low_res, int h, int w, const Backend::Mask
 HypernetworkShape hypernetwork_shape(const Tensor& up, const Tensor& hyper, const Tensor& low_res) {
   HypernetworkShape s;
   const std::string shapes = shape_str(up.shape()) + ", " + shape_str(hyper.shape()) + " -> " + shape_str(low_res.shape());
-  check(up.dtype() == DType::F32 && hyper.dtype() == DType::F32 && low_res.dtype() == DType::F32,
-        "hypernetwork_masks: upscaled image, hypernetwork outputs and masks must be float32 (" + shapes + ")");
+  check((up.dtype() == DType::F32 || up.dtype() == DType::BF16 || up.dtype() == DType::F16) &&
+            hyper.dtype() == up.dtype() && low_res.dtype() == DType::F32,
+        "hypernetwork_masks: the upscaled image and the hypernetwork outputs must share a dtype (float32, bf16 or "
+        "fp16) and the masks be float32 (" + shapes + ")");
   check(up.ndim() == 3 && hyper.ndim() == 3 && low_res.ndim() == 4,
         "hypernetwork_masks: expected up [P, 16 G G, D], hyper [P, T, D], low_res [P, T, 4G, 4G], found " + shapes);
   s.P = hyper.dim(0), s.T = hyper.dim(1), s.D = hyper.dim(2);

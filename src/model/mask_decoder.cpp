@@ -6,11 +6,6 @@
 namespace segany {
 namespace {
 
-// The prompt path keeps its activations in float32 on every backend (the CUDA backend multiplies
-// them on TF32 tensor cores): it is a small share of SAM's work, and low-confidence masks, whose
-// logits hover near the threshold, move with every rounding of bf16.
-constexpr DType kDecoderDType = DType::F32;
-
 // `shape` in the first elements of `buffer` when it is large enough (buffers whose lifetimes do
 // not overlap share memory), else a buffer of its own.
 Tensor within(Backend& be, const Tensor& buffer, const Shape& shape, DType dtype) {
@@ -71,18 +66,19 @@ TwoWayTransformer::TwoWayTransformer(const MaskDecoderConfig& cfg, const io::Ten
 }
 
 TwoWayTransformer::Buffers TwoWayTransformer::buffers(Backend& be, int64_t P, int64_t Tt, int64_t HW) const {
+  const DType dt = be.prompt_dtype();
   Buffers b;
-  b.qpe = be.alloc({P, Tt, dim_}, kDecoderDType);
-  b.q = be.alloc({P, Tt, dim_}, kDecoderDType);
-  b.attn = be.alloc({P, Tt, dim_}, kDecoderDType);
-  b.hidden = be.alloc({P, Tt, mlp_dim_}, kDecoderDType);
-  b.k = be.alloc({P, HW, dim_}, kDecoderDType);
-  b.image_attn = be.alloc({P, HW, dim_}, kDecoderDType);
-  b.keys = be.alloc({P, HW, dim_}, kDecoderDType);
+  b.qpe = be.alloc({P, Tt, dim_}, dt);
+  b.q = be.alloc({P, Tt, dim_}, dt);
+  b.attn = be.alloc({P, Tt, dim_}, dt);
+  b.hidden = be.alloc({P, Tt, mlp_dim_}, dt);
+  b.k = be.alloc({P, HW, dim_}, dt);
+  b.image_attn = be.alloc({P, HW, dim_}, dt);
+  b.keys = be.alloc({P, HW, dim_}, dt);
   // q, k, v and the output of every attention: image-sized for the cross attentions, token-sized
   // (at the full width) for the self-attention. One allocation in four parts.
   const int64_t part = std::max(P * HW * cross_dim_, P * Tt * dim_);
-  const Tensor all = be.alloc({4 * part}, kDecoderDType);
+  const Tensor all = be.alloc({4 * part}, dt);
   b.scratch.q = all.slice0(0, part);
   b.scratch.k = all.slice0(part, 2 * part);
   b.scratch.v = all.slice0(2 * part, 3 * part);
@@ -147,7 +143,7 @@ MaskDecoder::MaskDecoder(const SamConfig& cfg, const io::TensorMap& w, Backend& 
   std::memcpy(tokens.data(), w.at(p + "iou_token.weight", {1, C}).to_f32().data(), C * sizeof(float));
   std::memcpy(tokens.data_as<float>() + C, w.at(p + "mask_tokens.weight", {num_mask_tokens_, C}).to_f32().data(),
               num_mask_tokens_ * C * sizeof(float));
-  output_tokens_ = be.alloc(tokens.shape(), kDecoderDType);
+  output_tokens_ = be.alloc(tokens.shape(), be.prompt_dtype());
   be.copy_from_host(tokens, output_tokens_);
   Tensor lw, lb;
   conv_transpose_as_linear(w.at(p + "output_upscaling.0.weight"), w.at(p + "output_upscaling.0.bias"), lw, lb);
@@ -166,41 +162,41 @@ MaskDecoder::Batch& MaskDecoder::batch(int64_t P, int64_t Ns, bool mask_inputs) 
   auto it = batches_.find(key);
   if (it != batches_.end()) return it->second;
   Backend& be = be_;
-  const DType act = kDecoderDType;
+  const DType dt = be.prompt_dtype();
   const int64_t C = cfg_.mask_decoder.transformer_dim, G = cfg_.image_encoder.grid(), HW = G * G;
   const int64_t T = num_mask_tokens_, Tt = 1 + T + Ns, S = 4 * G;
   Batch b;
   b.P = P, b.Ns = Ns, b.mask_inputs = mask_inputs;
-  b.embedding = be.alloc({1, HW, C}, kDecoderDType);
+  b.embedding = be.alloc({1, HW, C}, dt);
   b.coords = be.alloc({P, Ns, 2}, DType::F32);
   b.labels = be.alloc({P, Ns}, DType::I32);
   b.low_res = be.alloc({P, T, S, S}, DType::F32);
   b.iou = be.alloc({P, T}, DType::F32);
-  b.sparse = be.alloc({P, Ns, C}, kDecoderDType);
-  b.tokens = be.alloc({P, Tt, C}, kDecoderDType);
+  b.sparse = be.alloc({P, Ns, C}, dt);
+  b.tokens = be.alloc({P, Tt, C}, dt);
   b.t = transformer_.buffers(be, P, Tt, HW);
   if (mask_inputs) {
     b.masks = be.alloc({P, S, S}, DType::F32);
-    b.dense = be.alloc({P, HW, C}, kDecoderDType);
+    b.dense = be.alloc({P, HW, C}, dt);
     b.src = b.dense;  // src = dense + image embedding, in place
-    b.dense_p1 = within(be, b.t.image_attn, prompts_.mask_buffer_shape(P, 0), act);
-    b.dense_a = within(be, b.t.k, prompts_.mask_buffer_shape(P, 1), act);
-    b.dense_p2 = within(be, b.t.keys, prompts_.mask_buffer_shape(P, 2), act);
-    b.dense_b = within(be, b.t.scratch.q, prompts_.mask_buffer_shape(P, 3), act);
+    b.dense_p1 = within(be, b.t.image_attn, prompts_.mask_buffer_shape(P, 0), dt);
+    b.dense_a = within(be, b.t.k, prompts_.mask_buffer_shape(P, 1), dt);
+    b.dense_p2 = within(be, b.t.keys, prompts_.mask_buffer_shape(P, 2), dt);
+    b.dense_b = within(be, b.t.scratch.q, prompts_.mask_buffer_shape(P, 3), dt);
   } else {
-    b.src = be.alloc({1, HW, C}, kDecoderDType);
+    b.src = be.alloc({1, HW, C}, dt);
   }
   // The upscaling runs after the transformer: its buffers take the transformer's place where they fit.
-  b.u1 = within(be, b.t.image_attn, {P, HW, C}, act);
-  b.u2 = be.alloc({P, HW * 4, C / 2}, kDecoderDType);
-  b.mask_tokens = be.alloc({P, T, C}, kDecoderDType);
-  b.hyper_in = be.alloc({P, T, C / 8}, kDecoderDType);
-  b.one = be.alloc({P, 1, C}, kDecoderDType);
-  b.one_out = be.alloc({P, 1, C / 8}, kDecoderDType);
-  b.iou_token = be.alloc({P, 1, C}, kDecoderDType);
+  b.u1 = within(be, b.t.image_attn, {P, HW, C}, dt);
+  b.u2 = be.alloc({P, HW * 4, C / 2}, dt);
+  b.mask_tokens = be.alloc({P, T, C}, dt);
+  b.hyper_in = be.alloc({P, T, C / 8}, dt);
+  b.one = be.alloc({P, 1, C}, dt);
+  b.one_out = be.alloc({P, 1, C / 8}, dt);
+  b.iou_token = be.alloc({P, 1, C}, dt);
   int64_t mlp = iou_head_.scratch_numel(P);
   for (const Mlp& m : hypernetworks_) mlp = std::max(mlp, m.scratch_numel(P));
-  b.mlp_scratch = be.alloc({std::max<int64_t>(mlp, 1)}, kDecoderDType);
+  b.mlp_scratch = be.alloc({std::max<int64_t>(mlp, 1)}, dt);
   return batches_.emplace(key, std::move(b)).first->second;
 }
 

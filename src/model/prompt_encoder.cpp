@@ -29,7 +29,9 @@ PromptEncoder::PromptEncoder(const SamConfig& cfg, const io::TensorMap& w, Backe
   for (int i = 0; i < grid_; ++i)
     for (int j = 0; j < grid_; ++j)
       encode((j + 0.5f) / grid_, (i + 0.5f) / grid_, pe.data_as<float>() + (int64_t(i) * grid_ + j) * dim_);
-  image_pe_ = be.upload(pe);
+  // In the prompt path's dtype: the decoder adds it to its image-sized tensors.
+  image_pe_ = be.alloc(pe.shape(), be.prompt_dtype());
+  be.copy_from_host(pe, image_pe_);
 
   mask_conv0_ = be.prepare_linear(p + "mask_downscaling.0", conv_weight_as_linear(w.at(p + "mask_downscaling.0.weight")),
                                   &w.at(p + "mask_downscaling.0.bias"));

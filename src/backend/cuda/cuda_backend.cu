@@ -59,21 +59,6 @@ struct DeviceDeleter {
 };
 using UniqueDevice = std::unique_ptr<void, DeviceDeleter>;
 
-// float -> bf16 bits, round to nearest even (NaN stays NaN): the host side of uploads.
-inline uint16_t bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-inline float bf16_value(uint16_t b) {
-  const uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 // Op classes for profile().
 enum OpClass { kGemm, kAttention, kNorm, kOther, kOpClasses };
 constexpr std::array<const char*, kOpClasses> kOpClassNames{"gemm", "attention", "norm", "other"};
@@ -142,6 +127,7 @@ class CudaBackend final : public Backend {
   // ---- memory ----------------------------------------------------------------------------------
 
   DType activation_dtype() const override { return DType::BF16; }
+  DType prompt_dtype() const override { return DType::F16; }
 
   Tensor alloc(const Shape& shape, DType dtype) override {
     const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
@@ -229,12 +215,13 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
     float* o = out.data_as<float>();
     const int64_t n = t.numel();
-    if (t.dtype() == DType::F32) {
+    const auto* bits = static_cast<const uint16_t*>(s);
+    if (t.dtype() == DType::F32)
       std::memcpy(o, s, t.nbytes());
-    } else {
-      const auto* b = static_cast<const uint16_t*>(s);
-      for (int64_t i = 0; i < n; ++i) o[i] = bf16_value(b[i]);
-    }
+    else if (t.dtype() == DType::BF16)
+      for (int64_t i = 0; i < n; ++i) o[i] = bf16_to_f32(bits[i]);
+    else
+      for (int64_t i = 0; i < n; ++i) o[i] = f16_to_f32(bits[i]);
     return out;
   }
 
@@ -242,38 +229,38 @@ class CudaBackend final : public Backend {
   void copy_from_host(const Tensor& host, Tensor& dst) override {
     require_cuda(dst, "copy_from_host destination");
     check(cuda::is_float_dtype(dst.dtype()),
-          std::string("cuda copy_from_host: destination must be bf16 or float32, found ") + dtype_name(dst.dtype()));
+          std::string("cuda copy_from_host: destination must be float32, bf16 or fp16, found ") + dtype_name(dst.dtype()));
     check(host.numel() == dst.numel(),
           "copy_from_host: " + shape_str(host.shape()) + " into " + shape_str(dst.shape()));
     const Tensor h = (host.device() == Device::CPU && host.dtype() == DType::F32) ? host : host.to_f32();
     if (dst.numel() == 0) return;
     void* s = staging(dst.nbytes());
     const float* src = h.data_as<const float>();
-    if (dst.dtype() == DType::F32) {
+    auto* bits = static_cast<uint16_t*>(s);
+    const int64_t n = dst.numel();
+    if (dst.dtype() == DType::F32)
       std::memcpy(s, src, dst.nbytes());
-    } else {
-      auto* b = static_cast<uint16_t*>(s);
-      const int64_t n = dst.numel();
-      for (int64_t i = 0; i < n; ++i) b[i] = bf16_bits(src[i]);
-    }
+    else if (dst.dtype() == DType::BF16)
+      for (int64_t i = 0; i < n; ++i) bits[i] = f32_to_bf16(src[i]);
+    else
+      for (int64_t i = 0; i < n; ++i) bits[i] = f32_to_f16(src[i]);
     CUDA_CHECK(cudaMemcpyAsync(dst.data(), s, dst.nbytes(), cudaMemcpyHostToDevice, stream_.get()));
     CUDA_CHECK(cudaEventRecord(staging_done_.get(), stream_.get()));
   }
 
   // ---- weights ---------------------------------------------------------------------------------
 
-  // The image encoder's layers take the backend's format (bf16); the mask decoder's and the prompt
-  // encoder's run in fp32 on TF32 tensor cores: they are a small share of the work, and the masks
-  // of low-confidence prompts, whose logits hover near the threshold, need the precision.
+  // The image encoder's layers take the backend's format; the mask decoder's and the prompt
+  // encoder's are fp16, as the prompt path's activations (prompt_dtype).
   std::unique_ptr<LinearWeights> prepare_linear(const std::string& name, const Tensor& weight,
                                                 const Tensor* bias) override {
     check(weight.ndim() == 2, "linear '" + name + "': weight must be 2-d, found " + shape_str(weight.shape()));
     const bool prompt_path = name.starts_with("mask_decoder.") || name.starts_with("prompt_encoder.");
-    const cuda::LinearFormat format = prompt_path ? cuda::LinearFormat::TF32 : options_.linear_format;
-    if (format != cuda::LinearFormat::BF16 && format != cuda::LinearFormat::TF32)
+    const cuda::LinearFormat format = prompt_path ? cuda::LinearFormat::FP16 : options_.linear_format;
+    if (format != cuda::LinearFormat::BF16 && format != cuda::LinearFormat::FP16)
       throw Error(std::string("cuda backend: linear format ") + cuda::linear_format_name(format) +
                   " is not implemented yet (layer '" + name + "')");
-    const DType wt = format == cuda::LinearFormat::TF32 ? DType::F32 : DType::BF16;
+    const DType wt = format == cuda::LinearFormat::FP16 ? DType::F16 : DType::BF16;
     const int64_t N = weight.dim(0), K = weight.dim(1);
     Tensor w = alloc({N, K}, wt);
     copy_from_host(weight.to_f32(), w);

@@ -49,7 +49,7 @@ namespace segany::cuda {
   } while (0)
 
 // cuBLASLt / kernel element types for the activation dtypes the backend handles.
-inline bool is_float_dtype(DType t) { return t == DType::F32 || t == DType::BF16; }
+inline bool is_float_dtype(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
 
 inline cudaDataType_t cuda_dtype(DType t) {
   switch (t) {

@@ -18,7 +18,7 @@ namespace segany::cuda {
 const char* linear_format_name(LinearFormat f) {
   switch (f) {
     case LinearFormat::BF16: return "bf16";
-    case LinearFormat::TF32: return "tf32";
+    case LinearFormat::FP16: return "fp16";
     case LinearFormat::FP8_E4M3: return "fp8_e4m3";
     case LinearFormat::Sparse24: return "sparse24";
   }
@@ -139,8 +139,8 @@ GemmEngine::Plan& GemmEngine::plan(const Key& key, const GemmArgs& g) {
 
   auto p = std::make_unique<Plan>();
   const cudaDataType_t ta = cuda_dtype(g.a_type), tb = cuda_dtype(g.b_type), td = cuda_dtype(g.d_type);
-  // fp32 operands run on TF32 tensor cores (10-bit mantissas in, fp32 accumulation); bf16 ones in fp32.
-  const cublasComputeType_t compute = g.a_type == DType::F32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  // bf16 or fp16 operands, fp32 accumulation and scale.
+  const cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, compute, CUDA_R_32F));
   // cuBLASLt's A is our weight B [N, K] row-major = [K, N] column-major, transposed; its B is our
   // activation A [M, K] row-major = [K, M] column-major, as is; its D is [N, M] column-major.

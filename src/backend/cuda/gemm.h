@@ -9,8 +9,7 @@
 // the bias (one value per output feature) runs along D^T's rows, as cuBLASLt's epilogue wants.
 //
 // A linear layer's weights live in a CudaLinear chosen by prepare_linear from the backend's
-// LinearFormat (and TF32 for the mask decoder and prompt encoder, which run in fp32). BF16 and
-// TF32 exist yet; FP8 (e4m3 weights with per-output-channel scales, cuBLASLt's
+// LinearFormat (and FP16 for the mask decoder and prompt encoder). BF16 and FP16 exist yet; FP8 (e4m3 weights with per-output-channel scales, cuBLASLt's
 // scale pointers) and 2:4 sparse (cuSPARSELt compressed weights) are further subclasses with their
 // own run(); the model never sees the difference.
 #pragma once
@@ -33,7 +32,7 @@ namespace segany::cuda {
 // How linear weights are stored and multiplied on the GPU.
 enum class LinearFormat {
   BF16,      // bf16 weights, bf16 activations, fp32 accumulation (implemented)
-  TF32,      // fp32 weights and activations, TF32 tensor cores, fp32 accumulation (implemented)
+  FP16,      // fp16 weights, fp16 activations, fp32 accumulation (implemented; the prompt path's)
   FP8_E4M3,  // e4m3 weights with per-output-channel scales (planned)
   Sparse24,  // 2:4 structured-sparse bf16 weights through cuSPARSELt (planned)
 };
@@ -111,23 +110,23 @@ class CudaLinear : public LinearWeights {
  public:
   virtual LinearFormat format() const = 0;
   // y[.., N] = act(x[.., K] W^T + b) (+ residual), on the engine's stream; no allocation, no sync.
-  // x is bf16; y and the residual are bf16 or fp32 (the same dtype); the residual may be y.
+  // x has the weights' dtype; y and the residual that dtype or fp32 (the same); the residual may be y.
   virtual void run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation act, const Tensor* residual) const = 0;
 };
 
-// Dense weights [out, in] on the device, in bf16 (format BF16, bf16 inputs) or fp32 (format TF32,
-// fp32 inputs, multiplied on TF32 tensor cores); the bias kept in the weights' dtype and in fp32
-// (the epilogue's bias has the output's dtype).
+// Dense weights [out, in] on the device, in bf16 (format BF16, bf16 inputs) or fp16 (format FP16,
+// fp16 inputs); the bias kept in the weights' dtype and in fp32 (the epilogue's bias has the
+// output's dtype).
 class DenseLinear final : public CudaLinear {
  public:
   DenseLinear(Tensor weight, Tensor bias, Tensor bias_f32);
   LinearFormat format() const override {
-    return weight_.dtype() == DType::F32 ? LinearFormat::TF32 : LinearFormat::BF16;
+    return weight_.dtype() == DType::F16 ? LinearFormat::FP16 : LinearFormat::BF16;
   }
   void run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation act, const Tensor* residual) const override;
 
  private:
-  Tensor weight_;    // [out, in] bf16 or fp32
+  Tensor weight_;    // [out, in] bf16 or fp16
   Tensor bias_;      // [out] in the weight's dtype, or undefined
   Tensor bias_f32_;  // [out] or undefined
 };

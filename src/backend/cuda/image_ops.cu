@@ -10,6 +10,7 @@
 #include <string>
 
 #include "backend/cuda/cuda_utils.h"
+#include "backend/cuda/elements.cuh"
 #include "backend/image_ops.h"
 
 namespace segany::cuda {
@@ -20,9 +21,6 @@ struct PixelNorm {
 };
 
 __device__ __forceinline__ int32_t clip8(int32_t acc) { return min(max(acc >> kResizePrecisionBits, 0), 255); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 template <class T>
 __global__ void preprocess_kernel(const PreprocessImageParams* __restrict__ params, const int32_t* __restrict__ taps,
@@ -60,9 +58,9 @@ __global__ void preprocess_kernel(const PreprocessImageParams* __restrict__ para
       v[c] = __fdiv_rn(__fsub_rn(static_cast<float>(clip8(acc[c])), norm.mean[c]), norm.std[c]);
   }
   T* o = out + ((static_cast<int64_t>(b) * S + y) * S + x) * 3;
-  store(o + 0, v[0]);
-  store(o + 1, v[1]);
-  store(o + 2, v[2]);
+  o[0] = from_float<T>(v[0]);
+  o[1] = from_float<T>(v[1]);
+  o[2] = from_float<T>(v[2]);
 }
 
 }  // namespace
@@ -71,7 +69,7 @@ void preprocess_images(const PreprocessImageParams* params, const int32_t* taps,
                        Tensor& input, cudaStream_t stream) {
   check(input.device() == Device::CUDA && input.ndim() == 4 && input.dim(0) == batch && input.dim(1) == input.dim(2) &&
             input.dim(3) == 3 && is_float_dtype(input.dtype()),
-        "cuda preprocess_images: input must be a GPU float32 or bf16 [" + std::to_string(batch) +
+        "cuda preprocess_images: input must be a GPU float32, bf16 or fp16 [" + std::to_string(batch) +
             ", S, S, 3] tensor, found " + dtype_name(input.dtype()) + " " + shape_str(input.shape()));
   if (batch == 0) return;
   const int S = static_cast<int>(input.dim(1));
@@ -79,10 +77,9 @@ void preprocess_images(const PreprocessImageParams* params, const int32_t* taps,
   for (int c = 0; c < 3; ++c) norm.mean[c] = kPixelMean[c], norm.std[c] = kPixelStd[c];
   const dim3 block(128);
   const dim3 grid((S + block.x - 1) / block.x, S, batch);
-  if (input.dtype() == DType::F32)
-    preprocess_kernel<<<grid, block, 0, stream>>>(params, taps, pixels, S, norm, input.data_as<float>());
-  else
-    preprocess_kernel<<<grid, block, 0, stream>>>(params, taps, pixels, S, norm, input.data_as<__nv_bfloat16>());
+  with_type(input.dtype(), [&](auto t) {
+    preprocess_kernel<<<grid, block, 0, stream>>>(params, taps, pixels, S, norm, static_cast<decltype(t)*>(input.data()));
+  });
   CUDA_CHECK_LAUNCH("preprocess_images");
 }
 

@@ -2,9 +2,9 @@
 // backend's op of the same name (src/backend/cpu/cpu_backend.cpp); tests/test_cuda.cpp holds them
 // to it.
 //
-// Elements are bf16 or fp32 on both sides (templates over the input and output types); all
+// Elements are fp32, bf16 or fp16 on both sides (templates over the input and output types); all
 // arithmetic is fp32. Where the sizes and pointers allow, a thread moves 8 elements with 16-byte
-// accesses (one uint4 of bf16, two float4 of fp32); otherwise one element at a time.
+// accesses (elements.cuh); otherwise one element at a time.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -12,72 +12,12 @@
 #include <string>
 
 #include "backend/cuda/cuda_utils.h"
+#include "backend/cuda/elements.cuh"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/kernels.h"
 
 namespace segany::cuda {
 namespace {
-
-using bf16 = __nv_bfloat16;
-
-// ---- element access ----------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(bf16 v) { return __bfloat162float(v); }
-template <class T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ bf16 from_float<bf16>(float v) { return __float2bfloat16_rn(v); }
-
-// V consecutive elements to/from fp32 registers. V == 8 needs 16-byte aligned addresses.
-template <int V>
-__device__ __forceinline__ void load_vec(const bf16* p, float (&v)[V]) {
-  if constexpr (V == 8) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      v[2 * i] = f.x;
-      v[2 * i + 1] = f.y;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) v[i] = __bfloat162float(p[i]);
-  }
-}
-template <int V>
-__device__ __forceinline__ void load_vec(const float* p, float (&v)[V]) {
-  if constexpr (V == 8) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) v[i] = p[i];
-  }
-}
-template <int V>
-__device__ __forceinline__ void store_vec(bf16* p, const float (&v)[V]) {
-  if constexpr (V == 8) {
-    uint4 u;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    *reinterpret_cast<uint4*>(p) = u;
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) p[i] = __float2bfloat16_rn(v[i]);
-  }
-}
-template <int V>
-__device__ __forceinline__ void store_vec(float* p, const float (&v)[V]) {
-  if constexpr (V == 8) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) p[i] = v[i];
-  }
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -96,7 +36,7 @@ __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + e
 
 void require_device(const Tensor& t, const char* op, const char* what) {
   check(t.defined() && t.device() == Device::CUDA && is_float_dtype(t.dtype()),
-        std::string("cuda ") + op + ": " + what + " must be a bf16 or float32 tensor on the GPU, found " +
+        std::string("cuda ") + op + ": " + what + " must be a float32, bf16 or fp16 tensor on the GPU, found " +
             (t.defined() ? std::string(dtype_name(t.dtype())) + (t.device() == Device::CUDA ? " on the GPU" : " on the host")
                          : std::string("nothing")));
 }
@@ -107,16 +47,6 @@ void require_f32_param(const Tensor& t, int64_t n, const char* op, const char* w
             (t.defined() ? std::string(dtype_name(t.dtype())) + " " + shape_str(t.shape()) : std::string("nothing")));
 }
 
-// Calls f(T{}) with T the C++ element type of dtype t (float or bf16).
-template <class F>
-void with_type(DType t, F&& f) {
-  if (t == DType::F32)
-    f(float{});
-  else if (t == DType::BF16)
-    f(bf16{});
-  else
-    throw Error(std::string("cuda backend: unsupported element type ") + dtype_name(t));
-}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -618,15 +548,15 @@ constexpr int kFewKeys = 32, kFewKeysThreads = 128;
 // Row r[0, kHd) of one head from global memory, zero past hd: 16-byte loads where the row allows.
 template <class TI, int kHd>
 __device__ __forceinline__ void load_head_row(const TI* src, int hd, float* r) {
-  if constexpr (sizeof(TI) == 4) {
-    if (hd == kHd && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+  if (hd == kHd && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
 #pragma unroll
-      for (int d = 0; d < kHd; d += 4) {
-        const float4 v = *reinterpret_cast<const float4*>(src + d);
-        r[d] = v.x, r[d + 1] = v.y, r[d + 2] = v.z, r[d + 3] = v.w;
-      }
-      return;
+    for (int d = 0; d < kHd; d += 8) {
+      float v[8];
+      load_vec<8>(src + d, v);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) r[d + j] = v[j];
     }
+    return;
   }
 #pragma unroll
   for (int d = 0; d < kHd; ++d) r[d] = d < hd ? to_float(src[d]) : 0.0f;
@@ -695,13 +625,15 @@ __global__ void __launch_bounds__(kFewKeysThreads) few_keys_attention_kernel(Att
   }
   const float inv = 1.0f / l;
   TO* og = static_cast<TO*>(p.out) + b * p.o_batch + int64_t(t) * p.o_row + int64_t(h) * hd;
-  if constexpr (sizeof(TO) == 4) {
-    if (hd == kHd && reinterpret_cast<uintptr_t>(og) % 16 == 0) {
+  if (hd == kHd && reinterpret_cast<uintptr_t>(og) % 16 == 0) {
 #pragma unroll
-      for (int d = 0; d < kHd; d += 4)
-        *reinterpret_cast<float4*>(og + d) = make_float4(o[d] * inv, o[d + 1] * inv, o[d + 2] * inv, o[d + 3] * inv);
-      return;
+    for (int d = 0; d < kHd; d += 8) {
+      float v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = o[d + j] * inv;
+      store_vec<8>(og + d, v);
     }
+    return;
   }
 #pragma unroll
   for (int d = 0; d < kHd; ++d)

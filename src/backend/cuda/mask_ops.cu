@@ -14,6 +14,7 @@
 #include <string>
 
 #include "backend/cuda/cuda_utils.h"
+#include "backend/cuda/elements.cuh"
 #include "backend/mask_ops.h"
 
 namespace segany::cuda {
@@ -41,13 +42,8 @@ __global__ void embed_points_kernel(const float* __restrict__ coords, const int3
     s = __fadd_rn(sinf(v), s);
     c = __fadd_rn(cosf(v), c);
   }
-  if constexpr (sizeof(TO) == 4) {
-    out[t * C + k] = s;
-    out[t * C + half + k] = c;
-  } else {
-    out[t * C + k] = __float2bfloat16_rn(s);
-    out[t * C + half + k] = __float2bfloat16_rn(c);
-  }
+  out[t * C + k] = from_float<TO>(s);
+  out[t * C + half + k] = from_float<TO>(c);
 }
 
 // ---- hypernetwork_masks ------------------------------------------------------------------------
@@ -57,43 +53,37 @@ constexpr int kMaxHyperMasks = 8, kHyperThreads = 256;
 __device__ __forceinline__ float gelu_exact(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f)); }
 
 // Block (pixel tile, p): kHyperThreads consecutive pixels of prompt p's masks; hyper[p] in shared
-// memory. D % 4 == 0 with 16-byte aligned rows reads float4s, else floats.
-template <bool kVec4>
-__global__ void __launch_bounds__(kHyperThreads) hypernetwork_masks_kernel(const float* __restrict__ up,
-                                                                           const float* __restrict__ hyper,
+// memory as float. Rows of D % 8 == 0 elements, 16-byte aligned, are read 8 elements at a time
+// (kVec = 8), else one element at a time (kVec = 1).
+template <class TI, int kVec>
+__global__ void __launch_bounds__(kHyperThreads) hypernetwork_masks_kernel(const TI* __restrict__ up,
+                                                                           const TI* __restrict__ hyper,
                                                                            float* __restrict__ low_res, int T, int D,
                                                                            int G) {
   extern __shared__ float h_s[];  // [T][D]
   const int p = blockIdx.y, side = 4 * G;
   const int64_t plane = int64_t(side) * side;
-  for (int i = threadIdx.x; i < T * D; i += blockDim.x) h_s[i] = hyper[int64_t(p) * T * D + i];
+  for (int i = threadIdx.x; i < T * D; i += blockDim.x) h_s[i] = to_float(hyper[int64_t(p) * T * D + i]);
   __syncthreads();
   const int64_t pixel = blockIdx.x * int64_t(kHyperThreads) + threadIdx.x;
   if (pixel >= plane) return;
   const int y = static_cast<int>(pixel / side), x = static_cast<int>(pixel % side);
   const int64_t row = (((y >> 2) * int64_t(G) + (x >> 2)) * 4 + ((y >> 1) & 1) * 2 + ((x >> 1) & 1)) * 4 + (y & 1) * 2 +
                       (x & 1);
-  const float* u = up + (int64_t(p) * plane + row) * D;
+  const TI* u = up + (int64_t(p) * plane + row) * D;
   float acc[kMaxHyperMasks];
 #pragma unroll
   for (int t = 0; t < kMaxHyperMasks; ++t) acc[t] = 0.0f;
-  if constexpr (kVec4) {
-    for (int k = 0; k < D; k += 4) {
-      const float4 v = *reinterpret_cast<const float4*>(u + k);
-      const float g[4] = {gelu_exact(v.x), gelu_exact(v.y), gelu_exact(v.z), gelu_exact(v.w)};
+  for (int k = 0; k < D; k += kVec) {
+    float g[kVec];
+    load_vec<kVec>(u + k, g);
 #pragma unroll
-      for (int t = 0; t < kMaxHyperMasks; ++t)
-        if (t < T)
+    for (int j = 0; j < kVec; ++j) g[j] = gelu_exact(g[j]);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) acc[t] = fmaf(h_s[t * D + k + j], g[j], acc[t]);
-    }
-  } else {
-    for (int k = 0; k < D; ++k) {
-      const float g = gelu_exact(u[k]);
+    for (int t = 0; t < kMaxHyperMasks; ++t)
+      if (t < T)
 #pragma unroll
-      for (int t = 0; t < kMaxHyperMasks; ++t)
-        if (t < T) acc[t] = fmaf(h_s[t * D + k], g, acc[t]);
-    }
+        for (int j = 0; j < kVec; ++j) acc[t] = fmaf(h_s[t * D + k + j], g[j], acc[t]);
   }
 #pragma unroll
   for (int t = 0; t < kMaxHyperMasks; ++t)
@@ -394,7 +384,7 @@ void embed_points(const Tensor& coords, const Tensor& labels, const Tensor& gaus
   require_gpu(gaussian, DType::F32, op, "gaussian");
   require_gpu(table, DType::F32, op, "table");
   check(out.defined() && out.device() == Device::CUDA && is_float_dtype(out.dtype()),
-        "cuda embed_points: the output must be a float32 or bf16 GPU tensor");
+        "cuda embed_points: the output must be a float32, bf16 or fp16 GPU tensor");
   const int64_t C = table.dim(-1), half = C / 2, N = labels.numel();
   check(table.numel() == 5 * C && C % 2 == 0 && gaussian.numel() == 2 * half && coords.numel() == 2 * N &&
             out.numel() == N * C && img_size > 0,
@@ -406,14 +396,12 @@ void embed_points(const Tensor& coords, const Tensor& labels, const Tensor& gaus
   const float inv = 1.0f / static_cast<float>(img_size);
   const int threads = 256;
   const auto blocks = static_cast<unsigned>((n + threads - 1) / threads);
-  if (out.dtype() == DType::F32)
+  with_type(out.dtype(), [&](auto to) {
     embed_points_kernel<<<blocks, threads, 0, stream>>>(coords.data_as<const float>(), labels.data_as<const int32_t>(),
                                                         gaussian.data_as<const float>(), table.data_as<const float>(),
-                                                        inv, static_cast<int>(half), N, out.data_as<float>());
-  else
-    embed_points_kernel<<<blocks, threads, 0, stream>>>(
-        coords.data_as<const float>(), labels.data_as<const int32_t>(), gaussian.data_as<const float>(),
-        table.data_as<const float>(), inv, static_cast<int>(half), N, static_cast<__nv_bfloat16*>(out.data()));
+                                                        inv, static_cast<int>(half), N,
+                                                        static_cast<decltype(to)*>(out.data()));
+  });
   CUDA_CHECK_LAUNCH("embed_points kernel");
 }
 
@@ -436,8 +424,8 @@ int tile_span(int in, int out, float scale, int tile) {
 }  // namespace
 
 void hypernetwork_masks(const Tensor& up, const Tensor& hyper, Tensor& low_res, cudaStream_t stream) {
-  require_gpu(up, DType::F32, "hypernetwork_masks", "upscaled image");
-  require_gpu(hyper, DType::F32, "hypernetwork_masks", "hypernetwork outputs");
+  check(up.device() == Device::CUDA && hyper.device() == Device::CUDA,
+        "cuda hypernetwork_masks: the upscaled image and the hypernetwork outputs must be on the GPU");
   require_gpu(low_res, DType::F32, "hypernetwork_masks", "output");
   const HypernetworkShape s = hypernetwork_shape(up, hyper, low_res);
   check(s.T <= kMaxHyperMasks && s.T * s.D * sizeof(float) <= 48 * 1024 && s.P <= 65535,
@@ -447,11 +435,15 @@ void hypernetwork_masks(const Tensor& up, const Tensor& hyper, Tensor& low_res, 
   if (s.P == 0 || s.T == 0) return;
   const dim3 grid(static_cast<unsigned>((plane + kHyperThreads - 1) / kHyperThreads), static_cast<unsigned>(s.P));
   const size_t smem = size_t(s.T * s.D) * sizeof(float);
-  const bool vec4 = s.D % 4 == 0 && reinterpret_cast<uintptr_t>(up.data()) % 16 == 0;
-  auto kernel = vec4 ? hypernetwork_masks_kernel<true> : hypernetwork_masks_kernel<false>;
-  kernel<<<grid, kHyperThreads, smem, stream>>>(up.data_as<const float>(), hyper.data_as<const float>(),
-                                                 low_res.data_as<float>(), static_cast<int>(s.T),
-                                                 static_cast<int>(s.D), static_cast<int>(s.G));
+  auto launch = [&](auto tag) {
+    using TI = decltype(tag);
+    const bool vec = s.D % 8 == 0 && reinterpret_cast<uintptr_t>(up.data()) % 16 == 0;
+    auto kernel = vec ? hypernetwork_masks_kernel<TI, 8> : hypernetwork_masks_kernel<TI, 1>;
+    kernel<<<grid, kHyperThreads, smem, stream>>>(static_cast<const TI*>(up.data()), static_cast<const TI*>(hyper.data()),
+                                                   low_res.data_as<float>(), static_cast<int>(s.T),
+                                                   static_cast<int>(s.D), static_cast<int>(s.G));
+  };
+  with_type(up.dtype(), launch);
   CUDA_CHECK_LAUNCH("hypernetwork_masks kernel");
 }
 
