@@ -110,6 +110,15 @@ std::vector<uint32_t> run_lengths_from_bits(const uint32_t* bits, int64_t pixels
   return counts;
 }
 
+int64_t select_masks_count(const Tensor& iou, const Tensor& stats, const Tensor& keep, int64_t most,
+                           const std::string& op) {
+  const int64_t n = iou.numel();
+  check(stats.numel() == n * 7 && keep.numel() == n + 1 && n < most,
+        op + ": iou " + shape_str(iou.shape()) + ", stats " + shape_str(stats.shape()) + ", keep " +
+            shape_str(keep.shape()) + " (expected [n], [n, 7], [n + 1] with n < " + std::to_string(most) + ")");
+  return n;
+}
+
 float stability_from_counts(int64_t intersections, int64_t unions) {
   return static_cast<float>(intersections) / static_cast<float>(unions);
 }
@@ -271,10 +280,7 @@ void Backend::select_masks(const Tensor& iou, const Tensor& stats, const MaskSel
   require_host(iou, DType::F32, op, "iou");
   require_host(stats, DType::I32, op, "stats");
   require_host(keep, DType::I32, op, "keep");
-  const int64_t n = iou.numel();
-  check(stats.numel() == n * 7 && keep.numel() == n + 1 && n < (int64_t(1) << 31),
-        std::string(op) + ": iou " + shape_str(iou.shape()) + ", stats " + shape_str(stats.shape()) + ", keep " +
-            shape_str(keep.shape()) + " (expected [n], [n, 7], [n + 1])");
+  const int64_t n = select_masks_count(iou, stats, keep, int64_t(1) << 31, op);
   const float* s = iou.data_as<const float>();
   const auto* st = reinterpret_cast<const int32_t(*)[7]>(stats.data_as<const int32_t>());
   const int orig[4] = {0, 0, sel.image_w, sel.image_h};

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -44,6 +45,10 @@ std::vector<uint32_t> run_lengths_from_bits(const uint32_t* bits, int64_t pixels
 // near an edge of the crop that is not an edge of the image (orig, XYXY); torchvision's box NMS
 // (boxes XYXY [n][4]), returning the kept indices best first.
 float stability_from_counts(int64_t intersections, int64_t unions);
+// The shapes of Backend::select_masks, checked (both backends' twins): iou [n], stats [n, 7], keep
+// [n + 1], n below `most` (what the backend's arithmetic takes); returns n. `op` starts the error.
+int64_t select_masks_count(const Tensor& iou, const Tensor& stats, const Tensor& keep, int64_t most,
+                           const std::string& op);
 bool box_near_crop_edge(const int box[4], const int crop[4], const int orig[4], float atol);
 std::vector<int> box_nms(const int (*boxes)[4], const float* scores, int n, double iou_threshold);
 // The IoU torchvision's nms computes for two boxes in float32 (NaN for two empty boxes).

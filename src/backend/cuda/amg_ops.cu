@@ -238,10 +238,7 @@ void select_masks(const Tensor& iou, const Tensor& stats, const Backend::MaskSel
   require_gpu(iou, DType::F32, op, "iou");
   require_gpu(stats, DType::I32, op, "stats");
   require_gpu(keep, DType::I32, op, "keep");
-  const int64_t n = iou.numel();
-  check(stats.numel() == n * 7 && keep.numel() == n + 1 && n < (int64_t(1) << 24),
-        "cuda select_masks: iou " + shape_str(iou.shape()) + ", stats " + shape_str(stats.shape()) + ", keep " +
-            shape_str(keep.shape()) + " (expected [n], [n, 7], [n + 1] with n < 2^24)");
+  const int64_t n = select_masks_count(iou, stats, keep, int64_t(1) << 24, "cuda select_masks");
   CUDA_CHECK(cudaMemsetAsync(keep.data(), 0, sizeof(int32_t), stream));
   if (n == 0) return;
   const int64_t words = (n + 31) / 32;
