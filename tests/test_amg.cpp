@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
+#include "backend/mask_ops.h"
 #include "io/checkpoint.h"
 #include "model/random_init.h"
 #include "model/sam.h"
@@ -227,6 +228,20 @@ TEST(AmgOps, SelectMasksIsTheFiltersThenTheNms) {
     // Enough survive, and the NMS drops some of them, for the comparison to mean something.
     EXPECT_GT(want.size(), 20u);
     EXPECT_LT(want.size(), survivors.size());
+  }
+}
+
+// Bit-packed masks to uint8, a pixel per byte: whole words and a partial last word.
+TEST(AmgOps, UnpackedBitsAreEachPixelsBit) {
+  std::mt19937 gen(11);
+  for (int64_t pixels : {int64_t(1), int64_t(31), int64_t(32), int64_t(33), int64_t(1920) * 1080, int64_t(1000003)}) {
+    std::vector<uint32_t> bits((pixels + 31) / 32);
+    for (uint32_t& w : bits) w = static_cast<uint32_t>(gen());
+    std::vector<uint8_t> got(pixels + 1, 7);
+    unpack_mask_bits(bits.data(), pixels, got.data());
+    for (int64_t i = 0; i < pixels; ++i)
+      ASSERT_EQ(got[i], (bits[i / 32] >> (i % 32)) & 1u) << "pixel " << i << " of " << pixels;
+    EXPECT_EQ(got[pixels], 7) << "written past the last pixel";
   }
 }
 

@@ -79,12 +79,33 @@ HypernetworkShape hypernetwork_shape(const Tensor& up, const Tensor& hyper, cons
 
 int64_t mask_bit_words(int height, int width) { return (int64_t(height) * width + 31) / 32; }
 
+namespace {
+
+// Byte b's 8 bits spread over 8 bytes (bit k -> byte k, 0 or 1), in memory order.
+constexpr std::array<uint64_t, 256> spread_bits_table() {
+  std::array<uint64_t, 256> t{};
+  for (int b = 0; b < 256; ++b)
+    for (int k = 0; k < 8; ++k)
+      if (b & (1 << k)) {
+        if constexpr (std::endian::native == std::endian::little)
+          t[b] |= uint64_t(1) << (8 * k);
+        else
+          t[b] |= uint64_t(1) << (8 * (7 - k));
+      }
+  return t;
+}
+constexpr std::array<uint64_t, 256> kSpreadBits = spread_bits_table();
+
+}  // namespace
+
 void unpack_mask_bits(const uint32_t* bits, int64_t pixels, uint8_t* out) {
-  for (int64_t i = 0; i < pixels; i += 32) {
-    const uint32_t word = bits[i / 32];
-    const int64_t n = std::min<int64_t>(32, pixels - i);
-    for (int64_t k = 0; k < n; ++k) out[i + k] = static_cast<uint8_t>((word >> k) & 1u);
+  // Whole words a byte of bits at a time (8 pixels from one table entry), the tail bit by bit.
+  const int64_t whole = pixels / 32;
+  for (int64_t w = 0; w < whole; ++w) {
+    const uint32_t word = bits[w];
+    for (int j = 0; j < 4; ++j) std::memcpy(out + w * 32 + j * 8, &kSpreadBits[(word >> (8 * j)) & 0xffu], 8);
   }
+  for (int64_t i = whole * 32; i < pixels; ++i) out[i] = static_cast<uint8_t>((bits[i / 32] >> (i % 32)) & 1u);
 }
 
 std::vector<uint32_t> run_lengths_from_bits(const uint32_t* bits, int64_t pixels) {
