@@ -9,9 +9,10 @@
 // the bias (one value per output feature) runs along D^T's rows, as cuBLASLt's epilogue wants.
 //
 // A linear layer's weights live in a CudaLinear chosen by prepare_linear from the backend's
-// LinearFormat (and FP16 for the mask decoder and prompt encoder). BF16 and FP16 exist yet; FP8 (e4m3 weights with per-output-channel scales, cuBLASLt's
-// scale pointers) and 2:4 sparse (cuSPARSELt compressed weights) are further subclasses with their
-// own run(); the model never sees the difference.
+// LinearFormat (and FP16 for the mask decoder and prompt encoder). BF16 and FP16 exist yet; FP8
+// (e4m3 weights with per-output-channel scales, cuBLASLt's scale pointers) and 2:4 sparse
+// (cuSPARSELt compressed weights) are further subclasses with their own run(); the model never
+// sees the difference.
 #pragma once
 
 #include <cublasLt.h>

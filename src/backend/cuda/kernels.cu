@@ -47,7 +47,6 @@ void require_f32_param(const Tensor& t, int64_t n, const char* op, const char* w
             (t.defined() ? std::string(dtype_name(t.dtype())) + " " + shape_str(t.shape()) : std::string("nothing")));
 }
 
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // A grid-stride launch shape for `work` independent items of `threads` threads each.
