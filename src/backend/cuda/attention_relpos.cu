@@ -44,14 +44,15 @@
 // * Kernel traits and a launch template per head dim (64: vit_b/l, 80: vit_h; 80 = 5 k16 steps of
 //   Q K^T and 10 n8 tiles of P V), in the style of flash-attention.
 //
-// * Global attention on Hopper (compute capability 9.0, binary built for sm_90a): a separate kernel,
-//   relpos_attention_global_sm90 (wgmma + TMA + a producer warpgroup, flash-attention-3 style; its
-//   own comment below), chosen at run time; the mma.sync global kernel stays the sm_80 path and the
-//   fallback (attention_relpos_enable_sm90(false) forces it).
+// * On Hopper (compute capability 9.0, binary built for sm_90a) two more kernels, chosen at run
+//   time: relpos_attention_global_sm90 (wgmma + TMA + a producer warpgroup, flash-attention-3
+//   style) and, for windows up to 14 x 14, relpos_attention_window_sm90 (wgmma over a whole window
+//   at once); their own comments are below. The mma.sync kernels stay the sm_80 path and the
+//   fallback (attention_relpos_enable_sm90(false) forces them).
 //
 // Measured on an H100 (ATTENTION_NOTES.md; FLOPs counted as 4*B*heads*T^2*D, bias included in the
-// time): windows ~118-125 TFLOP/s; global ~291-294 (head dim 64) and ~340 (head dim 80) TFLOP/s with
-// the sm_90a kernel, ~200-225 with mma.sync.
+// time): windows ~119-134 TFLOP/s with the sm_90a kernel (~109-121 with mma.sync); global ~291-294
+// (head dim 64) and ~340 (head dim 80) TFLOP/s with the sm_90a kernel, ~200-225 with mma.sync.
 #include <cuda.h>
 
 #include <algorithm>
@@ -554,6 +555,47 @@ struct WindowTraits {
   static_assert(2 * 16 * kRelStride * 4 <= 16 * kStride * 2, "rel scratch fits in a query tile's Q rows");
 };
 
+// The window kernels' softmax over one query row, keys in NR grid rows of 16 slots: at(r, j, e) is
+// the logit accumulator of key column 8j + 2t + e of grid row r (this lane's t), rw[j][e] its
+// rel_w * log2e (-inf past grid_w), rh[r] the row's rel_h * log2e.
+// x = s * scale + rel_w in place; returns this lane's max of x + rel_h.
+template <int NR, class At>
+__device__ __forceinline__ float window_row_max(At at, const float (&rw)[2][2], const float (&rh)[NR], float scale_log2) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    float mr = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = at(r, j, e);
+        x = fmaf(x, scale_log2, rw[j][e]);
+        mr = fmaxf(mr, x);
+      }
+    mx = fmaxf(mx, mr + rh[r]);
+  }
+  return mx;
+}
+// p = exp2(x + rel_h - m) in place; returns this lane's sum of p.
+template <int NR, class At>
+__device__ __forceinline__ float window_row_exp(At at, float m, const float (&rh)[NR]) {
+  float sum = 0.f;
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    const float c = m - rh[r];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = at(r, j, e);
+        x = exp2_approx(x - c);
+        sum += x;
+      }
+  }
+  return sum;
+}
+
 // One key tile of NR grid rows (16 slots each, row_step elements apart in shared memory) against
 // one m16 query tile. relh0/relh1: rel_h * log2e of rows g and g+8 at this tile's first grid row.
 // relw[hr][j][e]: rel_w * log2e of row g + 8 hr at column 8j + 2t + e (-inf past grid_w).
@@ -584,40 +626,14 @@ __device__ __forceinline__ void window_tile(const bf16* kt_smem, const bf16* vt_
   float m_new[1][2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int rr = 0; rr < NR; ++rr) {
-      float mr = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float x = fmaf(s[2 * rr + j][2 * hr + e], scale_log2, relw[hr][j][e]);
-          s[2 * rr + j][2 * hr + e] = x;
-          mr = fmaxf(mr, x);
-        }
-      mx = fmaxf(mx, mr + relh[hr][rr]);
-    }
-    m_new[0][hr] = fmaxf(m_run[0][hr], quad_max(mx));
+    auto at = [&](int rr, int j, int e) -> float& { return s[2 * rr + j][2 * hr + e]; };
+    m_new[0][hr] = fmaxf(m_run[0][hr], quad_max(window_row_max<NR>(at, relw[hr], relh[hr], scale_log2)));
   }
   rescale_rows<1, DT>(o, m_run, l_run, m_new);
-
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    float rs = 0.f;
-#pragma unroll
-    for (int rr = 0; rr < NR; ++rr) {
-      const float c = m_run[0][hr] - relh[hr][rr];
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = exp2_approx(s[2 * rr + j][2 * hr + e] - c);
-          s[2 * rr + j][2 * hr + e] = pv;
-          rs += pv;
-        }
-    }
-    l_run[0][hr] += rs;
+    auto at = [&](int rr, int j, int e) -> float& { return s[2 * rr + j][2 * hr + e]; };
+    l_run[0][hr] += window_row_exp<NR>(at, m_run[0][hr], relh[hr]);
   }
 
 #pragma unroll
@@ -663,80 +679,55 @@ __device__ __forceinline__ void window_rel_logits(float (&acc)[4][4], const uint
     }
 }
 
-// Persistent: grid = min(items, SMs), item = b * heads + h, items blockIdx.x, + gridDim.x, ...
-// With two stages, item n + 1's Q, K and V are copied (cp.async) while item n is computed.
-template <int kHeadDim>
-__global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
-    relpos_attention_window_kernel(const RelPosAttentionParams p, const float scale_log2, const int stages) {
-  using Tr = WindowTraits<kHeadDim>;
-  constexpr int D = Tr::kD, KC = Tr::kChunks, DT = Tr::kDTiles, kStride = Tr::kStride;
-  constexpr int kCopies = Tr::kCopiesPerRow, kRS = Tr::kRelStride;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const int gh = p.grid_h, gw = p.grid_w, T = gh * gw;
-  // The image grid the windows are cut from (sequences: one window per image, no padding).
-  const int img_h = p.image_h > 0 ? p.image_h : gh, img_w = p.image_h > 0 ? p.image_w : gw;
-  const int n_wy = (img_h + gh - 1) / gh, n_wx = (img_w + gw - 1) / gw;
-  const int n_items = p.batch * n_wy * n_wx * p.heads;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  bf16* const tab_h = reinterpret_cast<bf16*>(smem);
-  bf16* const tab_w = tab_h + Tr::kTableRows * kStride;
-  bf16* const stage0 = tab_w + Tr::kTableRows * kStride;
-  const size_t stage_elems = Tr::stage_elems(T);
-  const int q_rows = Tr::q_rows(T);
-  const size_t hd = static_cast<size_t>(p.heads) * D, tok_stride = 3 * hd;
-  const int inv_gw = (65536 + gw - 1) / gw;  // tok / gw == (tok * inv_gw) >> 16 for tok < 4096
-
-  // item = ((b * n_wy + wy) * n_wx + wx) * heads + h. Token tok of the item's window is grid token
-  // (y0 + tok / gw, x0 + tok % gw) of image b; grid_token() gives its index in the image batch, or
-  // -1 for a padding token.
+// Where a window kernel's items come from: item = ((b * n_wy + wy) * n_wx + wx) * heads + h, one
+// (window, head) pair. Token tok of the item's window is grid token (y0 + tok / gw, x0 + tok % gw)
+// of image b; token() gives its index in the image batch, or -1 for a padding token.
+struct WindowGeometry {
+  int gh, gw, T, img_h, img_w, n_wy, n_wx, heads, n_items;
+  int inv_gw;  // tok / gw == (tok * inv_gw) >> 16 for tok < 4096
   struct Item {
     int b, y0, x0, h;
   };
-  auto item_of = [&](int item) {
+  __device__ explicit WindowGeometry(const RelPosAttentionParams& p) {
+    gh = p.grid_h, gw = p.grid_w, T = gh * gw;
+    // The image grid the windows are cut from (sequences: one window per image, no padding).
+    img_h = p.image_h > 0 ? p.image_h : gh, img_w = p.image_h > 0 ? p.image_w : gw;
+    n_wy = (img_h + gh - 1) / gh, n_wx = (img_w + gw - 1) / gw;
+    heads = p.heads;
+    n_items = p.batch * n_wy * n_wx * p.heads;
+    inv_gw = (65536 + gw - 1) / gw;
+  }
+  __device__ int row_of(int tok) const { return (tok * inv_gw) >> 16; }
+  __device__ Item item(int item) const {
     Item it;
-    const int win = item / p.heads;
-    it.h = item - win * p.heads;
+    const int win = item / heads;
+    it.h = item - win * heads;
     const int b_wy = win / n_wx, wx = win - b_wy * n_wx;
     it.b = b_wy / n_wy;
     it.y0 = (b_wy - it.b * n_wy) * gh;
     it.x0 = wx * gw;
     return it;
-  };
-  auto grid_token = [&](const Item& it, int tok) -> long long {
-    const int ty = (tok * inv_gw) >> 16;
+  }
+  __device__ long long token(const Item& it, int tok) const {
+    const int ty = row_of(tok);
     const int y = it.y0 + ty, x = it.x0 + tok - ty * gw;
     return (y < img_h && x < img_w) ? (static_cast<long long>(it.b) * img_h + y) * img_w + x : -1;
-  };
+  }
+  // Where token tok's q of head it.h starts (k and v follow at +heads*D and +2*heads*D).
+  __device__ const bf16* q_src(const RelPosAttentionParams& p, const Item& it, int tok, int D) const {
+    const long long gt = token(it, tok);
+    return (gt >= 0 ? p.qkv + static_cast<size_t>(gt) * 3 * heads * D : p.pad_qkv) + static_cast<size_t>(it.h) * D;
+  }
+};
 
-  // Q, K, V of one item into one stage: token-major, kCopies 16 B pieces per row; padding tokens
-  // copy pad_qkv.
-  auto issue = [&](int item, bf16* st) {
-    const Item it = item_of(item);
-    bf16* const qd = st;
-    bf16* const kd = st + static_cast<size_t>(q_rows) * kStride;
-    bf16* const vd = kd + static_cast<size_t>(T) * kStride;
-    for (int i = tid; i < T * kCopies; i += Tr::kThreads) {
-      const int tok = i / kCopies, ch = i - tok * kCopies;
-      const long long gt = grid_token(it, tok);
-      const bf16* src = (gt >= 0 ? p.qkv + static_cast<size_t>(gt) * tok_stride : p.pad_qkv) +
-                        static_cast<size_t>(it.h) * D + ch * 8;
-      const int dst = tok * kStride + ch * 8;
-      cp_async_16(qd + dst, src);
-      cp_async_16(kd + dst, src + hd);
-      cp_async_16(vd + dst, src + 2 * hd);
-    }
-  };
-
-  int item = blockIdx.x;
-  if (item < n_items) issue(item, stage0);
-  cp_async_commit();
-
-  // The rel_pos tables, rounded to bf16, rows past 2 * grid - 1 zero (visible after the first
-  // barrier of the item loop).
-  for (int i = tid; i < 2 * Tr::kTableRows * (D / 2); i += Tr::kThreads) {
-    const int which = i / (Tr::kTableRows * (D / 2)), rest = i - which * (Tr::kTableRows * (D / 2));
+// The rel_pos tables into shared memory ([kTableRows][kStride] each), rounded to bf16, rows past
+// 2 * grid - 1 zero. Visible after the caller's next barrier.
+template <int D, int kStride, int kTableRows>
+__device__ void stage_rel_tables(const RelPosAttentionParams& p, bf16* tab_h, bf16* tab_w, int tid, int threads) {
+  for (int i = tid; i < 2 * kTableRows * (D / 2); i += threads) {
+    const int which = i / (kTableRows * (D / 2)), rest = i - which * (kTableRows * (D / 2));
     const int row = rest / (D / 2), col = 2 * (rest - row * (D / 2));
-    const int rows = 2 * (which ? gw : gh) - 1;
+    const int rows = 2 * (which ? p.grid_w : p.grid_h) - 1;
     const void* table = which ? p.rel_pos_w : p.rel_pos_h;
     uint32_t v = 0u;
     if (row < rows) {
@@ -749,6 +740,138 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
     }
     *reinterpret_cast<uint32_t*>((which ? tab_w : tab_h) + row * kStride + col) = v;
   }
+}
+
+// The bias of one warp's 16 query rows [tok0, tok0 + 16) of a window, into the warp's scratch:
+// relh_s[r * kRS + kr] = rel_h * log2e of row r against key grid row kr, relw_s likewise for key
+// columns (rows r of the tile; padded rows take the last token's). qf: the rows' Q fragments.
+template <int KC, int kStride, int kRS>
+__device__ __forceinline__ void window_bias(const uint32_t (&qf)[1][KC][4], const bf16* tab_h, const bf16* tab_w,
+                                            int tab_off, const WindowGeometry& geo, int tok0, int lane, float* relh_s,
+                                            float* relw_s) {
+  const int g = lane >> 2, t = lane & 3;
+  int qrow[2], qcol[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int tok = min(tok0 + g + 8 * hr, geo.T - 1);
+    qrow[hr] = geo.row_of(tok);
+    qcol[hr] = tok - qrow[hr] * geo.gw;
+  }
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {  // rel_h, then rel_w
+    const int n = which ? geo.gw : geo.gh;
+    float* const dst = which ? relw_s : relh_s;
+    float acc[4][4];
+    window_rel_logits<KC, kStride>(acc, qf, which ? tab_w : tab_h, tab_off);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int k = (which ? qcol[hr] : qrow[hr]) + n - 1 - (nt * 8 + 2 * t + e);
+          if (k >= 0 && k < n) dst[(g + 8 * hr) * kRS + k] = acc[nt][2 * hr + e] * kLog2e;
+        }
+  }
+}
+
+// A warp's prologue for its 16 query rows [tok0, tok0 + 16) of a window, whose Q rows (row-major,
+// kStride) start at `region`: their A fragments into qf (padded rows read the last token), then
+// the region becomes the scratch of window_bias (returned: rel_h rows, rel_w rows after 16 * kRS),
+// and rw gets rel_w * log2e at this lane's key columns 8j + 2t + e (-inf past grid_w).
+template <int KC, int kStride, int kRS>
+__device__ __forceinline__ float* window_prologue(uint32_t (&qf)[1][KC][4], float (&rw)[2][2][2], bf16* region,
+                                                  const bf16* tab_h, const bf16* tab_w, int tab_off,
+                                                  const WindowGeometry& geo, int tok0, int lane) {
+  const int r = min(tok0 + (lane & 7) + ((lane >> 3) & 1) * 8, geo.T - 1) - tok0;
+#pragma unroll
+  for (int kc = 0; kc < KC; ++kc) ldmatrix_x4(qf[0][kc], region + r * kStride + (lane >> 4) * 8 + kc * 16);
+  __syncwarp();  // every lane has its Q before the rows become scratch
+  float* const relh_s = reinterpret_cast<float*>(region);  // [16][kRS] rel_h * log2e
+  float* const relw_s = relh_s + 16 * kRS;                   // [16][kRS] rel_w * log2e
+  window_bias<KC, kStride, kRS>(qf, tab_h, tab_w, tab_off, geo, tok0, lane, relh_s, relw_s);
+  __syncwarp();
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = 8 * j + 2 * t + e;
+        rw[hr][j][e] = c < geo.gw ? relw_s[(g + 8 * hr) * kRS + c] : -INFINITY;
+      }
+  return relh_s;
+}
+
+// A warp's 16 output rows (bf16, [16][kStride] in shared memory) to the image grid: 16-byte
+// stores when out is 16-byte aligned, else 4-byte ones; only real tokens are written (padding
+// tokens and padded query rows are dropped).
+template <int D, int kStride>
+__device__ __forceinline__ void store_window_rows(const bf16* region, bf16* out_head, size_t hd,
+                                                  const WindowGeometry& geo, const WindowGeometry::Item& it, int tok0,
+                                                  int lane, bool out_16b) {
+  constexpr int kCopies = D / 8;
+  if (out_16b) {
+#pragma unroll
+    for (int i = lane; i < 16 * kCopies; i += 32) {
+      const int r = i / kCopies, ch = i - r * kCopies;
+      const long long gt = tok0 + r < geo.T ? geo.token(it, tok0 + r) : -1;
+      if (gt >= 0)
+        *reinterpret_cast<uint4*>(out_head + static_cast<size_t>(gt) * hd + ch * 8) =
+            *reinterpret_cast<const uint4*>(region + r * kStride + ch * 8);
+    }
+  } else {  // out only 4-byte aligned (the API's minimum)
+    for (int i = lane; i < 16 * (D / 2); i += 32) {
+      const int r = i / (D / 2), c = 2 * (i - r * (D / 2));
+      const long long gt = tok0 + r < geo.T ? geo.token(it, tok0 + r) : -1;
+      if (gt >= 0)
+        *reinterpret_cast<uint32_t*>(out_head + static_cast<size_t>(gt) * hd + c) =
+            *reinterpret_cast<const uint32_t*>(region + r * kStride + c);
+    }
+  }
+}
+
+// Persistent: grid = min(items, SMs), item = b * heads + h, items blockIdx.x, + gridDim.x, ...
+// With two stages, item n + 1's Q, K and V are copied (cp.async) while item n is computed.
+template <int kHeadDim>
+__global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
+    relpos_attention_window_kernel(const RelPosAttentionParams p, const float scale_log2, const int stages) {
+  using Tr = WindowTraits<kHeadDim>;
+  constexpr int D = Tr::kD, KC = Tr::kChunks, DT = Tr::kDTiles, kStride = Tr::kStride;
+  constexpr int kCopies = Tr::kCopiesPerRow, kRS = Tr::kRelStride;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const WindowGeometry geo(p);
+  const int gh = geo.gh, gw = geo.gw, T = geo.T, n_items = geo.n_items;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  bf16* const tab_h = reinterpret_cast<bf16*>(smem);
+  bf16* const tab_w = tab_h + Tr::kTableRows * kStride;
+  bf16* const stage0 = tab_w + Tr::kTableRows * kStride;
+  const size_t stage_elems = Tr::stage_elems(T);
+  const int q_rows = Tr::q_rows(T);
+  const size_t hd = static_cast<size_t>(p.heads) * D;
+
+  // Q, K, V of one item into one stage: token-major, kCopies 16 B pieces per row; padding tokens
+  // copy pad_qkv.
+  auto issue = [&](int item, bf16* st) {
+    const WindowGeometry::Item it = geo.item(item);
+    bf16* const qd = st;
+    bf16* const kd = st + static_cast<size_t>(q_rows) * kStride;
+    bf16* const vd = kd + static_cast<size_t>(T) * kStride;
+    for (int i = tid; i < T * kCopies; i += Tr::kThreads) {
+      const int tok = i / kCopies, ch = i - tok * kCopies;
+      const bf16* src = geo.q_src(p, it, tok, D) + ch * 8;
+      const int dst = tok * kStride + ch * 8;
+      cp_async_16(qd + dst, src);
+      cp_async_16(kd + dst, src + hd);
+      cp_async_16(vd + dst, src + 2 * hd);
+    }
+  };
+
+  int item = blockIdx.x;
+  if (item < n_items) issue(item, stage0);
+  cp_async_commit();
+  stage_rel_tables<D, kStride, Tr::kTableRows>(p, tab_h, tab_w, tid, Tr::kThreads);
 
   // Lane offsets. Key ldmatrix rows are the slots of a grid row, 16 per row; slots past grid_w
   // read the row's last key (finite; rel_w = -inf gives them probability 0 exactly).
@@ -774,7 +897,7 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
     }
     __syncthreads();  // this item's Q, K, V (and the tables) are in shared memory for every thread
 
-    const Item it = item_of(item);
+    const WindowGeometry::Item it = geo.item(item);
     bf16* const q_s = stage_cur;
     const bf16* const k_s = stage_cur + static_cast<size_t>(q_rows) * kStride;
     const bf16* const v_s = k_s + static_cast<size_t>(T) * kStride;
@@ -784,55 +907,9 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
       const int tok0 = u * 16;
       bf16* const region = q_s + static_cast<size_t>(tok0) * kStride;  // this tile's Q rows: scratch after
       uint32_t qf[1][KC][4];
-      {
-        const int r = min(tok0 + (lane & 7) + ((lane >> 3) & 1) * 8, T - 1) - tok0;  // padded rows: last token
-#pragma unroll
-        for (int kc = 0; kc < KC; ++kc) ldmatrix_x4(qf[0][kc], region + r * kStride + (lane >> 4) * 8 + kc * 16);
-      }
-      __syncwarp();  // every lane has its Q before the rows become scratch
-      float* const relh_s = reinterpret_cast<float*>(region);  // [16][17] rel_h * log2e
-      float* const relw_s = relh_s + 16 * kRS;                   // [16][17] rel_w * log2e
-      int qrow[2], qcol[2];
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int tok = min(tok0 + g + 8 * hr, T - 1);
-        qrow[hr] = (tok * inv_gw) >> 16;
-        qcol[hr] = tok - qrow[hr] * gw;
-      }
-      {
-        float acc[4][4];
-        window_rel_logits<KC, kStride>(acc, qf, tab_h, tab_off);
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int kr = qrow[hr] + gh - 1 - (nt * 8 + 2 * t + e);
-              if (kr >= 0 && kr < gh) relh_s[(g + 8 * hr) * kRS + kr] = acc[nt][2 * hr + e] * kLog2e;
-            }
-        window_rel_logits<KC, kStride>(acc, qf, tab_w, tab_off);
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int kc = qcol[hr] + gw - 1 - (nt * 8 + 2 * t + e);
-              if (kc >= 0 && kc < gw) relw_s[(g + 8 * hr) * kRS + kc] = acc[nt][2 * hr + e] * kLog2e;
-            }
-      }
-      __syncwarp();
       float relw[2][2][2];
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int c = 8 * j + 2 * t + e;
-            relw[hr][j][e] = c < gw ? relw_s[(g + 8 * hr) * kRS + c] : -INFINITY;
-          }
+      const float* const relh_s =
+          window_prologue<KC, kStride, kRS>(qf, relw, region, tab_h, tab_w, tab_off, geo, tok0, lane);
 
       float o[1][DT][4];
       float m_run[1][2] = {{-INFINITY, -INFINITY}}, l_run[1][2] = {{0.f, 0.f}};
@@ -850,7 +927,7 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
                                                    m_run, l_run, relw, relh0, relh1, scale_log2);
       }
 
-      // O / l -> bf16 rows in the scratch, then 16 B coalesced stores of the tile's valid rows.
+      // O / l -> bf16 rows in the scratch, then coalesced stores of the tile's valid rows.
       __syncwarp();  // rel_h reads done
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
@@ -861,25 +938,7 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
           *reinterpret_cast<uint32_t*>(dst + 8 * dn) = pack_bf16x2(o[0][dn][2 * hr] * inv, o[0][dn][2 * hr + 1] * inv);
       }
       __syncwarp();
-      // Only real tokens are written (padding tokens and padded query rows are dropped).
-      if (out_16b) {
-#pragma unroll
-        for (int i = lane; i < 16 * kCopies; i += 32) {
-          const int r = i / kCopies, ch = i - r * kCopies;
-          const long long gt = tok0 + r < T ? grid_token(it, tok0 + r) : -1;
-          if (gt >= 0)
-            *reinterpret_cast<uint4*>(out_head + static_cast<size_t>(gt) * hd + ch * 8) =
-                *reinterpret_cast<const uint4*>(region + r * kStride + ch * 8);
-        }
-      } else {  // out only 4-byte aligned (the API's minimum)
-        for (int i = lane; i < 16 * (D / 2); i += 32) {
-          const int r = i / (D / 2), c = 2 * (i - r * (D / 2));
-          const long long gt = tok0 + r < T ? grid_token(it, tok0 + r) : -1;
-          if (gt >= 0)
-            *reinterpret_cast<uint32_t*>(out_head + static_cast<size_t>(gt) * hd + c) =
-                *reinterpret_cast<const uint32_t*>(region + r * kStride + c);
-        }
-      }
+      store_window_rows<D, kStride>(region, out_head, hd, geo, it, tok0, lane, out_16b);
     }
     __syncthreads();  // the stage is free: the next iteration (or the single-stage copy) refills it
     if (stages == 1 && next < n_items) {
@@ -1009,16 +1068,23 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 // The same for register A fragments: keeps them live (unchanged) until the wgmma reading them is done.
-__device__ __forceinline__ void fence_regs(uint32_t (&r)[4][4]) {
+template <int N, int M>
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[N][M]) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < N; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+    for (int j = 0; j < M; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
 }
 // Shared memory matrix descriptor, 128-byte swizzle (layout type 1). Byte offsets in 16 B units.
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
   return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
          (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+// The same with the 32-byte swizzle (layout type 3): rows of 32 B, the 16 B half of row r at
+// (half ^ (r >> 2) & 1); atoms of 8 rows (256 B), 256-byte aligned.
+__device__ __forceinline__ uint64_t sw32_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32) | (3ull << 62);
 }
 
 // d (+)= A B, m64n64k16, A and B from shared memory (K-major both), fp32 accumulate.
@@ -1064,6 +1130,49 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[D / 2], const uint32_t (&a)[
     wgmma_m64n64k16_rs_tb(o, a, desc_b);
   else
     wgmma_m64n80k16_rs_tb(o, a, desc_b);
+}
+
+// d (+)= A B, m64n224k16, A from registers, B from shared memory K-major, fp32 accumulate.
+__device__ __forceinline__ void wgmma_m64n224k16_rs(float (&d)[112], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %117, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n224k16.f32.bf16.bf16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
+      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111"
+      "}, {%112,%113,%114,%115}, %116, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+
+// d += A B, m64n16k16, A from registers, B from shared memory N-major (transposed), fp32 accumulate.
+__device__ __forceinline__ void wgmma_m64n16k16_rs_tb(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7"
+      "}, {%8,%9,%10,%11}, %12, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
 }
 #endif  // SEGANY_SM90A_DEVICE
 
@@ -1362,6 +1471,232 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Windowed attention on sm_90a: warpgroup MMA over a whole window at once
+// ---------------------------------------------------------------------------------------------
+//
+// Windows of at most 14 x 14 tokens (SAM's), persistent CTAs of 2 warpgroups taking (window, head)
+// items as the mma.sync window kernel does, with the same two-stage cp.async pipeline (item n + 1
+// copied under item n) and the same gather from the image grid (padding tokens read pad_qkv).
+// * Keys live in 14 grid rows of 16 slots (224), slots past grid_w zero in shared memory and
+//   masked by rel_w = -inf, so that S = Q K^T is one wgmma m64n224k16 per k16 step for 64 queries
+//   and every key of the window: no online softmax, one max and one sum per row, and a thread's
+//   S columns 8j + 2t + e sit at key column 8 (j % 2) + 2t + e of grid row j / 2 (rel_w: 8
+//   registers, rel_h: one per grid row, added to the row max as in the other kernels).
+// * K and V in the canonical wgmma layouts, written by cp.async: head-dim columns 0-63 in a
+//   128-byte-swizzled block (row = key slot, 128 B), columns 64-79 (head dim 80) in a 32-byte-
+//   swizzled block. S takes K K-major (k-step kc: +32 B inside the 128 B atom, or the 32 B block);
+//   O += P V takes V N-major (m64n64 from the first block, m64n16 from the second), P from
+//   registers. Q stays row-major (padded stride): each warp ldmatrix-loads its 16 rows as A
+//   fragments for both the bias prologue (mma.sync against the rel_pos tables, as the mma.sync
+//   kernel) and S (A from registers); its rows are then its scratch for rel_h / rel_w and the
+//   bf16 output tile.
+// * 196 queries are 4 m64 tiles (the fourth holds 4 real rows: 256 rows computed for 196);
+//   warpgroup w takes tiles w and w + 2 of each item. Warps whose 16 rows are all padding still
+//   take part in the warpgroup's MMAs (zero Q) and write nothing.
+// * cp.async writes through the generic proxy and wgmma reads through the async proxy: every
+//   thread fences (fence.proxy.async) after its copies land, before the barrier that publishes them.
+template <int kHeadDim>
+struct WindowSm90Traits {
+  static constexpr int kD = kHeadDim;
+  static constexpr int kThreads = 256;  // 2 warpgroups
+  static constexpr int kMaxGrid = 14;   // grid rows and columns (T <= 196: Q fits 208 rows)
+  static constexpr int kSlots = 16;     // key slots per grid row
+  static constexpr int kN = kMaxGrid * kSlots;
+  static constexpr int kQRows = 208;
+  static constexpr int kStride = kD + 8;  // Q rows and rel_pos tables, padded (as WindowTraits)
+  static constexpr int kRelStride = 17;
+  static constexpr int kChunks = kD / 16;
+  static constexpr int kTableRows = 32;
+  static constexpr bool kTail = kD > 64;  // head-dim columns 64..79 in the 32-byte-swizzled block
+  static constexpr int kBlock0Bytes = kN * 128;
+  static constexpr int kBlock1Bytes = kTail ? kN * 32 : 0;
+  static constexpr int kQBytes = kQRows * kStride * 2;
+  // Byte offsets from the 1024-aligned base: [K0 s0][V0 s0][K0 s1][V0 s1][K1 s0][V1 s0][K1 s1][V1 s1]
+  // [Q s0][Q s1][rel_pos_h][rel_pos_w].
+  __host__ __device__ static constexpr uint32_t k0(int s) { return s * 2 * kBlock0Bytes; }
+  __host__ __device__ static constexpr uint32_t v0(int s) { return k0(s) + kBlock0Bytes; }
+  __host__ __device__ static constexpr uint32_t k1(int s) { return 4 * kBlock0Bytes + s * 2 * kBlock1Bytes; }
+  __host__ __device__ static constexpr uint32_t v1(int s) { return k1(s) + kBlock1Bytes; }
+  __host__ __device__ static constexpr uint32_t q(int s) { return 4 * kBlock0Bytes + 4 * kBlock1Bytes + s * kQBytes; }
+  static constexpr uint32_t kTables = q(2);
+  static constexpr size_t kSmemBytes = kTables + 2 * kTableRows * kStride * 2 + 1024;  // + base alignment
+  static_assert((kD == 64 || kD == 80) && kChunks * 16 == kD, "head dim 64 or 80");
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block may have");
+  static_assert(kBlock0Bytes % 1024 == 0 && kBlock1Bytes % 256 == 0, "swizzle atoms aligned");
+  static_assert(2 * 16 * kRelStride * 4 <= 16 * kStride * 2, "rel scratch fits in a warp's Q rows");
+};
+
+template <int kHeadDim>
+__global__ void __launch_bounds__(WindowSm90Traits<kHeadDim>::kThreads, 1)
+    relpos_attention_window_sm90_kernel(const RelPosAttentionParams p, const float scale_log2, const int) {
+#ifdef SEGANY_SM90A_DEVICE
+  using Tr = WindowSm90Traits<kHeadDim>;
+  constexpr int D = Tr::kD, KC = Tr::kChunks, kStride = Tr::kStride, kRS = Tr::kRelStride, G = Tr::kMaxGrid;
+  constexpr int kCopies = D / 8;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  const uint32_t sbase = smem_u32(smem);
+  bf16* const tab_h = reinterpret_cast<bf16*>(smem + Tr::kTables);
+  bf16* const tab_w = tab_h + Tr::kTableRows * kStride;
+  const WindowGeometry geo(p);
+  const int gh = geo.gh, gw = geo.gw, T = geo.T, n_items = geo.n_items;
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const size_t hd = static_cast<size_t>(p.heads) * D;
+
+  // Key slots that no token fills stay zero (finite: rel_w or rel_h = -inf masks them exactly).
+  for (uint32_t i = tid; i < Tr::q(0) / 16; i += Tr::kThreads)
+    *reinterpret_cast<uint4*>(smem + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
+  __syncthreads();
+
+  // Q (row-major, padded) and K, V (swizzled, slot = 16 * row + column) of one item into stage s.
+  auto issue = [&](int item, int s) {
+    const WindowGeometry::Item it = geo.item(item);
+    bf16* const qd = reinterpret_cast<bf16*>(smem + Tr::q(s));
+    for (int i = tid; i < T * kCopies; i += Tr::kThreads) {
+      const int tok = i / kCopies, ch = i - tok * kCopies;
+      const bf16* src = geo.q_src(p, it, tok, D) + ch * 8;
+      const int ty = geo.row_of(tok), slot = ty * Tr::kSlots + (tok - ty * gw);
+      uint32_t kd, vd;
+      if (ch < 8) {
+        const uint32_t off = slot * 128 + ((ch ^ (slot & 7)) << 4);
+        kd = Tr::k0(s) + off, vd = Tr::v0(s) + off;
+      } else {
+        const uint32_t off = slot * 32 + (((ch - 8) ^ ((slot >> 2) & 1)) << 4);
+        kd = Tr::k1(s) + off, vd = Tr::v1(s) + off;
+      }
+      cp_async_16(qd + tok * kStride + ch * 8, src);
+      cp_async_16(smem + kd, src + hd);
+      cp_async_16(smem + vd, src + 2 * hd);
+    }
+  };
+
+  int item = blockIdx.x;
+  if (item < n_items) issue(item, 0);
+  cp_async_commit();
+  stage_rel_tables<D, kStride, Tr::kTableRows>(p, tab_h, tab_w, tid, Tr::kThreads);
+
+  const int tab_off = k_lane_offset(lane, kStride);
+  const int n_mtiles = (T + 63) / 64;
+  const bool out_16b = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
+
+  int s = 0;
+  for (; item < n_items; item += gridDim.x) {
+    const int next = item + gridDim.x;
+    if (next < n_items) issue(next, s ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();  // this item's Q, K, V (and the tables) are in shared memory for every thread
+
+    const WindowGeometry::Item it = geo.item(item);
+    bf16* const q_s = reinterpret_cast<bf16*>(smem + Tr::q(s));
+    const uint32_t k0 = sbase + Tr::k0(s), v0 = sbase + Tr::v0(s), k1 = sbase + Tr::k1(s), v1 = sbase + Tr::v1(s);
+    bf16* const out_head = p.out + static_cast<size_t>(it.h) * D;
+
+    for (int mt = wg; mt < n_mtiles; mt += 2) {
+      const int tok0 = 64 * mt + 16 * warp;
+      const bool active = tok0 < T;
+      bf16* const region = q_s + static_cast<size_t>(tok0) * kStride;  // this warp's Q rows: scratch after
+      uint32_t qf[1][KC][4];
+      float rh[2][G], rw[2][2][2];
+      if (active) {
+        const float* const relh_s =
+            window_prologue<KC, kStride, kRS>(qf, rw, region, tab_h, tab_w, tab_off, geo, tok0, lane);
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+          for (int r = 0; r < G; ++r) rh[hr][r] = r < gh ? relh_s[(g + 8 * hr) * kRS + r] : -INFINITY;
+      } else {  // all 16 rows padding: any finite logits (never written; a branch around their
+                // softmax measured slower than computing it)
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) qf[0][kc][0] = qf[0][kc][1] = qf[0][kc][2] = qf[0][kc][3] = 0u;
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+#pragma unroll
+          for (int r = 0; r < G; ++r) rh[hr][r] = 0.f;
+#pragma unroll
+          for (int j = 0; j < 2; ++j) rw[hr][j][0] = rw[hr][j][1] = 0.f;
+        }
+      }
+
+      // S = Q K^T for the 64 queries and all 224 key slots.
+      float sacc[G * 8];
+      wgmma_fence();
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc)
+        wgmma_m64n224k16_rs(sacc, qf[0][kc], kc < 4 ? sw128_desc(k0 + kc * 32, 16, 1024) : sw32_desc(k1, 16, 256),
+                            kc > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(sacc);
+      fence_regs(qf[0]);
+
+      // Softmax in the log2 domain: x = s * scale + rel_w; the row max adds rel_h per grid row, and
+      // p = exp2(x - (m - rel_h)). S column 8j + 2t + e: grid row j / 2, key column 8 (j % 2) + 2t + e.
+      uint32_t pa[G][4];
+      float l_row[2];
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        auto at = [&](int r, int jj, int e) -> float& { return sacc[4 * (2 * r + jj) + 2 * hr + e]; };
+        const float m = quad_max(window_row_max<G>(at, rw[hr], rh[hr], scale_log2));
+        l_row[hr] = quad_sum(window_row_exp<G>(at, m, rh[hr]));
+      }
+#pragma unroll
+      for (int kk = 0; kk < G; ++kk) {
+        pa[kk][0] = pack_bf16x2(sacc[8 * kk + 0], sacc[8 * kk + 1]);
+        pa[kk][1] = pack_bf16x2(sacc[8 * kk + 2], sacc[8 * kk + 3]);
+        pa[kk][2] = pack_bf16x2(sacc[8 * kk + 4], sacc[8 * kk + 5]);
+        pa[kk][3] = pack_bf16x2(sacc[8 * kk + 6], sacc[8 * kk + 7]);
+      }
+
+      // O = P V: 16 key slots (one grid row) per k-step.
+      float o0[32], o1[8];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) o0[i] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o1[i] = 0.f;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < G; ++kk) {
+        wgmma_m64n64k16_rs_tb(o0, pa[kk], sw128_desc(v0 + kk * 2048, 8192, 1024));
+        if constexpr (Tr::kTail) wgmma_m64n16k16_rs_tb(o1, pa[kk], sw32_desc(v1 + kk * 512, 256, 256));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o0);
+      fence_regs(o1);
+      fence_regs(pa);
+
+      if (active) {
+        // O / l -> bf16 rows in the scratch (rel_h / rel_w are in registers), then coalesced stores.
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const float inv = 1.f / l_row[hr];
+          bf16* dst = region + (g + 8 * hr) * kStride + 2 * t;
+#pragma unroll
+          for (int dn = 0; dn < 8; ++dn)
+            *reinterpret_cast<uint32_t*>(dst + 8 * dn) =
+                pack_bf16x2(o0[4 * dn + 2 * hr] * inv, o0[4 * dn + 2 * hr + 1] * inv);
+          if constexpr (Tr::kTail) {
+#pragma unroll
+            for (int dn = 0; dn < 2; ++dn)
+              *reinterpret_cast<uint32_t*>(dst + 64 + 8 * dn) =
+                  pack_bf16x2(o1[4 * dn + 2 * hr] * inv, o1[4 * dn + 2 * hr + 1] * inv);
+          }
+        }
+        __syncwarp();
+        store_window_rows<D, kStride>(region, out_head, hd, geo, it, tok0, lane, out_16b);
+      }
+    }
+    __syncthreads();  // stage s is free: the next iteration's copy refills it
+    s ^= 1;
+  }
+  cp_async_wait<0>();
+#endif  // SEGANY_SM90A_DEVICE
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launch templates, one per head dim
 // ---------------------------------------------------------------------------------------------
 
@@ -1464,26 +1799,26 @@ EncodeTiledFn encode_tiled_fn() {
   return fn;
 }
 
-// Whether the current device runs the sm_90a kernel: compute capability 9.0 and a binary built for
-// sm_90a in this executable (a build for sm_80 alone keeps the mma.sync kernel). Read once per device.
-template <int kHeadDim>
-bool sm90_kernel_usable() {
+// Whether the current device runs an sm_90a kernel: compute capability 9.0, `smem` bytes of opt-in
+// shared memory, and a binary built for sm_90a in this executable (a build for sm_80 alone keeps the
+// mma.sync kernels). Read once per device and kernel (Tag tells the caches apart).
+template <class Tag, class Kernel>
+bool sm90_usable(Kernel kernel, size_t smem, bool needs_tensor_maps) {
   static int cache[kMaxDevices];  // 0 unknown, 1 yes, 2 no
   static std::once_flag flags[kMaxDevices];
   int device = 0;
   check_launch(cudaGetDevice(&device), "cudaGetDevice");
-  auto probe = [device] {
+  auto probe = [&] {
     int major = 0, minor = 0;
     check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
     check_launch(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
     int smem_optin = 0;
     check_launch(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                  "cudaDeviceGetAttribute");
-    if (major != 9 || minor != 0 || static_cast<size_t>(smem_optin) < Sm90Traits<kHeadDim>::kSmemBytes ||
-        !encode_tiled_fn())
+    if (major != 9 || minor != 0 || static_cast<size_t>(smem_optin) < smem || (needs_tensor_maps && !encode_tiled_fn()))
       return 2;
     cudaFuncAttributes a{};
-    if (cudaFuncGetAttributes(&a, relpos_attention_global_sm90_kernel<kHeadDim>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
       cudaGetLastError();
       return 2;
     }
@@ -1492,6 +1827,12 @@ bool sm90_kernel_usable() {
   if (device < 0 || device >= kMaxDevices) return probe() == 1;
   std::call_once(flags[device], [&] { cache[device] = probe(); });
   return cache[device] == 1;
+}
+
+template <int kHeadDim>
+bool sm90_kernel_usable() {
+  struct Tag;
+  return sm90_usable<Tag>(relpos_attention_global_sm90_kernel<kHeadDim>, Sm90Traits<kHeadDim>::kSmemBytes, true);
 }
 
 template <int kHeadDim>
@@ -1579,12 +1920,33 @@ long long windows_of(const RelPosAttentionParams& p) {
 }
 long long window_items(const RelPosAttentionParams& p) { return windows_of(p) * p.heads; }
 
+// Windows of at most 14 x 14 on sm_90a: the warpgroup-MMA kernel (one CTA per SM).
+bool window_sm90_grid(int gh, int gw) { return gh <= 14 && gw <= 14; }
+
+template <int kHeadDim>
+bool window_sm90_usable() {
+  struct Tag;
+  return sm90_usable<Tag>(relpos_attention_window_sm90_kernel<kHeadDim>, WindowSm90Traits<kHeadDim>::kSmemBytes,
+                          false);
+}
+
 template <int kHeadDim>
 auto window_plan(const RelPosAttentionParams& p) {
   using Tr = WindowTraits<kHeadDim>;
+  const DeviceLimits lim = device_limits();
+  const dim3 grid(static_cast<unsigned>(std::min<long long>(window_items(p), lim.sms)));  // one CTA per SM
+  if (g_sm90_enabled.load(std::memory_order_relaxed) && window_sm90_grid(p.grid_h, p.grid_w) &&
+      window_sm90_usable<kHeadDim>()) {
+    using Tr90 = WindowSm90Traits<kHeadDim>;
+    static std::once_flag smem_raised[kMaxDevices];
+    auto kernel = relpos_attention_window_sm90_kernel<kHeadDim>;
+    raise_smem_limit_once(kernel, Tr90::kSmemBytes, smem_raised);
+    return LaunchPlan<decltype(kernel)>{
+        kernel, kHeadDim == 64 ? "relpos_attention_window_sm90<64>" : "relpos_attention_window_sm90<80>", grid,
+        Tr90::kThreads, Tr90::kSmemBytes, 0};
+  }
   static std::once_flag smem_raised[kMaxDevices];
   auto kernel = relpos_attention_window_kernel<kHeadDim>;
-  const DeviceLimits lim = device_limits();
   const int T = p.grid_h * p.grid_w;
   // Two stages (copy of the next item under the compute of this one) where they fit: SAM's 14 x 14
   // at both head dims; single-stage otherwise (16 x 16 at head dim 80).
@@ -1593,7 +1955,6 @@ auto window_plan(const RelPosAttentionParams& p) {
   if (smem > static_cast<size_t>(lim.smem_optin))
     throw std::invalid_argument("attention_relpos: window grid needs more shared memory than the device has");
   raise_smem_limit_once(kernel, static_cast<size_t>(lim.smem_optin), smem_raised);
-  const dim3 grid(static_cast<unsigned>(std::min<long long>(window_items(p), lim.sms)));  // one CTA per SM
   return LaunchPlan<decltype(kernel)>{kernel,
                                       kHeadDim == 64 ? "relpos_attention_window<64>" : "relpos_attention_window<80>",
                                       grid, Tr::kThreads, smem, stages};

@@ -71,9 +71,9 @@ struct RelPosAttentionLaunchInfo {
 };
 RelPosAttentionLaunchInfo attention_relpos_launch_info(const RelPosAttentionParams& params);
 
-// Global attention runs a warpgroup-MMA (wgmma + TMA) kernel on compute capability 9.0 when this
-// binary was built for sm_90a, else the mma.sync kernel. Passing false forces the mma.sync kernel
-// (for comparisons and checks); process-wide, default true.
+// Global attention, and windows up to 14 x 14, run warpgroup-MMA (wgmma) kernels on compute
+// capability 9.0 when this binary was built for sm_90a, else the mma.sync kernels. Passing false
+// forces the mma.sync kernels (for comparisons and checks); process-wide, default true.
 void attention_relpos_enable_sm90(bool enabled);
 
 // 4 * sequences * heads * T^2 * head_dim (sequences: batch, or batch * windows): the FLOPs of QK^T and PV, the convention for TFLOP/s

@@ -6,8 +6,9 @@
 //        -lpthread -o attention_relpos_check src/backend/cuda/attention_relpos_check.cu
 //        src/backend/cuda/attention_relpos.cu
 //   ./attention_relpos_check            # all cases;  --quick: the small correctness cases only
-// On compute capability 9.0 every global case runs twice: on the sm_90a (wgmma) kernel and, with
-// the suffix " sm80", on the mma.sync kernel; each line names the kernel that ran.
+// On compute capability 9.0 every global case, and every window case up to 14 x 14, runs twice: on
+// the sm_90a (wgmma) kernel and, with the suffix " sm80", on the mma.sync kernel; each line names
+// the kernel that ran.
 //
 // Window cases run either on sequences of grid_h x grid_w tokens or, as SAM's encoder runs them, on
 // an image grid (image_h x image_w, e.g. 64 x 64 cut into 14 x 14 windows with padding tokens whose
@@ -536,8 +537,9 @@ int main(int argc, char** argv) {
         {"vit_h global", 8, 16, 80, 64, 64, 0.5f, false, true, 3, 29},
         {"vit_h global f32 rel", 8, 16, 80, 64, 64, 0.1f, true, true, 3, 29},
     };
-    // Global grids run the sm_90a kernel on compute capability 9.0 (when built for sm_90a); there
-    // every global case runs a second time on the mma.sync kernel (name suffix " sm80").
+    // Global grids and windows up to 14 x 14 run sm_90a kernels on compute capability 9.0 (when
+    // built for sm_90a); there every such case runs a second time on the mma.sync kernel (name
+    // suffix " sm80").
     const bool two_paths = prop.major == 9 && prop.minor == 0;
     if (only.empty()) {
       struct Capture {
@@ -559,7 +561,8 @@ int main(int argc, char** argv) {
     int seed = 1;
     for (const Case& c0 : cases) {
       const bool global = c0.grid_w == 64 && c0.image_h == 0;
-      for (int path = 0; path < (global && two_paths ? 2 : 1); ++path) {
+      const bool sm90_window = !global && c0.grid_h <= 14 && c0.grid_w <= 14;
+      for (int path = 0; path < ((global || sm90_window) && two_paths ? 2 : 1); ++path) {
         Case c = c0;
         if (path == 1) c.name += " sm80";
         if ((quick && c.timed) || (!only.empty() && c.name != only)) continue;
