@@ -386,6 +386,8 @@ TEST_F(CudaOps, AttentionDecoderShapes) {
     attention_case(*this, *gpu, *cpu, {2, 32, 256}, {2, 1000, 256}, 8, 850, dt);  // 32 queries (the most), hd 32
     attention_case(*this, *gpu, *cpu, {2, 300, 512}, {1, 32, 512}, 8, 860, dt);   // 32 keys (the most), hd 64
     attention_case(*this, *gpu, *cpu, {1, 33, 64}, {1, 33, 64}, 2, 870, dt);      // 33 of each: the tiled kernel
+    attention_case(*this, *gpu, *cpu, {2, 20, 512}, {2, 300, 512}, 8, 880, dt);   // few queries, head dim 64
+    attention_case(*this, *gpu, *cpu, {2, 12, 128}, {1, 777, 128}, 8, 890, dt);   // 9 to 16 queries
   }
 }
 

@@ -641,36 +641,38 @@ __global__ void __launch_bounds__(kFewKeysThreads) few_keys_attention_kernel(Att
 
 constexpr int kFewQueries = 32, kFewQueriesTile = 256, kFewQueriesWarps = kFewQueriesTile / 32;
 
-// Tq <= 32 and many keys: one block per (batch, head) walks the keys in tiles of 256, one key per
-// thread for the scores (the queries in shared memory); then each warp takes its queries (every
-// eighth) through an online softmax over the tile, its lanes splitting the head dims and the keys.
-template <class TI, class TO, int kHd>
+// Tq <= kQ <= 32 and many keys: one block per (batch, head) walks the keys in tiles of 256. The
+// queries past Tq up to kQ are zero rows, computed like the others and never written (no
+// predicated loops). Scores: one key per thread. Softmax: warp w takes queries w, w + 8, ...: the
+// tile's max, the rescaling of what came before (published in corr_s), the probabilities in place
+// of the scores and their sum. Values: thread (d, part) adds, for all kQ queries at once, head dim
+// d of the tile's keys part, part + parts, ... (parts = 256 / kHd): each value read once for every
+// query. The parts are summed at the end.
+template <class TI, class TO, int kHd, int kQ>
 __global__ void __launch_bounds__(kFewQueriesTile) few_queries_attention_kernel(AttnParams p) {
-  constexpr int kParts = kHd >= 32 ? 1 : 32 / kHd;  // lanes per head dim (each a share of the keys)
-  constexpr int kDims = kHd > 32 ? kHd / 32 : 1;     // head dims per lane
-  constexpr int kPerWarp = kFewQueries / kFewQueriesWarps;
+  constexpr int kParts = kFewQueriesTile / kHd;  // threads per head dim, each a share of the keys
+  constexpr int kPerWarp = (kQ + kFewQueriesWarps - 1) / kFewQueriesWarps;
   extern __shared__ float smem[];
-  float* q_s = smem;                                 // [Tq][kHd], scaled
-  float* s_s = q_s + kFewQueries * kHd;              // [Tq][256]: scores, then probabilities
-  float* v_s = s_s + kFewQueries * kFewQueriesTile;  // [256][kHd]
+  float* q_s = smem;                         // [kQ][kHd], scaled
+  float* s_s = q_s + kQ * kHd;               // [kQ][256]: scores, then probabilities
+  float* v_s = s_s + kQ * kFewQueriesTile;   // [256][kHd]
+  float* corr_s = v_s + kFewQueriesTile * kHd;  // [kQ]: this tile's rescaling of the sums so far
+  float* l_s = corr_s + kQ;                  // [kQ]: the softmax denominators, at the end
   const int hd = p.head_dim, h = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t b = blockIdx.z;
   const TI* qg = static_cast<const TI*>(p.q) + b * p.q_batch + int64_t(h) * hd;
   const TI* kg = static_cast<const TI*>(p.k) + b * p.k_batch + int64_t(h) * hd;
   const TI* vg = static_cast<const TI*>(p.v) + b * p.v_batch + int64_t(h) * hd;
-  for (int i = tid; i < p.Tq * kHd; i += blockDim.x) {
+  for (int i = tid; i < kQ * kHd; i += blockDim.x) {
     const int t = i / kHd, d = i % kHd;
-    q_s[i] = d < hd ? to_float(qg[int64_t(t) * p.q_row + d]) * p.scale : 0.0f;
+    q_s[i] = t < p.Tq && d < hd ? to_float(qg[int64_t(t) * p.q_row + d]) * p.scale : 0.0f;
   }
-  const int part = kParts > 1 ? lane / kHd : 0;     // which share of the keys
-  const int dim0 = kParts > 1 ? lane % kHd : lane;  // the first head dim of this lane
-  float m[kPerWarp], l[kPerWarp], acc[kPerWarp][kDims];
+  const int dim = tid % kHd, part = tid / kHd;
+  float m[kPerWarp], l[kPerWarp], acc[kQ];
 #pragma unroll
-  for (int n = 0; n < kPerWarp; ++n) {
-    m[n] = -INFINITY, l[n] = 0.0f;
+  for (int n = 0; n < kPerWarp; ++n) m[n] = -INFINITY, l[n] = 0.0f;
 #pragma unroll
-    for (int c = 0; c < kDims; ++c) acc[n][c] = 0.0f;
-  }
+  for (int t = 0; t < kQ; ++t) acc[t] = 0.0f;
   for (int j0 = 0; j0 < p.Tk; j0 += kFewQueriesTile) {
     __syncthreads();  // the previous tile is consumed (and the queries loaded)
     const int j = j0 + tid;
@@ -686,21 +688,18 @@ __global__ void __launch_bounds__(kFewQueriesTile) few_queries_attention_kernel(
 #pragma unroll
     for (int d = 0; d < kHd; d += 4)
       *reinterpret_cast<float4*>(v_s + tid * kHd + d) = make_float4(vr[d], vr[d + 1], vr[d + 2], vr[d + 3]);
-    for (int t = 0; t < p.Tq; ++t) {
-      const float dot = dot_shared<kHd>(q_s + t * kHd, kr);
-      s_s[t * kFewQueriesTile + tid] = valid ? dot : -INFINITY;
-    }
+#pragma unroll
+    for (int t = 0; t < kQ; ++t) s_s[t * kFewQueriesTile + tid] = valid ? dot_shared<kHd>(q_s + t * kHd, kr) : -INFINITY;
     __syncthreads();
 #pragma unroll
     for (int n = 0; n < kPerWarp; ++n) {
       const int t = warp + n * kFewQueriesWarps;
-      if (t >= p.Tq) break;
+      if (t >= kQ) break;
       float* row = s_s + t * kFewQueriesTile;
       float tmax = -INFINITY;
 #pragma unroll
       for (int i = 0; i < kFewQueriesTile / 32; ++i) tmax = fmaxf(tmax, row[lane + 32 * i]);
-      const float m_new = fmaxf(m[n], warp_max(tmax));
-      const float corr = expf(m[n] - m_new);
+      const float m_new = fmaxf(m[n], warp_max(tmax));  // finite: every tile holds a key
       float sum = 0.0f;
 #pragma unroll
       for (int i = 0; i < kFewQueriesTile / 32; ++i) {
@@ -708,33 +707,64 @@ __global__ void __launch_bounds__(kFewQueriesTile) few_queries_attention_kernel(
         row[lane + 32 * i] = e;
         sum += e;
       }
+      const float corr = expf(m[n] - m_new);
       l[n] = l[n] * corr + warp_sum(sum);
       m[n] = m_new;
-      __syncwarp();
+      if (lane == 0) corr_s[t] = corr;
+    }
+    __syncthreads();
 #pragma unroll
-      for (int c = 0; c < kDims; ++c) {
-        float a = acc[n][c] * corr;
-        const int d = dim0 + 32 * c;
-        for (int k = part; k < kFewQueriesTile; k += kParts) a += row[k] * v_s[k * kHd + d];
-        acc[n][c] = a;
-      }
-      __syncwarp();
+    for (int t = 0; t < kQ; ++t) acc[t] *= corr_s[t];
+#pragma unroll 4
+    for (int k = part; k < kFewQueriesTile; k += kParts) {
+      const float v = v_s[k * kHd + dim];
+#pragma unroll
+      for (int t = 0; t < kQ; ++t) acc[t] = fmaf(s_s[t * kFewQueriesTile + k], v, acc[t]);
     }
   }
+  // Sum the parts: partial sums [kParts][kQ][kHd] where the scores were.
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < kQ; ++t) s_s[(part * kQ + t) * kHd + dim] = acc[t];
 #pragma unroll
   for (int n = 0; n < kPerWarp; ++n) {
     const int t = warp + n * kFewQueriesWarps;
-    if (t >= p.Tq) break;
-#pragma unroll
-    for (int c = 0; c < kDims; ++c) {
-      float a = acc[n][c];
-#pragma unroll
-      for (int o = kHd; o < 32; o <<= 1) a += __shfl_xor_sync(0xffffffffu, a, o);  // the key shares of a dim
-      const int d = dim0 + 32 * c;
-      if (part == 0 && d < hd)
-        static_cast<TO*>(p.out)[b * p.o_batch + int64_t(t) * p.o_row + int64_t(h) * hd + d] = from_float<TO>(a / l[n]);
-    }
+    if (t < kQ && lane == 0) l_s[t] = l[n];
   }
+  __syncthreads();
+  for (int i = tid; i < p.Tq * kHd; i += blockDim.x) {
+    const int t = i / kHd, d = i % kHd;
+    if (d >= hd) continue;
+    float o = 0.0f;
+#pragma unroll 4
+    for (int q = 0; q < kParts; ++q) o += s_s[(q * kQ + t) * kHd + d];
+    static_cast<TO*>(p.out)[b * p.o_batch + int64_t(t) * p.o_row + int64_t(h) * hd + d] = from_float<TO>(o / l_s[t]);
+  }
+}
+
+size_t few_queries_smem_bytes(int hd, int q) {
+  return (size_t(q) * hd + size_t(q) * kFewQueriesTile + size_t(kFewQueriesTile) * hd + 2 * size_t(q)) * sizeof(float);
+}
+
+// The instance for head dim kHd and the fewest query slots (8, 16 or 32) that hold Tq; opts in to
+// the shared memory it needs once per instance.
+template <class TI, class TO, int kHd>
+void launch_few_queries(const AttnParams& p, int heads, int64_t batch, cudaStream_t stream) {
+  auto go = [&](auto q_tag) {
+    constexpr int kQ = decltype(q_tag)::value;
+    auto kernel = few_queries_attention_kernel<TI, TO, kHd, kQ>;
+    const size_t smem = few_queries_smem_bytes(kHd, kQ);  // up to 106 KiB (head dim 64, 32 queries)
+    static const cudaError_t opt_in =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    CUDA_CHECK(opt_in);
+    kernel<<<dim3(1, static_cast<unsigned>(heads), static_cast<unsigned>(batch)), kFewQueriesTile, smem, stream>>>(p);
+  };
+  if (p.Tq <= 8)
+    go(std::integral_constant<int, 8>{});
+  else if (p.Tq <= 16)
+    go(std::integral_constant<int, 16>{});
+  else
+    go(std::integral_constant<int, 32>{});
 }
 
 // The kernel for the shape: few keys, few queries, or the tiled one. True if one was launched.
@@ -766,21 +796,12 @@ bool launch_lopsided_attention(const AttnParams& p, DType in, DType out, int hea
         kernel<<<grid, kFewKeysThreads, smem, stream>>>(p, heads);
         launched = true;
       } else if (p.Tq <= kFewQueries) {
-        auto kernel = kHd == 16 ? few_queries_attention_kernel<TI, TO, 16>
-                      : kHd == 32 ? few_queries_attention_kernel<TI, TO, 32>
-                                  : few_queries_attention_kernel<TI, TO, 64>;
-        const size_t smem = (size_t(kFewQueries) * kHd + size_t(kFewQueries) * kFewQueriesTile +
-                             size_t(kFewQueriesTile) * kHd) * sizeof(float);
-        // Above 48 KiB a kernel must opt in to more dynamic shared memory; once per instantiation.
-        static const cudaError_t opt_in[3] = {
-            cudaFuncSetAttribute(few_queries_attention_kernel<TI, TO, 16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 96 * 1024),
-            cudaFuncSetAttribute(few_queries_attention_kernel<TI, TO, 32>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 96 * 1024),
-            cudaFuncSetAttribute(few_queries_attention_kernel<TI, TO, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 96 * 1024)};
-        CUDA_CHECK(opt_in[kHd == 16 ? 0 : kHd == 32 ? 1 : 2]);
-        kernel<<<dim3(1, static_cast<unsigned>(heads), static_cast<unsigned>(batch)), kFewQueriesTile, smem, stream>>>(p);
+        if (kHd == 16)
+          launch_few_queries<TI, TO, 16>(p, heads, batch, stream);
+        else if (kHd == 32)
+          launch_few_queries<TI, TO, 32>(p, heads, batch, stream);
+        else
+          launch_few_queries<TI, TO, 64>(p, heads, batch, stream);
         launched = true;
       }
     });
