@@ -51,8 +51,8 @@
 //   fallback (attention_relpos_enable_sm90(false) forces them).
 //
 // Measured on an H100 (ATTENTION_NOTES.md; FLOPs counted as 4*B*heads*T^2*D, bias included in the
-// time): windows ~119-134 TFLOP/s with the sm_90a kernel (~109-121 with mma.sync); global ~291-294
-// (head dim 64) and ~340 (head dim 80) TFLOP/s with the sm_90a kernel, ~200-225 with mma.sync.
+// time): windows ~119-134 TFLOP/s with the sm_90a kernel (~109-121 with mma.sync); global ~330-334
+// (head dim 64) and ~385 (head dim 80) TFLOP/s with the sm_90a kernel, ~200-225 with mma.sync.
 #include <cuda.h>
 
 #include <algorithm>
@@ -960,21 +960,24 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
 // * Shared memory tiles are TMA boxes of 64 tokens x 64 head-dim columns (128 bytes a row), 128-byte
 //   swizzled, so each is 8 KB and 1024-byte aligned; head dim 80 takes two column blocks, the second
 //   zero-filled past column 80 (TMA out-of-bounds fill) and only its first 16 columns ever read.
-//   Q: [column block][128 rows]; K and V stages: [column block][64 keys].
-// * S = Q K^T: wgmma m64n64k16, A = Q and B = K from shared memory, both K-major (head dim
-//   contiguous): k-step kc reads column block kc / 4 at byte offset 32 (kc % 4) inside the swizzle
-//   atom. O += P V: wgmma m64n{64,80}k16, A = P from registers (the S accumulator layout is the A
+//   K and V stages: [column block][64 keys].
+// * S = Q K^T: wgmma m64n64k16, A = Q from registers (the prologue's mma.sync fragments, read from
+//   global memory), B = K from shared memory, K-major (head dim contiguous): k-step kc reads column
+//   block kc / 4 at byte offset 32 (kc % 4) inside the swizzle atom. O += P V: wgmma m64n{64,80}k16, A = P from registers (the S accumulator layout is the A
 //   fragment layout once packed to bf16), B = V N-major (transposed: head dim contiguous), leading
 //   byte offset = one column block (8 KB), stride byte offset = 8 keys (1024 B).
 // * K/V ring of kStages stages; full barriers (TMA transaction bytes) and empty barriers (one
 //   arrival per consumer warp once its P V wgmma has completed).
-// * The bias exactly as in the mma.sync kernel: each consumer warp's prologue (mma.sync over the
-//   rel_pos tables, Q fragments from global memory) scatters rel_h into shared memory (one scalar
-//   per row and key tile) and rel_w into a scratch from which each thread gathers the 32 values of
-//   its own S accumulator positions: rel_w then lives in registers for the whole key loop.
+// * The bias as in the mma.sync kernel, with the tables staged first: the consumer threads copy
+//   both rel_pos tables into shared memory (bf16, padded rows; each thread's loads all in flight
+//   at once), then each consumer warp's prologue (mma.sync, B fragments by ldmatrix) scatters
+//   rel_h into shared memory (one scalar per row and key tile) and rel_w into a scratch from which
+//   each thread gathers the 32 values of its own S accumulator positions: rel_w then lives in
+//   registers for the whole key loop. (With B fragments read from global memory, as the mma.sync
+//   kernel does, the prologue waited on ~30 L2 round trips: 20% of the kernel's time, Nsight
+//   Compute's warp samples.)
 // * Pipelining inside a warpgroup: step kt issues S(kt) and P(kt-1) V(kt-1) together, waits for S
 //   alone, runs the softmax of tile kt under P V, then waits for P V (FA3's intra-warpgroup overlap).
-//   Q is the S GEMM's A operand from registers (the prologue's fragments), K alone from shared memory.
 //   The two consumer warpgroups take turns issuing (named barriers, "pingpong"). Caveat seen in the
 //   SASS: ptxas sinks the exponentials below the P V wait anyway (into the next S GEMM's issue);
 //   pinning them with a branch was slower (SEGANY_SM90_PIN_SOFTMAX).
@@ -998,21 +1001,24 @@ struct Sm90Traits {
 #endif
   static constexpr int kStages = kD == 64 ? SEGANY_SM90_STAGES_D64 : SEGANY_SM90_STAGES_D80;
   static constexpr int kBoxBytes = 64 * 128;  // one TMA box: 64 tokens x 64 bf16
-  static constexpr int kQBlockBytes = kBlockM * 128;
-  static constexpr int kQBytes = kColBlocks * kQBlockBytes;
   static constexpr int kTileBytes = kColBlocks * kBoxBytes;  // one K or V tile
   static constexpr int kRelHStride = 65;
   static constexpr int kRelWStride = 64;  // prologue-only scratch: dense (bank conflicts cost little there)
-  static constexpr size_t kSmemQ = 0;
-  static constexpr size_t kSmemK = kSmemQ + kQBytes;
+  // The rel_pos tables in shared memory for the prologue: 128 rows (2 * 64 - 1 used) of bf16, rows
+  // padded by 16 B so that ldmatrix row addresses fall in different banks.
+  static constexpr int kTabRows = 128, kTabStride = kD + 8;
+  static constexpr int kTabChunks = kD / 8;  // 16-byte chunks per row
+  static constexpr size_t kSmemK = 0;
   static constexpr size_t kSmemV = kSmemK + static_cast<size_t>(kStages) * kTileBytes;
   static constexpr size_t kSmemRelH = kSmemV + static_cast<size_t>(kStages) * kTileBytes;
   static constexpr size_t kSmemRelW = kSmemRelH + static_cast<size_t>(kBlockM) * kRelHStride * sizeof(float);
-  static constexpr size_t kSmemBar = (kSmemRelW + static_cast<size_t>(kBlockM) * kRelWStride * sizeof(float) + 7) / 8 * 8;
-  static constexpr size_t kSmemUsed = kSmemBar + (1 + 2 * kStages) * 8;
+  static constexpr size_t kSmemTab = kSmemRelW + static_cast<size_t>(kBlockM) * kRelWStride * sizeof(float);
+  static constexpr size_t kSmemBar = kSmemTab + 2 * static_cast<size_t>(kTabRows) * kTabStride * sizeof(bf16);
+  static constexpr size_t kSmemUsed = kSmemBar + 2 * kStages * 8;
   static constexpr size_t kSmemBytes = kSmemUsed + 1024;  // the base is rounded up to 1024 B
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block may have");
   static_assert(kChunks * 16 == kD && kDTiles * 8 == kD && kBlockN == 64, "head dim a multiple of 16, key tile 64");
+  static_assert(kTabRows >= 2 * 64 - 1 && kTabChunks * 8 == kD, "the tables' rows fit, whole 16-byte chunks");
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1052,6 +1058,10 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
 __device__ __forceinline__ void named_bar_sync(int id) {
   asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
 }
+// Named barrier `id` for n threads (a multiple of 32; the ones that reach it).
+__device__ __forceinline__ void named_bar_sync_n(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
 __device__ __forceinline__ void named_bar_arrive(int id) {
   asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
 }
@@ -1085,15 +1095,6 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo_bytes
 __device__ __forceinline__ uint64_t sw32_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
   return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
          (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32) | (3ull << 62);
-}
-
-// d (+)= A B, m64n64k16, A and B from shared memory (K-major both), fp32 accumulate.
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
 // d += A B, m64n64k16, A from registers, B from shared memory N-major (transposed), fp32 accumulate.
@@ -1176,6 +1177,60 @@ __device__ __forceinline__ void wgmma_m64n16k16_rs_tb(float (&d)[8], const uint3
 }
 #endif  // SEGANY_SM90A_DEVICE
 
+#ifdef SEGANY_SM90A_DEVICE
+// 8 elements (16 bytes of bf16) of a rel_pos table row from global memory: fp32 tables rounded to
+// bf16; 16-byte loads when the table allows them (the API promises 4 / 8 bytes).
+__device__ __forceinline__ uint4 load_table_chunk(const void* table, bool fp32, bool wide, int offset) {
+  if (fp32) {
+    const float* src = static_cast<const float*>(table) + offset;
+    float2 x[4];
+    if (wide) {
+      const float4 a = __ldg(reinterpret_cast<const float4*>(src)), b = __ldg(reinterpret_cast<const float4*>(src) + 1);
+      x[0] = make_float2(a.x, a.y), x[1] = make_float2(a.z, a.w), x[2] = make_float2(b.x, b.y), x[3] = make_float2(b.z, b.w);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x[i] = __ldg(reinterpret_cast<const float2*>(src) + i);
+    }
+    return make_uint4(pack_bf16x2(x[0].x, x[0].y), pack_bf16x2(x[1].x, x[1].y), pack_bf16x2(x[2].x, x[2].y),
+                      pack_bf16x2(x[3].x, x[3].y));
+  }
+  const bf16* src = static_cast<const bf16*>(table) + offset;
+  if (wide) return __ldg(reinterpret_cast<const uint4*>(src));
+  return make_uint4(ldg_u32(src), ldg_u32(src + 2), ldg_u32(src + 4), ldg_u32(src + 6));
+}
+
+// The global kernel's rel_pos tables into shared memory ([kTabRows][kTabStride] bf16 each, rows
+// past 2 * grid - 1 zero), by the consumer threads (ctid in [0, 128 * kConsumerWGs)): every load
+// of a thread is issued before its first store, so the copy costs one round trip to L2.
+template <class Tr>
+__device__ __forceinline__ void stage_global_tables(const RelPosAttentionParams& p, int gh, bf16* tab_h, bf16* tab_w,
+                                                    int ctid) {
+  constexpr int kThreads = 128 * Tr::kConsumerWGs, kPerTable = Tr::kTabRows * Tr::kTabChunks;
+  constexpr int kPer = (2 * kPerTable + kThreads - 1) / kThreads;
+  const size_t align = p.rel_pos_fp32 ? 32 : 16;
+  const bool wide = (reinterpret_cast<uintptr_t>(p.rel_pos_h) % align) == 0 &&
+                    (reinterpret_cast<uintptr_t>(p.rel_pos_w) % align) == 0;
+  uint4 v[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int c = ctid + i * kThreads;
+    const int which = c >= kPerTable, rest = c - which * kPerTable;
+    const int row = rest / Tr::kTabChunks, ch = rest - row * Tr::kTabChunks;
+    const int rows = which ? 2 * 64 - 1 : 2 * gh - 1;
+    v[i] = make_uint4(0u, 0u, 0u, 0u);
+    if (c < 2 * kPerTable && row < rows)
+      v[i] = load_table_chunk(which ? p.rel_pos_w : p.rel_pos_h, p.rel_pos_fp32, wide, row * Tr::kD + ch * 8);
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int c = ctid + i * kThreads;
+    const int which = c >= kPerTable, rest = c - which * kPerTable;
+    const int row = rest / Tr::kTabChunks, ch = rest - row * Tr::kTabChunks;
+    if (c < 2 * kPerTable) *reinterpret_cast<uint4*>((which ? tab_w : tab_h) + row * Tr::kTabStride + ch * 8) = v[i];
+  }
+}
+#endif  // SEGANY_SM90A_DEVICE
+
 template <int kHeadDim>
 __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
     relpos_attention_global_sm90_kernel(const __grid_constant__ CUtensorMap tmap, const RelPosAttentionParams p,
@@ -1187,11 +1242,12 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   unsigned char* smem =
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
   const uint32_t smem_base = smem_u32(smem);
-  const uint32_t q_s = smem_base + Tr::kSmemQ, k_s = smem_base + Tr::kSmemK, v_s = smem_base + Tr::kSmemV;
+  const uint32_t k_s = smem_base + Tr::kSmemK, v_s = smem_base + Tr::kSmemV;
   float* relh_smem = reinterpret_cast<float*>(smem + Tr::kSmemRelH);
   float* relw_smem = reinterpret_cast<float*>(smem + Tr::kSmemRelW);
-  const uint32_t bar_q = smem_base + Tr::kSmemBar;
-  const uint32_t bar_full = bar_q + 8, bar_empty = bar_full + 8 * S;
+  bf16* const tab_h = reinterpret_cast<bf16*>(smem + Tr::kSmemTab);
+  bf16* const tab_w = tab_h + Tr::kTabRows * Tr::kTabStride;
+  const uint32_t bar_full = smem_base + Tr::kSmemBar, bar_empty = bar_full + 8 * S;
 
   const int gh = p.grid_h, T = gh * GW;
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
@@ -1200,7 +1256,6 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   const int n_tiles = gh;
 
   if (tid == 0) {
-    mbar_init(bar_q, 1);
     for (int s = 0; s < S; ++s) {
       mbar_init(bar_full + 8 * s, 1);
       mbar_init(bar_empty + 8 * s, 4 * Tr::kConsumerWGs);  // one arrival per consumer warp
@@ -1215,13 +1270,6 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
     if (tid == 0) {
       const int tok_img = b * T;  // first token of this image in the (B*T) token dimension
-      mbar_expect_tx(bar_q, Tr::kQBytes);
-#pragma unroll
-      for (int cb = 0; cb < Tr::kColBlocks; ++cb)
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-          tma_load_3d(q_s + cb * Tr::kQBlockBytes + half * Tr::kBoxBytes, &tmap, bar_q, cb * 64, h,
-                      tok_img + tok_cta + half * 64);
       for (int kt = 0; kt < n_tiles; ++kt) {
         const int s = kt % S;
         if (kt >= S) mbar_wait(bar_empty + 8 * s, ((kt / S) - 1) & 1);
@@ -1248,23 +1296,52 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   const size_t hd = static_cast<size_t>(p.heads) * D, tok_stride = 3 * hd;
   const bf16* q_head = p.qkv + static_cast<size_t>(b) * T * tok_stride + static_cast<size_t>(h) * D;
 
-  // Bias prologue (as in the mma.sync kernel, one m16 tile per warp).
+  // Bias prologue: the rel_pos tables into shared memory (every load of a thread in flight at
+  // once: one L2 round trip, where B fragments read from global memory cost ~30 of them), then
+  // per warp q . table for its 16 query rows (mma.sync, B fragments by ldmatrix), scattered into
+  // rel_h (per row and key grid row) and rel_w (per row and key column).
   float rw[32];  // rel_w * log2 e at this thread's S accumulator positions
   uint32_t qf[1][KC][4];  // the warp's 16 query rows as A fragments (also the S = Q K^T A operand)
   {
     load_q_frags<KC>(qf[0], q_head, tok_stride, tok_cta + row0, T, lane);
-    rel_logits<KC, 1, 8>(qf, p.rel_pos_h, p.rel_pos_fp32, 2 * gh - 1, lane, [&](int, int hr, int pi, float val) {
-      const int il = row0 + g + 8 * hr;
-      const int tok = min(tok_cta + il, T - 1);
-      const int kr = tok / GW + gh - 1 - pi;
-      if (kr >= 0 && kr < gh) relh_smem[il * Tr::kRelHStride + kr] = val * kLog2e;
-    });
-    rel_logits<KC, 1, 8>(qf, p.rel_pos_w, p.rel_pos_fp32, 2 * GW - 1, lane, [&](int, int hr, int pi, float val) {
-      const int il = row0 + g + 8 * hr;
-      const int tok = min(tok_cta + il, T - 1);
-      const int kc = tok % GW + GW - 1 - pi;
-      if (kc >= 0 && kc < GW) relw_smem[il * Tr::kRelWStride + kc] = val * kLog2e;
-    });
+    stage_global_tables<Tr>(p, gh, tab_h, tab_w, tid - 128);
+    named_bar_sync_n(3, 128 * Tr::kConsumerWGs);
+    const int tab_off = k_lane_offset(lane, Tr::kTabStride);
+    int qrow[2], qcol[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int tok = min(tok_cta + row0 + g + 8 * hr, T - 1);
+      qrow[hr] = tok / GW;
+      qcol[hr] = tok % GW;
+    }
+#pragma unroll 1
+    for (int grp = 0; grp < (2 * gh - 1 + 31) / 32; ++grp) {  // rel_h: 32 table rows a group
+      float acc[4][4];
+      window_rel_logits<KC, Tr::kTabStride>(acc, qf, tab_h + grp * 32 * Tr::kTabStride, tab_off);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int kr = qrow[hr] + gh - 1 - (grp * 32 + nt * 8 + 2 * t + e);
+            if (kr >= 0 && kr < gh) relh_smem[(row0 + g + 8 * hr) * Tr::kRelHStride + kr] = acc[nt][2 * hr + e] * kLog2e;
+          }
+    }
+#pragma unroll 1
+    for (int grp = 0; grp < 4; ++grp) {  // rel_w: 2 * 64 - 1 rows
+      float acc[4][4];
+      window_rel_logits<KC, Tr::kTabStride>(acc, qf, tab_w + grp * 32 * Tr::kTabStride, tab_off);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int kc = qcol[hr] + GW - 1 - (grp * 32 + nt * 8 + 2 * t + e);
+            if (kc >= 0 && kc < GW) relw_smem[(row0 + g + 8 * hr) * Tr::kRelWStride + kc] = acc[nt][2 * hr + e] * kLog2e;
+          }
+    }
     __syncwarp();
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -1284,25 +1361,15 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   for (int i = 0; i < DT * 4; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
-#ifndef SEGANY_SM90_Q_REGS
-#define SEGANY_SM90_Q_REGS 1
-#endif
-  // Q as the S GEMM's A operand: from registers (the prologue's fragments; K alone is read from
-  // shared memory) or from the TMA copy in shared memory.
-  constexpr bool kQRegs = SEGANY_SM90_Q_REGS != 0;
-  const uint32_t q_wg = q_s + cw * 64 * 128;  // this warpgroup's 64 rows inside each Q column block
+  // Q is the S GEMM's A operand from registers (the prologue's fragments; K alone is read from
+  // shared memory).
   auto issue_s = [&](float (&s)[32], int kt) {
     const uint32_t k_tile = k_s + (kt % S) * Tr::kTileBytes;
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc) {
       const uint64_t db = sw128_desc(k_tile + (kc / 4) * Tr::kBoxBytes + (kc % 4) * 32, 16, 1024);
-      if constexpr (kQRegs) {
-        wgmma_m64n64k16_rs(s, qf[0][kc], db, kc > 0);
-      } else {
-        const uint64_t da = sw128_desc(q_wg + (kc / 4) * Tr::kQBlockBytes + (kc % 4) * 32, 16, 1024);
-        wgmma_m64n64k16_ss(s, da, db, kc > 0);
-      }
+      wgmma_m64n64k16_rs(s, qf[0][kc], db, kc > 0);
     }
     wgmma_commit();
   };
@@ -1383,7 +1450,6 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   float s[32];
   uint32_t pa[4][4], pa_next[4][4];
   float corr[2];
-  mbar_wait(bar_q, 0);
   mbar_wait(bar_full, 0);
   my_turn();
   issue_s(s, 0);
