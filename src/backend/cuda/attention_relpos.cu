@@ -963,9 +963,10 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
 //   K and V stages: [column block][64 keys].
 // * S = Q K^T: wgmma m64n64k16, A = Q from registers (the prologue's mma.sync fragments, read from
 //   global memory), B = K from shared memory, K-major (head dim contiguous): k-step kc reads column
-//   block kc / 4 at byte offset 32 (kc % 4) inside the swizzle atom. O += P V: wgmma m64n{64,80}k16, A = P from registers (the S accumulator layout is the A
-//   fragment layout once packed to bf16), B = V N-major (transposed: head dim contiguous), leading
-//   byte offset = one column block (8 KB), stride byte offset = 8 keys (1024 B).
+//   block kc / 4 at byte offset 32 (kc % 4) inside the swizzle atom. O += P V: wgmma
+//   m64n{64,80}k16, A = P from registers (the S accumulator layout is the A fragment layout once
+//   packed to bf16), B = V N-major (transposed: head dim contiguous), leading byte offset = one
+//   column block (8 KB), stride byte offset = 8 keys (1024 B).
 // * K/V ring of kStages stages; full barriers (TMA transaction bytes) and empty barriers (one
 //   arrival per consumer warp once its P V wgmma has completed).
 // * The bias as in the mma.sync kernel, with the tables staged first: the consumer threads copy
