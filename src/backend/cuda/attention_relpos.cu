@@ -681,12 +681,15 @@ __device__ __forceinline__ void window_rel_logits(float (&acc)[4][4], const uint
 
 // Where a window kernel's items come from: item = ((b * n_wy + wy) * n_wx + wx) * heads + h, one
 // (window, head) pair. Token tok of the item's window is grid token (y0 + tok / gw, x0 + tok % gw)
-// of image b; token() gives its index in the image batch, or -1 for a padding token.
+// of image b; token() gives its index in the image batch, or -1 for a padding token (what it
+// needs of the item is computed once, in item()).
 struct WindowGeometry {
   int gh, gw, T, img_h, img_w, n_wy, n_wx, heads, n_items;
   int inv_gw;  // tok / gw == (tok * inv_gw) >> 16 for tok < 4096
   struct Item {
     int b, y0, x0, h;
+    long long base;        // image-batch index of the window's first token
+    int rows_in, cols_in;  // the window's rows and columns inside the image (the rest: padding)
   };
   __device__ explicit WindowGeometry(const RelPosAttentionParams& p) {
     gh = p.grid_h, gw = p.grid_w, T = gh * gw;
@@ -706,12 +709,14 @@ struct WindowGeometry {
     it.b = b_wy / n_wy;
     it.y0 = (b_wy - it.b * n_wy) * gh;
     it.x0 = wx * gw;
+    it.base = (static_cast<long long>(it.b) * img_h + it.y0) * img_w + it.x0;
+    it.rows_in = min(gh, img_h - it.y0);
+    it.cols_in = min(gw, img_w - it.x0);
     return it;
   }
   __device__ long long token(const Item& it, int tok) const {
-    const int ty = row_of(tok);
-    const int y = it.y0 + ty, x = it.x0 + tok - ty * gw;
-    return (y < img_h && x < img_w) ? (static_cast<long long>(it.b) * img_h + y) * img_w + x : -1;
+    const int ty = row_of(tok), tx = tok - ty * gw;
+    return (ty < it.rows_in && tx < it.cols_in) ? it.base + ty * img_w + tx : -1;
   }
   // Where token tok's q of head it.h starts (k and v follow at +heads*D and +2*heads*D).
   __device__ const bf16* q_src(const RelPosAttentionParams& p, const Item& it, int tok, int D) const {
@@ -1055,6 +1060,13 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
       : "memory");
 }
+// The dynamic shared memory from its first 1024-byte boundary (TMA boxes and swizzle atoms need
+// it), indexed from the __shared__ array itself: the compiler then keeps every access through it a
+// shared-memory one (rounded through an integer, the pointer made them generic loads and stores
+// with 64-bit address arithmetic).
+__device__ __forceinline__ unsigned char* smem_aligned_1024(unsigned char* raw) {
+  return raw + ((1024u - (smem_u32(raw) & 1023u)) & 1023u);
+}
 // Named barriers 1 and 2 order the two consumer warpgroups' GEMM issues (pingpong).
 __device__ __forceinline__ void named_bar_sync(int id) {
   asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
@@ -1240,8 +1252,7 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   using Tr = Sm90Traits<kHeadDim>;
   constexpr int D = Tr::kD, KC = Tr::kChunks, DT = Tr::kDTiles, S = Tr::kStages, GW = 64;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem =
-      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* smem = smem_aligned_1024(smem_raw);
   const uint32_t smem_base = smem_u32(smem);
   const uint32_t k_s = smem_base + Tr::kSmemK, v_s = smem_base + Tr::kSmemV;
   float* relh_smem = reinterpret_cast<float*>(smem + Tr::kSmemRelH);
@@ -1316,32 +1327,24 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
       qcol[hr] = tok % GW;
     }
 #pragma unroll 1
-    for (int grp = 0; grp < (2 * gh - 1 + 31) / 32; ++grp) {  // rel_h: 32 table rows a group
-      float acc[4][4];
-      window_rel_logits<KC, Tr::kTabStride>(acc, qf, tab_h + grp * 32 * Tr::kTabStride, tab_off);
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int kr = qrow[hr] + gh - 1 - (grp * 32 + nt * 8 + 2 * t + e);
-            if (kr >= 0 && kr < gh) relh_smem[(row0 + g + 8 * hr) * Tr::kRelHStride + kr] = acc[nt][2 * hr + e] * kLog2e;
-          }
-    }
+    for (int which = 0; which < 2; ++which) {  // rel_h (2 gh - 1 table rows), then rel_w (2 * 64 - 1)
+      const int n = which ? GW : gh, stride = which ? Tr::kRelWStride : Tr::kRelHStride;
+      const bf16* const tab = which ? tab_w : tab_h;
+      float* const dst = which ? relw_smem : relh_smem;
 #pragma unroll 1
-    for (int grp = 0; grp < 4; ++grp) {  // rel_w: 2 * 64 - 1 rows
-      float acc[4][4];
-      window_rel_logits<KC, Tr::kTabStride>(acc, qf, tab_w + grp * 32 * Tr::kTabStride, tab_off);
+      for (int grp = 0; grp < (2 * n - 1 + 31) / 32; ++grp) {  // 32 table rows a group
+        float acc[4][4];
+        window_rel_logits<KC, Tr::kTabStride>(acc, qf, tab + grp * 32 * Tr::kTabStride, tab_off);
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+        for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr)
+          for (int hr = 0; hr < 2; ++hr)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int kc = qcol[hr] + GW - 1 - (grp * 32 + nt * 8 + 2 * t + e);
-            if (kc >= 0 && kc < GW) relw_smem[(row0 + g + 8 * hr) * Tr::kRelWStride + kc] = acc[nt][2 * hr + e] * kLog2e;
-          }
+            for (int e = 0; e < 2; ++e) {
+              const int k = (which ? qcol[hr] : qrow[hr]) + n - 1 - (grp * 32 + nt * 8 + 2 * t + e);
+              if (k >= 0 && k < n) dst[(row0 + g + 8 * hr) * stride + k] = acc[nt][2 * hr + e] * kLog2e;
+            }
+      }
     }
     __syncwarp();
 #pragma unroll
@@ -1601,8 +1604,7 @@ __global__ void __launch_bounds__(WindowSm90Traits<kHeadDim>::kThreads, 1)
   constexpr int D = Tr::kD, KC = Tr::kChunks, kStride = Tr::kStride, kRS = Tr::kRelStride, G = Tr::kMaxGrid;
   constexpr int kCopies = D / 8;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem =
-      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* smem = smem_aligned_1024(smem_raw);
   const uint32_t sbase = smem_u32(smem);
   bf16* const tab_h = reinterpret_cast<bf16*>(smem + Tr::kTables);
   bf16* const tab_w = tab_h + Tr::kTableRows * kStride;
