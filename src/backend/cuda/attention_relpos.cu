@@ -959,9 +959,10 @@ __global__ void __launch_bounds__(WindowTraits<kHeadDim>::kThreads, 1)
 // Global attention on sm_90a (Hopper): warpgroup MMA, TMA, warp specialisation (FA3 style)
 // ---------------------------------------------------------------------------------------------
 //
-// grid (ceil(T / 128), heads, batch), 384 threads = 3 warpgroups. Warpgroup 0 is the producer
+// grid (ceil(T / kBlockM), heads, batch), 128 threads per warpgroup. Warpgroup 0 is the producer
 // (one thread issues every TMA copy; the others leave; setmaxnreg gives their registers to the
-// consumers), warpgroups 1 and 2 are consumers owning 64 queries each.
+// consumers), warpgroups 1 .. kConsumerWGs are consumers owning 64 queries each (3 at head dim 64,
+// 2 at 80: kBlockM = 192 or 128).
 // * Shared memory tiles are TMA boxes of 64 tokens x 64 head-dim columns (128 bytes a row), 128-byte
 //   swizzled, so each is 8 KB and 1024-byte aligned; head dim 80 takes two column blocks, the second
 //   zero-filled past column 80 (TMA out-of-bounds fill) and only its first 16 columns ever read.
@@ -994,9 +995,21 @@ struct Sm90Traits {
   static constexpr int kColBlocks = (kD + 63) / 64;  // 64-column (128 B) swizzle blocks
   static constexpr int kChunks = kD / 16;            // k16 steps of Q K^T
   static constexpr int kDTiles = kD / 8;             // n8 tiles of O
-  static constexpr int kBlockM = 128, kBlockN = 64;
-  static constexpr int kConsumerWGs = 2;
+  // Consumer warpgroups of 64 queries each: 3 at head dim 64 (three warps per scheduler to hide
+  // the softmax's latency; 160 registers each), 2 at 80 (whose accumulators need more).
+#ifndef SEGANY_SM90_CONSUMERS_D64
+#define SEGANY_SM90_CONSUMERS_D64 3
+#endif
+  static constexpr int kConsumerWGs = kD == 64 ? SEGANY_SM90_CONSUMERS_D64 : 2;
+  static constexpr int kBlockM = 64 * kConsumerWGs, kBlockN = 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWGs);
+  // setmaxnreg: the producer keeps 24 registers, the consumers share the rest of the 64 K.
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = ((65536 / 128 - kProducerRegs) / kConsumerWGs) / 8 * 8 > 240
+                                           ? 240
+                                           : ((65536 / 128 - kProducerRegs) / kConsumerWGs) / 8 * 8;
+  static_assert(128 * (kProducerRegs + kConsumerWGs * kConsumerRegs) <= 65536,
+                "setmaxnreg: the warpgroups fit the register file");
   // K/V ring depth: what the shared memory holds (227 KB). The loads are L2 hits mostly, but their
   // latency (~1 us) spans more than a key tile's compute, so depth is what keeps the consumers fed.
 #ifndef SEGANY_SM90_STAGES_D64
@@ -1067,7 +1080,7 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
 __device__ __forceinline__ unsigned char* smem_aligned_1024(unsigned char* raw) {
   return raw + ((1024u - (smem_u32(raw) & 1023u)) & 1023u);
 }
-// Named barriers 1 and 2 order the two consumer warpgroups' GEMM issues (pingpong).
+// Named barriers 1 .. consumer warpgroups order the consumers' GEMM issues (pingpong).
 __device__ __forceinline__ void named_bar_sync(int id) {
   asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
 }
@@ -1279,7 +1292,7 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
 
   if (wg == 0) {
     // ---------------- producer ----------------
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tr::kProducerRegs) : "memory");
     if (tid == 0) {
       const int tok_img = b * T;  // first token of this image in the (B*T) token dimension
       for (int kt = 0; kt < n_tiles; ++kt) {
@@ -1300,7 +1313,7 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   }
 
   // ---------------- consumers ----------------
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tr::kConsumerRegs) : "memory");
   const int cw = wg - 1;                  // consumer warpgroup: queries [64 cw, 64 cw + 64) of the CTA
   const int warp = (tid >> 5) & 3;        // warp inside the warpgroup: rows [16 warp, 16 warp + 16)
   const int g = lane >> 2, t = lane & 3;
@@ -1317,7 +1330,7 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   {
     load_q_frags<KC>(qf[0], q_head, tok_stride, tok_cta + row0, T, lane);
     stage_global_tables<Tr>(p, gh, tab_h, tab_w, tid - 128);
-    named_bar_sync_n(3, 128 * Tr::kConsumerWGs);
+    named_bar_sync_n(8, 128 * Tr::kConsumerWGs);  // (1 .. kConsumerWGs: the pingpong's)
     const int tab_off = k_lane_offset(lane, Tr::kTabStride);
     int qrow[2], qcol[2];
 #pragma unroll
@@ -1427,9 +1440,10 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
     wgmma_commit();
   };
 
-  // Pingpong: the warpgroups take turns issuing their GEMMs (named barrier 1 + cw is this warpgroup's
-  // turn), so that one's softmax runs under the other's GEMMs instead of both in step. Warpgroup 1
-  // hands warpgroup 0 the first turn and skips its very last hand-over, which balances the barriers.
+  // Pingpong: the warpgroups take turns issuing their GEMMs in a ring (named barrier 1 + cw is this
+  // warpgroup's turn), so that one's softmax runs under the others' GEMMs instead of all in step.
+  // The last warpgroup hands warpgroup 0 the first turn and skips its very last hand-over, which
+  // balances the barriers.
 #ifndef SEGANY_SM90_PINGPONG
 #define SEGANY_SM90_PINGPONG 1
 #endif
@@ -1439,10 +1453,10 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
   };
   auto their_turn = [&](bool last) {
     if constexpr (kPingpong) {
-      if (!(last && cw == 1)) named_bar_arrive(2 - cw);
+      if (!(last && cw == Tr::kConsumerWGs - 1)) named_bar_arrive(1 + (cw + 1) % Tr::kConsumerWGs);
     }
   };
-  if (kPingpong && cw == 1) named_bar_arrive(1);
+  if (kPingpong && cw == Tr::kConsumerWGs - 1) named_bar_arrive(1);
   // Off: measured 271 vs 291 TFLOP/s (vit_b) with it on, i.e. the sunk exponentials overlap the
   // next S GEMM well enough and the extra branch costs more (ATTENTION_NOTES.md).
 #ifndef SEGANY_SM90_PIN_SOFTMAX
