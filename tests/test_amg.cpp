@@ -545,18 +545,19 @@ TEST(PromptRunLengths, FromTheBackendEqualTheMasksRuns) {
   prompts[1].multimask = false;
   prompts[2].box = Box{100, 150, 1700, 1100};
   for (const Prompt& p : prompts) prepared.push_back(prepare_prompt(p, frame, cfg, ""));
-  auto decode = [&](int64_t runs_per_mask, const MaskOutputs& outputs) {
+  auto decode = [&](Decoder& decoder, const MaskOutputs& outputs) {
     std::vector<Masks> out(prepared.size());
-    Decoder decoder(sam, runs_per_mask);
     const Decoder::Job job{&embedding, frame, prepared, out};
     decoder.decode({&job, 1}, outputs);
     return out;
   };
-  const std::vector<Masks> want = decode(4096, {.masks = true, .rle = true, .low_res_logits = false});
+  Decoder plenty(sam, 4096), few(sam, 16);
+  const std::vector<Masks> want = decode(plenty, {.masks = true, .rle = true, .low_res_logits = false});
   size_t most_runs = 0;
-  for (int64_t runs_per_mask : {int64_t(4096), int64_t(16)}) {
-    SCOPED_TRACE("runs per mask " + std::to_string(runs_per_mask));
-    const std::vector<Masks> got = decode(runs_per_mask, {.masks = false, .rle = true, .low_res_logits = false});
+  // The third call: `few` has grown to bring back the runs it had to fetch a second time.
+  for (Decoder* decoder : {&plenty, &few, &few}) {
+    SCOPED_TRACE("runs per mask " + std::to_string(decoder->runs_per_mask()));
+    const std::vector<Masks> got = decode(*decoder, {.masks = false, .rle = true, .low_res_logits = false});
     ASSERT_EQ(got.size(), want.size());
     for (size_t k = 0; k < got.size(); ++k) {
       EXPECT_FALSE(got[k].masks.defined());
@@ -570,6 +571,9 @@ TEST(PromptRunLengths, FromTheBackendEqualTheMasksRuns) {
     }
   }
   EXPECT_GT(most_runs, 16u) << "no mask has more runs than the first download brings";
+  EXPECT_GT(few.runs_per_mask(), 16) << "a second download did not grow the first";
+  // Random weights give noise-like masks (~10^5 runs): both grew to what these masks need.
+  EXPECT_EQ(few.runs_per_mask(), plenty.runs_per_mask());
 }
 
 }  // namespace

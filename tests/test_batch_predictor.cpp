@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
 
@@ -86,6 +87,29 @@ std::vector<Prompt> prompts_of(const std::vector<Case>& cases) {
   return out;
 }
 
+// Expects `m` to be what `predictor` (its image set) gives for `prompt` alone; returns the number of
+// mask pixels that differ.
+int64_t expect_as_alone(const Masks& m, Predictor& predictor, const Prompt& prompt) {
+  const Masks alone = predictor.predict(prompt);
+  EXPECT_EQ(m.count(), alone.count());
+  EXPECT_EQ(m.masks.shape(), alone.masks.shape());
+  if (m.count() != alone.count() || m.masks.shape() != alone.masks.shape()) return -1;
+  EXPECT_LE(max_abs_diff(m.low_res_logits, alone.low_res_logits), 1e-5f);
+  EXPECT_LE(max_abs_diff(m.scores, alone.scores), 1e-6f);
+  // Masks identical, but for pixels whose logit is within float rounding of the threshold: a
+  // batch of prompts runs the decoder's GEMMs with other shapes than one prompt, which moves
+  // logits by ~1e-7 (bit-identical for a prompt decoded alone).
+  const Tensor logits = predictor.upscale_logits(alone.low_res_logits);  // [M, H, W]
+  int64_t differ = 0;
+  for (int64_t j = 0; j < m.masks.numel(); ++j)
+    if (m.masks.data_as<uint8_t>()[j] != alone.masks.data_as<uint8_t>()[j]) {
+      ++differ;
+      EXPECT_LE(std::fabs(logits.data_as<float>()[j]), 1e-5f) << "mask pixel " << j << " differs";
+    }
+  EXPECT_LE(differ, 16) << "mask pixels differ";
+  return differ;
+}
+
 class BatchGolden : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(BatchGolden, EveryPromptSetAsAloneAndAsGolden) {
@@ -123,23 +147,8 @@ TEST_P(BatchGolden, EveryPromptSetAsAloneAndAsGolden) {
     ASSERT_EQ(got[i].size(), cases[i].size()) << "image " << i;
     for (size_t k = 0; k < cases[i].size(); ++k) {
       SCOPED_TRACE("image " + std::to_string(i) + ", prompt " + std::to_string(k));
-      const Masks alone = predictor.predict(cases[i][k].prompt);
       const Masks& m = got[i][k];
-      ASSERT_EQ(m.count(), alone.count());
-      ASSERT_EQ(m.masks.shape(), alone.masks.shape());
-      EXPECT_LE(max_abs_diff(m.low_res_logits, alone.low_res_logits), 1e-5f);
-      EXPECT_LE(max_abs_diff(m.scores, alone.scores), 1e-6f);
-      // Masks identical, but for pixels whose logit is within float rounding of the threshold: a
-      // batch of prompts runs the decoder's GEMMs with other shapes than one prompt, which moves
-      // logits by ~1e-7 (bit-identical for a prompt decoded alone, as image 2's).
-      const Tensor logits = predictor.upscale_logits(alone.low_res_logits);  // [M, H, W]
-      int64_t differ = 0;
-      for (int64_t j = 0; j < m.masks.numel(); ++j)
-        if (m.masks.data_as<uint8_t>()[j] != alone.masks.data_as<uint8_t>()[j]) {
-          ++differ;
-          EXPECT_LE(std::fabs(logits.data_as<float>()[j]), 1e-5f) << "mask pixel " << j << " differs";
-        }
-      EXPECT_LE(differ, 16) << "mask pixels differ";
+      const int64_t differ = expect_as_alone(m, predictor, cases[i][k].prompt);
       if (cases[i].size() == 1) {
         EXPECT_EQ(differ, 0) << "a prompt decoded alone";
       }
@@ -190,6 +199,90 @@ TEST(BatchPredictor, ErrorsNameImageAndPrompt) {
   Prompt bad_mask = good;
   bad_mask.mask_input = Tensor::zeros({1, 64, 64});
   expect_error({BatchInput::of_image(image, {good, bad_mask})}, {"image 0, prompt 1: ", "mask input"});
+}
+
+// predict_files: image files streamed in batches give each prompt set what Predictor::predict
+// gives it; an unreadable image, a missing one and one with a prompt outside it fail alone and
+// are reported with the reason; an image without prompts gets no masks; every image is handed
+// out once, the successful ones in input order.
+TEST(BatchPredictor, FilesStreamAsPromptsAlone) {
+  SEGANY_REQUIRE_GOLDEN();
+  const std::string name = "micro_h64";
+  const io::TensorMap g = io::load_safetensors(model_dir(name) + "/golden.safetensors");
+  const std::string dir = test::temp_dir("batch_files");
+  const std::string dog = test::shared_dir() + "/images/dog.jpg", truck = test::shared_dir() + "/images/truck.jpg";
+  std::ofstream(dir + "/broken.png") << "not a png";
+  const Image dog_image = load_image(dog), truck_image = load_image(truck);
+
+  Prompt good;
+  good.points = {{400, 250, 1}};
+  Prompt outside;
+  outside.points = {{900, 10, 1}};  // inside the truck (1800x1200), outside the dog (800x534)
+  const std::vector<Case> many = {variation(g, 1, 800, 534), variation(g, 3, 800, 534), variation(g, 4, 800, 534)};
+  const std::vector<FileInput> inputs = {
+      {dog, prompts_of(many), ""},
+      {dir + "/broken.png", {good}, "the broken one"},
+      {dog, {good, outside}, ""},
+      {truck, {}, ""},
+      {truck, {good, outside}, ""},
+      {dir + "/missing.jpg", {good}, ""},
+      {dog, {good}, ""},
+  };
+  const std::map<size_t, std::string> failures = {
+      {1, ""}, {2, "prompt 1: point (900, 10) lies outside the 800x534 image"}, {5, "missing.jpg"}};
+
+  Predictor on_dog(model_dir(name) + "/checkpoint.pth", options_for(name));
+  on_dog.set_image(dog_image);
+  Predictor on_truck(model_dir(name) + "/checkpoint.pth", options_for(name));
+  on_truck.set_image(truck_image);
+  BatchPredictor bp(model_dir(name) + "/checkpoint.pth", options_for(name));
+  for (const StreamOptions stream :
+       {StreamOptions{.batch = 2, .workers = 2}, StreamOptions{.batch = 8, .workers = 0}}) {
+    SCOPED_TRACE("batch " + std::to_string(stream.batch) + ", workers " + std::to_string(stream.workers));
+    std::map<size_t, FileResult> got;
+    std::vector<size_t> succeeded;  // in the order they were handed out
+    int batches = 0, batched = 0;
+    const size_t failed = bp.predict_files(
+        inputs,
+        [&](FileResult& r) {
+          EXPECT_FALSE(got.contains(r.index)) << "image " << r.index << " handed out twice";
+          if (r.ok()) succeeded.push_back(r.index);
+          got[r.index] = std::move(r);
+        },
+        {}, stream,
+        [&](const EmbedBatchStats& b) {
+          EXPECT_EQ(b.index, batches++);
+          batched += b.images;
+        });
+    EXPECT_EQ(failed, failures.size());
+    ASSERT_EQ(got.size(), inputs.size());
+    EXPECT_TRUE(std::is_sorted(succeeded.begin(), succeeded.end()));
+    EXPECT_EQ(batched, static_cast<int>(inputs.size() - failures.size()));
+    EXPECT_EQ(got[1].name, "the broken one");
+    EXPECT_EQ(got[0].name, dog);
+    for (const auto& [i, why] : failures) {
+      SCOPED_TRACE("image " + std::to_string(i));
+      EXPECT_FALSE(got[i].ok());
+      EXPECT_TRUE(got[i].masks.empty());
+      EXPECT_NE(got[i].error.find(why), std::string::npos) << got[i].error;
+    }
+    EXPECT_TRUE(got[3].ok());
+    EXPECT_TRUE(got[3].masks.empty());
+    EXPECT_EQ(got[3].width, 1800);
+    EXPECT_EQ(got[3].height, 1200);
+    for (size_t i : {size_t{0}, size_t{4}, size_t{6}}) {
+      const FileResult& r = got[i];
+      ASSERT_TRUE(r.ok()) << r.error;
+      ASSERT_EQ(r.masks.size(), inputs[i].prompts.size());
+      EXPECT_EQ(r.width, i == 4 ? 1800 : 800);
+      for (size_t k = 0; k < r.masks.size(); ++k) {
+        SCOPED_TRACE("image " + std::to_string(i) + ", prompt " + std::to_string(k));
+        expect_as_alone(r.masks[k], i == 4 ? on_truck : on_dog, inputs[i].prompts[k]);
+      }
+    }
+  }
+  // Nothing to do is no work.
+  EXPECT_EQ(bp.predict_files({}, [](FileResult&) { ADD_FAILURE() << "no images"; }), 0u);
 }
 
 }  // namespace

@@ -87,7 +87,7 @@ TEST(Cli, HelpOfEverySubcommandListsItsOptions) {
   const std::string dir = test::temp_dir("cli_help");
   const std::vector<std::pair<std::string, std::vector<std::string>>> commands = {
       {"segment", {"--point", "--box", "--mask-input", "--multimask", "--out", "--dump", "--device", "--threads", "--config",
-                   "--prompts", "--png"}},
+                   "--prompts", "--png", "--batch", "--workers"}},
       {"info", {"--config", "--json"}},
       {"convert", {"--dtype"}},
       {"init", {"--arch", "--seed", "--config"}},
@@ -580,11 +580,19 @@ TEST(Cli, SegmentPromptsFileMatchesSingleRunsAndSkipsABadImage) {
   }
 
   // Errors in the file name the image and the prompt; the positional image and --prompts exclude each other.
-  std::ofstream(in + "/bad_prompt.json") << R"({"images": [{"file": "dog.jpg", "prompts": [{"points": [[1, 1]]}, {"points": [[900, 10, 1]]}]}]})";
-  EXPECT_FAILS_WITH(segany("segment " + q(checkpoint()) + " --config " + q(config()) + " --prompts " +
-                               q(in + "/bad_prompt.json") + " --out " + q(out),
-                           dir),
-                    "image 0 (dog.jpg), prompt 1: point (900, 10) lies outside");
+  // A prompt that does not fit its image fails that image alone: the others are written.
+  std::ofstream(in + "/bad_prompt.json") << R"({"images": [
+    {"file": "dog.jpg", "prompts": [{"points": [[1, 1]]}, {"points": [[900, 10, 1]]}]},
+    {"file": "dog.jpg", "prompts": [{"points": [[400, 250, 1]]}]}]})";
+  const std::string out_bad = dir + "/out_bad";
+  const CliRun bad = segany("segment " + q(checkpoint()) + " --config " + q(config()) + " --prompts " +
+                                q(in + "/bad_prompt.json") + " --batch 1 --workers 2 --out " + q(out_bad),
+                            dir);
+  EXPECT_FAILS_WITH(bad, "image 0 (dog.jpg): prompt 1: point (900, 10) lies outside the 800x534 image");
+  EXPECT_CONTAINS(bad.err, "1 of 2 images");
+  const nlohmann::json kept = nlohmann::json::parse(read_text(out_bad + "/results.json"));
+  ASSERT_EQ(kept.at("images").size(), 1u);
+  EXPECT_EQ(kept["images"][0].at("results"), nlohmann::json::array({im.at("results")[0]}));  // the same prompt
   std::ofstream(in + "/bad_key.json") << R"({"images": [{"file": "dog.jpg", "prompts": [{"point": [[1, 1]]}]}]})";
   EXPECT_FAILS_WITH(segany("segment " + q(checkpoint()) + " --config " + q(config()) + " --prompts " +
                                q(in + "/bad_key.json") + " --out " + q(out),

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <random>
 
 #include "backend/backend.h"
@@ -237,6 +238,47 @@ TEST_P(DecoderGolden, MaskGeneratorOnTheGpuKeepsTheCpusMasks) {
                 name.c_str(), o.crop_n_layers, want.size(), worst_iou, worst_score, worst_stability);
     EXPECT_GE(worst_iou, 0.99);
     EXPECT_LE(worst_score, 1e-2f);
+  }
+}
+
+// Image files streamed through the GPU (decoded on workers, encoded two at a time while the
+// previous pair's masks are handed out; each image's prompts read the encoder's output in place)
+// against each prompt set decoded alone; a file that cannot be read fails alone.
+TEST_P(DecoderGolden, StreamedFilesMatchEachPromptAlone) {
+  SEGANY_REQUIRE_CUDA();
+  SEGANY_REQUIRE_GOLDEN();
+  const auto& [name, image_name] = GetParam();
+  const io::TensorMap g = io::load_safetensors(model_dir(name) + "/golden.safetensors");
+  const std::string path = test::shared_dir() + "/images/" + image_name, dir = test::temp_dir("cuda_files");
+  std::ofstream(dir + "/broken.jpg") << "not a jpeg";
+  const Image image = load_image(path);
+  const std::string ckpt = model_dir(name) + "/checkpoint.pth";
+  std::vector<FileInput> inputs;
+  for (int i = 0; i < 7; ++i) {
+    FileInput in{i == 3 ? dir + "/broken.jpg" : path, {}, ""};
+    for (int n = 1; n <= i % 4 + 1; ++n)
+      in.prompts.push_back(variation(g, (n + 3 * i) % 16 + 1, image.width, image.height));
+    inputs.push_back(std::move(in));
+  }
+  BatchPredictor gpu(ckpt, options(name, "cuda"));
+  Predictor alone(ckpt, options(name, "cuda"));
+  alone.set_image(image);
+  const MaskOutputs all{.masks = true, .rle = false, .low_res_logits = true};
+  for (int pass = 0; pass < 2; ++pass) {  // the second replays the graphs the first captured
+    std::vector<FileResult> got(inputs.size());
+    const size_t failed = gpu.predict_files(
+        inputs, [&](FileResult& r) { got[r.index] = std::move(r); }, all, StreamOptions{.batch = 2, .workers = 2});
+    EXPECT_EQ(failed, 1u);
+    EXPECT_FALSE(got[3].ok());
+    Worst vs_alone;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (i == 3) continue;
+      ASSERT_TRUE(got[i].ok()) << got[i].error;
+      ASSERT_EQ(got[i].masks.size(), inputs[i].prompts.size());
+      for (size_t k = 0; k < inputs[i].prompts.size(); ++k)
+        vs_alone.add(got[i].masks[k], alone.predict(inputs[i].prompts[k]));
+    }
+    vs_alone.expect_within((name + " streamed files vs alone").c_str());
   }
 }
 

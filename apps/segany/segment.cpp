@@ -12,6 +12,7 @@
 #include <iostream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -38,6 +39,7 @@ struct SegmentOptions {
   bool multimask = false;
   std::string prompts;  // --prompts FILE.json: the batch mode
   bool png = false;
+  int batch = 8, workers = 0;  // with --prompts: images per encoder call, decoding threads
 };
 
 bool is_floating(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16 || t == DType::F64; }
@@ -164,9 +166,6 @@ struct PromptsEntry {
   fs::path path;
   std::vector<Prompt> prompts;
 };
-
-// Images decoded and segmented per BatchPredictor call: bounds the memory of a long file.
-constexpr size_t kImagesPerCall = 8;
 
 float json_number(const nlohmann::json& v, const std::string& where) {
   check(v.is_number(), where + "expected a number, found " + v.dump());
@@ -296,66 +295,68 @@ void run_segment_prompts(const SegmentOptions& o) {
   BatchPredictor predictor(o.model.checkpoint, o.model.predictor_options());
   fs::create_directories(dir);
 
-  std::vector<ordered_json> done;
-  size_t failed = 0, sets = 0, masks = 0;
+  std::vector<FileInput> inputs;
+  for (size_t i = 0; i < entries.size(); ++i)
+    inputs.push_back(FileInput{entries[i].path.string(), entries[i].prompts,
+                               "image " + std::to_string(i) + " (" + entries[i].file + ")"});
+  // Results by input position (a failed image is reported before the batch ahead of it is done).
+  std::vector<std::optional<ordered_json>> done(entries.size());
+  size_t sets = 0, masks = 0, images = 0;
   const auto start = std::chrono::steady_clock::now();
-  for (size_t first = 0; first < entries.size(); first += kImagesPerCall) {
-    const size_t last = std::min(entries.size(), first + kImagesPerCall);
-    // Decode this call's images; one that cannot be read is reported and skipped.
-    std::vector<Image> images;
-    std::vector<size_t> which;
-    for (size_t i = first; i < last; ++i) {
-      try {
-        images.push_back(load_image(entries[i].path.string()));
-        which.push_back(i);
-      } catch (const std::exception& e) {
-        std::cout.flush();
-        std::fprintf(stderr, "segany: skipping %s: %s\n", entries[i].path.string().c_str(), e.what());
-        ++failed;
-      }
+  auto first_batch = start;
+  size_t after_first = 0;  // images handed out after the first batch (graph capture, GEMM tuning)
+  auto on_result = [&](FileResult& res) {
+    if (!res.ok()) {
+      std::cout.flush();
+      std::fprintf(stderr, "segany: skipping %s: %s\n", res.name.c_str(), res.error.c_str());
+      return;
     }
-    std::vector<BatchInput> batch;
-    for (size_t j = 0; j < images.size(); ++j) {
-      const PromptsEntry& e = entries[which[j]];
-      batch.push_back(BatchInput::of_image(images[j], e.prompts));
-      batch.back().name = "--prompts " + o.prompts + ": image " + std::to_string(which[j]) + " (" + e.file + ")";
-    }
-    // Run lengths for the JSON (counted from bit-packed masks); uint8 masks only for PNGs.
-    const std::vector<std::vector<Masks>> results =
-        predictor.predict(batch, MaskOutputs{.masks = o.png, .rle = true, .low_res_logits = false});
-    for (size_t j = 0; j < images.size(); ++j) {
-      const PromptsEntry& e = entries[which[j]];
-      const int W = images[j].width, H = images[j].height;
-      ordered_json im{{"file", e.file}, {"width", W}, {"height", H}, {"results", ordered_json::array()}};
-      size_t image_masks = 0;
-      for (size_t k = 0; k < results[j].size(); ++k) {
-        const Masks& m = results[j][k];
-        ordered_json r{{"prompt", k}, {"masks", ordered_json::array()}};
-        for (int mi = 0; mi < m.count(); ++mi) {
-          r["masks"].push_back(mask_json(m, mi));
-          if (o.png) {
-            const uint8_t* mask = m.masks.data_as<const uint8_t>() + static_cast<size_t>(mi) * W * H;
-            std::vector<uint8_t> gray(static_cast<size_t>(W) * H);
-            for (size_t p = 0; p < gray.size(); ++p) gray[p] = mask[p] ? 255 : 0;
-            const std::string png =
-                e.path.stem().string() + "_" + std::to_string(k) + "_" + std::to_string(mi) + ".png";
-            save_png((dir / png).string(), gray.data(), W, H, 1);
-          }
+    const PromptsEntry& e = entries[res.index];
+    const int W = res.width, H = res.height;
+    ordered_json im{{"file", e.file}, {"width", W}, {"height", H}, {"results", ordered_json::array()}};
+    size_t image_masks = 0;
+    for (size_t k = 0; k < res.masks.size(); ++k) {
+      const Masks& m = res.masks[k];
+      ordered_json r{{"prompt", k}, {"masks", ordered_json::array()}};
+      for (int mi = 0; mi < m.count(); ++mi) {
+        r["masks"].push_back(mask_json(m, mi));
+        if (o.png) {
+          const uint8_t* mask = m.masks.data_as<const uint8_t>() + static_cast<size_t>(mi) * W * H;
+          std::vector<uint8_t> gray(static_cast<size_t>(W) * H);
+          for (size_t p = 0; p < gray.size(); ++p) gray[p] = mask[p] ? 255 : 0;
+          const std::string png = e.path.stem().string() + "_" + std::to_string(k) + "_" + std::to_string(mi) + ".png";
+          save_png((dir / png).string(), gray.data(), W, H, 1);
         }
-        image_masks += m.count();
-        im["results"].push_back(std::move(r));
       }
-      std::printf("%s: %dx%d, %zu prompt set%s, %zu masks\n", e.file.c_str(), W, H, results[j].size(),
-                  results[j].size() == 1 ? "" : "s", image_masks);
-      sets += results[j].size();
-      masks += image_masks;
-      done.push_back(std::move(im));
+      image_masks += m.count();
+      im["results"].push_back(std::move(r));
     }
-  }
-  write_text((dir / "results.json").string(), format_results(done));
-  std::printf("%zu of %zu images, %zu prompt sets, %zu masks with %s on %s in %.2f s -> %s\n", done.size(),
-              entries.size(), sets, masks, predictor.arch().c_str(), o.model.device.c_str(), ms_since(start) / 1000,
-              (dir / "results.json").string().c_str());
+    std::printf("%s: %dx%d, %zu prompt set%s, %zu masks\n", e.file.c_str(), W, H, res.masks.size(),
+                res.masks.size() == 1 ? "" : "s", image_masks);
+    sets += res.masks.size();
+    masks += image_masks;
+    ++images;
+    done[res.index] = std::move(im);
+  };
+  int batches = 0;
+  const size_t failed = predictor.predict_files(
+      inputs, on_result, MaskOutputs{.masks = o.png, .rle = true, .low_res_logits = false},
+      StreamOptions{.batch = o.batch, .workers = o.workers}, [&](const EmbedBatchStats& b) {
+        if (batches++ == 0)
+          first_batch = std::chrono::steady_clock::now();
+        else
+          after_first += b.images;
+      });
+  const double total_s = ms_since(start) / 1000, steady_s = ms_since(first_batch) / 1000;
+  std::vector<ordered_json> written;
+  for (std::optional<ordered_json>& im : done)
+    if (im) written.push_back(std::move(*im));
+  write_text((dir / "results.json").string(), format_results(written));
+  std::printf("%zu of %zu images, %zu prompt sets, %zu masks with %s on %s in %.2f s", images, entries.size(), sets,
+              masks, predictor.arch().c_str(), o.model.device.c_str(), total_s);
+  if (after_first > 0 && steady_s > 0)
+    std::printf(" (after the first batch: %.2f img/s)", static_cast<double>(after_first) / steady_s);
+  std::printf(" -> %s\n", (dir / "results.json").string().c_str());
   check(failed == 0, std::to_string(failed) + " of " + std::to_string(entries.size()) +
                          " images could not be segmented (named above)");
 }
@@ -403,6 +404,14 @@ Command add_segment(CLI::App& parent) {
   for (CLI::Option* single : {image, point, box, mask_input, multimask, dump}) prompts->excludes(single);
   app->add_flag("--png", o->png, "with --prompts: also write DIR/<image stem>_<prompt>_<mask>.png (0/255)")
       ->needs(prompts);
+  app->add_option("--batch", o->batch, "with --prompts: images per encoder call")
+      ->check(CLI::PositiveNumber)
+      ->needs(prompts)
+      ->capture_default_str();
+  app->add_option("--workers", o->workers, "with --prompts: image decoding threads; 0: min(4, cores)")
+      ->check(CLI::NonNegativeNumber)
+      ->needs(prompts)
+      ->capture_default_str();
   return {app, [o] { o->prompts.empty() ? run_segment(*o) : run_segment_prompts(*o); }};
 }
 

@@ -181,7 +181,8 @@ Tensor& grown(Tensor& buf, int64_t numel, const std::function<Tensor(int64_t)>& 
 
 }  // namespace
 
-void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
+void Decoder::enqueue(std::span<const Job> jobs, const MaskOutputs& outputs) {
+  check(groups_.empty(), "decoder: the previous call was not finished");
   Backend& be = sam_.backend();
   const SamConfig& cfg = sam_.config();
   const int64_t G = cfg.image_encoder.grid(), side = 4 * G, plane = side * side;
@@ -195,19 +196,6 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
   // fetches the rest after it (a second sync).
   const int64_t runs_per_mask = runs_per_mask_;
 
-  // One group: prompts of one image decoded in one batch.
-  struct Group {
-    const Job* job = nullptr;
-    std::vector<size_t> members;  // indices into job->prompts
-    int64_t Ns = 0;
-    bool mask_inputs = false, multimask = false;
-    int64_t first = 0, count = 0, words = 0;
-    // Offsets (4-byte elements) into the host buffers.
-    int64_t coords = 0, labels = 0, masks = 0;                       // inputs
-    int64_t low = 0, iou = 0, bits = 0, stats = 0, offsets = 0, runs = 0;  // outputs
-    // Offsets into the device buffers of bits, run offsets and runs: each group has its own.
-    int64_t bits_dev = 0, offsets_dev = 0, runs_dev = 0;
-  };
   std::vector<Group> groups;
   for (const Job& job : jobs) {
     check(job.out.size() == job.prompts.size(), "decoder: one Masks per prompt");
@@ -330,6 +318,22 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
     }
   }
   be.record(*done_);
+  outputs_ = outputs;
+  groups_ = std::move(groups);
+}
+
+void Decoder::finish() {
+  if (groups_.empty()) return;
+  const std::vector<Group> groups = std::move(groups_);
+  groups_.clear();
+  const MaskOutputs outputs = outputs_;
+  Backend& be = sam_.backend();
+  const int64_t G = sam_.config().image_encoder.grid(), side = 4 * G, plane = side * side;
+  const bool post = outputs.masks || outputs.rle, device_runs = outputs.rle && !outputs.masks;
+  const int64_t runs_per_mask = runs_per_mask_;
+  const Tensor &oh = outputs_host_, &bits_dev = bits_dev_, &offsets_dev = offsets_dev_;
+  auto host = [&be](int64_t n) { return be.alloc_host({n}, DType::I32); };
+  auto device = [&be](int64_t n) { return be.alloc({n}, DType::I32); };
   done_->wait();
 
   // Groups whose masks have more runs than came back: counted again into a buffer that holds
@@ -356,6 +360,11 @@ void Decoder::decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
         Tensor runs_host = region(host_more, at, {total}, DType::I32);
         be.download_async(runs, runs_host);
         more_runs[g] = reinterpret_cast<const uint32_t*>(host_more.data_as<int32_t>() + at);
+        // Later calls bring back this many runs a mask (and a quarter more) with their first
+        // download: masks like these (a stream of similar images) then need no second sync, which
+        // would also wait for whatever was queued after this call.
+        const int64_t per_mask = (total + M - 1) / M;
+        runs_per_mask_ = std::min(std::max(runs_per_mask_, per_mask + per_mask / 4), kMostRunsPerMask);
       }
       be.record(*done_);
       done_->wait();

@@ -52,7 +52,9 @@ PreparedPrompt prepare_prompt(const Prompt& p, const ImageFrame& frame, const Sa
 class Decoder {
  public:
   // runs_per_mask: COCO run lengths that come back with a call's one download, per mask, where
-  // the backend counts them (rle without masks); masks with more take a second download.
+  // the backend counts them (rle without masks); masks with more take a second download, after
+  // which the Decoder brings back as many at once (up to kMostRunsPerMask).
+  static constexpr int64_t kMostRunsPerMask = int64_t{1} << 20;
   explicit Decoder(Sam& sam, int64_t runs_per_mask = 4096);
 
   // One image's prompts: its embedding [1, G*G, C] on the device, and where its Masks go
@@ -66,11 +68,40 @@ class Decoder {
   // Decodes every job's prompts, grouped as above, and postprocesses them on the backend (mask
   // selection, upscaling, threshold, boxes, areas, bit-packing); then one wait for the device, and
   // the host fills each Masks with what `outputs` asks for.
-  void decode(std::span<const Job> jobs, const MaskOutputs& outputs);
+  void decode(std::span<const Job> jobs, const MaskOutputs& outputs) {
+    enqueue(jobs, outputs);
+    finish();
+  }
+  // decode() in two halves, so that the host can prepare the next call while the device runs this
+  // one: enqueue() queues the work and returns, finish() waits for it and fills the Masks. The
+  // jobs (their embeddings, prompts and Masks) must live until finish(); one call pending at a
+  // time. Buffers the device reads or writes are this Decoder's: two Decoders may have a call
+  // pending each.
+  void enqueue(std::span<const Job> jobs, const MaskOutputs& outputs);
+  void finish();
+  // Run lengths per mask that the next call brings back with its first download.
+  int64_t runs_per_mask() const { return runs_per_mask_; }
 
  private:
+  // One group: prompts of one image decoded in one batch.
+  struct Group {
+    const Job* job = nullptr;
+    std::vector<size_t> members;  // indices into job->prompts
+    int64_t Ns = 0;
+    bool mask_inputs = false, multimask = false;
+    int64_t first = 0, count = 0, words = 0;
+    // Offsets (4-byte elements) into the host buffers.
+    int64_t coords = 0, labels = 0, masks = 0;                             // inputs
+    int64_t low = 0, iou = 0, bits = 0, stats = 0, offsets = 0, runs = 0;  // outputs
+    // Offsets into the device buffers of bits, run offsets and runs: each group has its own.
+    int64_t bits_dev = 0, offsets_dev = 0, runs_dev = 0;
+  };
+
   Sam& sam_;
   int64_t runs_per_mask_;
+  // The pending call: its groups (empty: none) and what it asked for.
+  std::vector<Group> groups_;
+  MaskOutputs outputs_;
   // Host buffers the device reads from and writes to (pinned on CUDA), grown as needed and reused.
   Tensor inputs_host_, outputs_host_;
   // Device buffers for each group's postprocessed outputs, reused group after group.

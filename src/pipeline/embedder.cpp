@@ -12,108 +12,14 @@
 #include "segany/embedder.h"
 
 #include <algorithm>
-#include <chrono>
-#include <condition_variable>
-#include <cstring>
-#include <mutex>
-#include <optional>
-#include <thread>
 
 #include "backend/backend.h"
 #include "backend/image_ops.h"
 #include "model/sam.h"
+#include "pipeline/streaming.h"
 
 namespace segany {
 namespace {
-
-// An image ready to be batched, or why it is not.
-struct Loaded {
-  std::shared_ptr<const Image> image;
-  std::string error;
-};
-
-using Loader = std::function<std::shared_ptr<const Image>(size_t)>;
-
-// Runs `load` for indices 0..n-1 on worker threads, at most `window` images ahead of the one
-// take() last returned. With no workers, take() loads inline.
-class Prefetcher {
- public:
-  Prefetcher(size_t n, int workers, size_t window, Loader load, int target)
-      : n_(n), window_(std::max<size_t>(window, 1)), load_(std::move(load)), target_(target), ready_(n) {
-    for (int w = 0; w < workers; ++w) threads_.emplace_back([this] { work(); });
-  }
-  ~Prefetcher() {
-    {
-      std::lock_guard<std::mutex> lock(m_);
-      stop_ = true;
-    }
-    more_.notify_all();
-    for (std::thread& t : threads_) t.join();
-  }
-  Prefetcher(const Prefetcher&) = delete;
-  Prefetcher& operator=(const Prefetcher&) = delete;
-
-  // Image i, once loaded; each index once, in increasing order.
-  Loaded take(size_t i) {
-    if (threads_.empty()) return load(i);
-    std::unique_lock<std::mutex> lock(m_);
-    done_.wait(lock, [&] { return ready_[i].has_value(); });
-    Loaded out = std::move(*ready_[i]);
-    ready_[i].reset();
-    taken_ = i + 1;
-    lock.unlock();
-    more_.notify_all();
-    return out;
-  }
-
- private:
-  void work() {
-    for (;;) {
-      size_t i;
-      {
-        std::unique_lock<std::mutex> lock(m_);
-        more_.wait(lock, [&] { return stop_ || next_ >= n_ || next_ < taken_ + window_; });
-        if (stop_ || next_ >= n_) return;
-        i = next_++;
-      }
-      Loaded l = load(i);
-      {
-        std::lock_guard<std::mutex> lock(m_);
-        ready_[i] = std::move(l);
-      }
-      done_.notify_all();
-    }
-  }
-
-  // Loads and checks that the image can be resized (so that a bad one never fails a batch).
-  Loaded load(size_t i) const {
-    Loaded l;
-    try {
-      l.image = load_(i);
-      check(l.image && l.image->width > 0 && l.image->height > 0 &&
-                l.image->rgb.size() == size_t(l.image->width) * l.image->height * 3,
-            "empty or inconsistent image");
-      int h = 0, w = 0;
-      resized_shape(l.image->height, l.image->width, target_, h, w);
-      check(h > 0 && w > 0, "image of " + std::to_string(l.image->width) + "x" + std::to_string(l.image->height) +
-                                " pixels is too thin to resize to " + std::to_string(target_));
-    } catch (const std::exception& e) {
-      l.image.reset();
-      l.error = e.what();
-    }
-    return l;
-  }
-
-  const size_t n_, window_;
-  const Loader load_;
-  const int target_;
-  std::mutex m_;
-  std::condition_variable more_, done_;
-  size_t next_ = 0, taken_ = 0;
-  bool stop_ = false;
-  std::vector<std::optional<Loaded>> ready_;
-  std::vector<std::thread> threads_;
-};
 
 // src [G*G, C] -> dst [C, G*G], in tiles so that neither side is read or written with a long stride.
 void transpose(const float* src, int64_t T, int64_t C, float* dst) {
@@ -181,21 +87,14 @@ size_t Embedder::Impl::run(size_t n, const Loader& load, const std::function<std
   // Two batches ahead: one being gathered, one queued behind the one the device runs.
   Prefetcher prefetch(n, workers, static_cast<size_t>(2 * B + workers), load, cfg.img_size);
 
-  using Clock = std::chrono::steady_clock;
-  auto last = Clock::now();
+  BatchClock clock;
   size_t failed = 0, next = 0;
-  int batches = 0;
   Slot* pending = nullptr;  // enqueued, not yet handed out
   auto finish_pending = [&] {
     const int count = static_cast<int>(pending->items.size());
     finish(*pending, on_result);
     pending = nullptr;
-    const auto now = Clock::now();
-    EmbedBatchStats st;
-    st.index = batches++;
-    st.images = count;
-    st.ms = std::chrono::duration<double, std::milli>(now - last).count();
-    last = now;
+    const EmbedBatchStats st = clock.lap(count);
     if (on_batch) on_batch(st);
   };
   for (int cur = 0;; cur ^= 1) {
@@ -214,17 +113,7 @@ size_t Embedder::Impl::run(size_t n, const Loader& load, const std::function<std
         continue;
       }
       const Image& im = *l.image;
-      const Shape shape{im.height, im.width, 3};
-      if (host_device) {
-        images.push_back(Tensor::wrap(const_cast<uint8_t*>(im.rgb.data()), shape, DType::U8, l.image));
-      } else {
-        Tensor& buf = s.pixels[s.items.size()];
-        if (!buf.defined() || buf.numel() < shape_numel(shape))
-          buf = be.alloc_host({std::max<int64_t>(shape_numel(shape), buf.defined() ? buf.numel() * 3 / 2 : 0)},
-                              DType::U8);
-        std::memcpy(buf.data(), im.rgb.data(), im.rgb.size());
-        images.push_back(buf.view_prefix(shape));
-      }
+      images.push_back(host_pixels(be, l.image, s.pixels[s.items.size()]));
       e.original_h = im.height;
       e.original_w = im.width;
       resized_shape(im.height, im.width, cfg.img_size, e.input_h, e.input_w);
@@ -263,12 +152,9 @@ void Embedder::Impl::finish(Slot& s, const std::function<void(Embedding&)>& on_r
 
 size_t Embedder::embed_files(const std::vector<std::string>& paths, const std::function<void(Embedding&)>& on_result,
                              const std::function<void(const EmbedBatchStats&)>& on_batch) {
-  int workers = impl_->options.workers;
-  if (workers == 0) workers = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 4u));
-  workers = static_cast<int>(std::min<size_t>(workers, std::max<size_t>(paths.size(), 1)));
   return impl_->run(
       paths.size(), [&](size_t i) { return std::make_shared<const Image>(load_image(paths[i])); },
-      [&](size_t i) { return paths[i]; }, workers, on_result, on_batch);
+      [&](size_t i) { return paths[i]; }, decode_workers(impl_->options.workers, paths.size()), on_result, on_batch);
 }
 
 std::vector<Embedding> Embedder::embed(const std::vector<Image>& images) {
