@@ -60,6 +60,12 @@ int64_t shape_numel(const Shape& s) {
 }
 
 Tensor Tensor::empty(Shape shape, DType dtype) {
+  Tensor t = uninitialized(std::move(shape), dtype);
+  std::memset(t.data_, 0, t.nbytes());
+  return t;
+}
+
+Tensor Tensor::uninitialized(Shape shape, DType dtype) {
   Tensor t;
   t.shape_ = std::move(shape);
   t.dtype_ = dtype;
@@ -69,7 +75,6 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
   if (alloc == 0) alloc = 64;
   void* p = std::aligned_alloc(64, alloc);
   if (!p) throw Error("out of host memory allocating " + std::to_string(bytes) + " bytes");
-  std::memset(p, 0, alloc);
   t.data_ = p;
   t.owner_ = std::shared_ptr<const void>(p, [](const void* q) { std::free(const_cast<void*>(q)); });
   return t;

@@ -30,6 +30,9 @@ class Tensor {
 
   // Owning host tensor, 64-byte aligned, zero-filled.
   static Tensor empty(Shape shape, DType dtype = DType::F32);
+  // The same without the zero fill, for an output that is written whole right away (a large
+  // one's fill would double the memory traffic of writing it).
+  static Tensor uninitialized(Shape shape, DType dtype = DType::F32);
   static Tensor zeros(Shape shape, DType dtype = DType::F32) { return empty(std::move(shape), dtype); }
   // A view of memory owned by `owner` (may be null for memory that outlives the view).
   static Tensor wrap(void* data, Shape shape, DType dtype, std::shared_ptr<const void> owner,

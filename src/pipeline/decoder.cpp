@@ -72,7 +72,7 @@ Tensor embedding_to_device(Sam& sam, const Tensor& nchw, const std::string& what
   check_embedding(sam, nchw, what);
   const int64_t G = sam.config().image_encoder.grid(), C = sam.config().mask_decoder.transformer_dim;
   // [1, C, G, G] -> [1, G*G, C]
-  Tensor tokens = Tensor::empty({1, G * G, C});
+  Tensor tokens = Tensor::uninitialized({1, G * G, C});
   const float* src = nchw.data_as<const float>();
   float* dst = tokens.data_as<float>();
   for (int64_t c = 0; c < C; ++c)
@@ -86,7 +86,7 @@ Tensor embedding_to_device(Sam& sam, const Tensor& nchw, const std::string& what
 Tensor embedding_to_host(Sam& sam, const Tensor& tokens) {
   const Tensor e = sam.backend().download(tokens);  // [1, G*G, C]
   const int64_t G = sam.config().image_encoder.grid(), C = e.dim(2);
-  Tensor out = Tensor::empty({1, C, G, G});
+  Tensor out = Tensor::uninitialized({1, C, G, G});
   for (int64_t t = 0; t < G * G; ++t)
     for (int64_t c = 0; c < C; ++c) out.data_as<float>()[c * G * G + t] = e.data_as<const float>()[t * C + c];
   return out;
@@ -392,13 +392,13 @@ void Decoder::finish() {
       m.scores = Tensor::empty({n});
       std::copy_n(iou + at, n, m.scores.data_as<float>());
       if (outputs.low_res_logits) {
-        m.low_res_logits = Tensor::empty({n, side, side});
+        m.low_res_logits = Tensor::uninitialized({n, side, side});
         std::copy_n(low + at * plane, n * plane, m.low_res_logits.data_as<float>());
       }
       if (!post) continue;
       m.boxes = Tensor::empty({n, 4}, DType::I32);
       m.areas = Tensor::empty({n}, DType::I64);
-      if (outputs.masks) m.masks = Tensor::empty({n, H, W}, DType::U8);
+      if (outputs.masks) m.masks = Tensor::uninitialized({n, H, W}, DType::U8);
       for (int64_t j = 0; j < n; ++j) {
         const int32_t* st = stats + (at + j) * 7;
         m.areas.data_as<int64_t>()[j] = st[0];

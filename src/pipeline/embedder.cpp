@@ -141,7 +141,7 @@ void Embedder::Impl::finish(Slot& s, const std::function<void(Embedding&)>& on_r
   // [b, G, G, C] -> b x [1, C, G, G], the images in parallel: this is the caller's largest share of
   // the work per batch, and the device waits for it once the caller falls behind.
   const int count = static_cast<int>(s.items.size());
-  for (Embedding& e : s.items) e.embedding = Tensor::empty({1, C, G, G});
+  for (Embedding& e : s.items) e.embedding = Tensor::uninitialized({1, C, G, G});
 #pragma omp parallel for schedule(static)
   for (int j = 0; j < count; ++j)
     transpose(s.out.data_as<const float>() + static_cast<int64_t>(j) * G * G * C, G * G, C,
