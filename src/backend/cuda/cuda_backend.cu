@@ -102,7 +102,13 @@ class CudaBackend final : public Backend {
     cudaStream_t s = nullptr;
     CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     stream_.reset(s);
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    upload_stream_.reset(s);
     staging_done_ = make_event(cudaEventDisableTiming);
+    for (Upload& u : uploads_) {
+      u.copied = make_event(cudaEventDisableTiming);
+      u.read = make_event(cudaEventDisableTiming);
+    }
     gemm_ = std::make_unique<cuda::GemmEngine>(
         stream_.get(), options_.gemm_workspace_bytes, options_.tune_gemm, [memory = memory_](std::ptrdiff_t delta) {
           if (delta > 0) memory->add(static_cast<size_t>(delta));
@@ -113,9 +119,10 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     // Nothing queued may outlive the buffers and handles released below.
+    if (upload_stream_) cudaStreamSynchronize(upload_stream_.get());
     if (stream_) cudaStreamSynchronize(stream_.get());
     memory_->sub(options_.gemm_workspace_bytes);
-    memory_->sub(preprocess_bytes_);
+    for (const Upload& u : uploads_) memory_->sub(u.bytes);
     memory_->pinned.fetch_sub(staging_bytes_);
   }
 
@@ -464,7 +471,10 @@ class CudaBackend final : public Backend {
   // The taps of every image (computed here, on the host, by the CPU's own code) and a parameter
   // block go through the pinned staging buffer, the pixels straight from the caller's (pinned)
   // memory; both land in one device buffer, grown when a batch needs more, then one kernel writes
-  // the whole batch. Nothing waits for the device but a growth of that buffer.
+  // the whole batch. The copies run on a stream of their own, into one of two buffers in turn, so
+  // that a batch's upload overlaps the previous batch's encoder: the upload waits only for the
+  // kernel that last read its buffer (two batches back), the kernel for the upload. Nothing waits
+  // for the device on the host but a growth of a buffer.
   void preprocess_images(const std::vector<Tensor>& images, Tensor& input) override {
     require_cuda(input, "preprocess_images input");
     check(input.ndim() == 4 && input.dim(0) == static_cast<int64_t>(images.size()) && input.dim(1) == input.dim(2) &&
@@ -504,22 +514,34 @@ class CudaBackend final : public Backend {
     // Device buffer: [params | taps | pixels], each part 256-byte aligned.
     const size_t params_bytes = (B * sizeof(cuda::PreprocessImageParams) + 255) / 256 * 256;
     const size_t taps_bytes = (taps.size() * sizeof(int32_t) + 255) / 256 * 256;
-    char* dev = preprocess_buffer(params_bytes + taps_bytes + pixel_bytes);
+    upload_turn_ ^= 1;
+    Upload& u = uploads_[upload_turn_];
+    char* dev = upload_buffer(u, params_bytes + taps_bytes + pixel_bytes);
+    cudaStream_t up = upload_stream_.get();
+    CUDA_CHECK(cudaStreamWaitEvent(up, u.read.get(), 0));  // the kernel that last read this buffer
+    // Images already on the device may still be being written by work queued on the stream.
+    if (std::any_of(images.begin(), images.end(), [](const Tensor& t) { return t.device() == Device::CUDA; })) {
+      CUDA_CHECK(cudaEventRecord(u.copied.get(), stream_.get()));
+      CUDA_CHECK(cudaStreamWaitEvent(up, u.copied.get(), 0));
+    }
     char* s = static_cast<char*>(staging(params_bytes + taps_bytes));
     std::memcpy(s, params.data(), B * sizeof(cuda::PreprocessImageParams));
     std::memcpy(s + params_bytes, taps.data(), taps.size() * sizeof(int32_t));
-    CUDA_CHECK(cudaMemcpyAsync(dev, s, params_bytes + taps_bytes, cudaMemcpyHostToDevice, stream_.get()));
-    CUDA_CHECK(cudaEventRecord(staging_done_.get(), stream_.get()));
+    CUDA_CHECK(cudaMemcpyAsync(dev, s, params_bytes + taps_bytes, cudaMemcpyHostToDevice, up));
+    CUDA_CHECK(cudaEventRecord(staging_done_.get(), up));
     char* pixels = dev + params_bytes + taps_bytes;
     for (int i = 0; i < B; ++i)  // pinned (or device) sources copy asynchronously, pageable ones at once
       if (images[i].nbytes() > 0)
         CUDA_CHECK(cudaMemcpyAsync(pixels + params[i].pixels, images[i].data(), images[i].nbytes(), cudaMemcpyDefault,
-                                   stream_.get()));
+                                   up));
+    CUDA_CHECK(cudaEventRecord(u.copied.get(), up));
+    CUDA_CHECK(cudaStreamWaitEvent(stream_.get(), u.copied.get(), 0));
     timed(kOther, [&] {
       cuda::preprocess_images(reinterpret_cast<const cuda::PreprocessImageParams*>(dev),
                               reinterpret_cast<const int32_t*>(dev + params_bytes),
                               reinterpret_cast<const uint8_t*>(pixels), B, input, stream_.get());
     });
+    CUDA_CHECK(cudaEventRecord(u.read.get(), stream_.get()));
   }
 
   void synchronize() override { CUDA_CHECK(cudaStreamSynchronize(stream_.get())); }
@@ -636,34 +658,43 @@ class CudaBackend final : public Backend {
     return staging_.get();
   }
 
-  // The preprocessing's device buffer, at least `bytes` large. Growing it waits for the work that
-  // may still read the old one; it grows by half again so that a few larger images do not each
-  // cost a reallocation.
-  char* preprocess_buffer(size_t bytes) {
-    if (bytes > preprocess_bytes_) {
-      const size_t grown = std::max(bytes, preprocess_bytes_ / 2 * 3);
-      CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
-      preprocess_.reset();
-      memory_->sub(preprocess_bytes_);
-      preprocess_bytes_ = 0;
+  // One of the preprocessing's two upload buffers, and when its copies are done and its last
+  // reader has run.
+  struct Upload {
+    UniqueDevice buffer;
+    size_t bytes = 0;
+    UniqueEvent copied, read;
+  };
+
+  // `u`'s device buffer, at least `bytes` large. Growing it waits for the work that may still
+  // use the old one; it grows by half again so that a few larger images do not each cost a
+  // reallocation.
+  char* upload_buffer(Upload& u, size_t bytes) {
+    if (bytes > u.bytes) {
+      const size_t grown = std::max(bytes, u.bytes / 2 * 3);
+      CUDA_CHECK(cudaEventSynchronize(u.read.get()));  // after its copies: the kernel waited for them
+      u.buffer.reset();
+      memory_->sub(u.bytes);
+      u.bytes = 0;
       void* p = nullptr;
       CUDA_CHECK(cudaMalloc(&p, grown));
-      preprocess_.reset(p);
-      preprocess_bytes_ = grown;
+      u.buffer.reset(p);
+      u.bytes = grown;
       memory_->add(grown);
     }
-    return static_cast<char*>(preprocess_.get());
+    return static_cast<char*>(u.buffer.get());
   }
 
   // Declaration order is destruction order reversed: the stream outlives everything using it.
   CudaOptions options_;
   std::shared_ptr<MemoryCounters> memory_ = std::make_shared<MemoryCounters>();
   UniqueStream stream_;
+  UniqueStream upload_stream_;  // the preprocessing's uploads
   UniqueEvent staging_done_;
   UniquePinned staging_;
   size_t staging_bytes_ = 0;
-  UniqueDevice preprocess_;
-  size_t preprocess_bytes_ = 0;
+  std::array<Upload, 2> uploads_;
+  int upload_turn_ = 0;
   std::unique_ptr<cuda::GemmEngine> gemm_;
   cuda::SelectScratch select_scratch_;
   std::map<std::string, GraphState> graphs_;
