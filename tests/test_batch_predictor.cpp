@@ -123,7 +123,8 @@ TEST_P(BatchGolden, EveryPromptSetAsAloneAndAsGolden) {
   BatchPredictor batch_predictor(model_dir(name) + "/checkpoint.pth", options_for(name));
 
   // 16 sets each: the golden cases with variations of 9..16 points; the same for 1..8 points,
-  // reversed (so that the golden cases come in another order); and one set of 3 points.
+  // reversed (so that the golden cases come in another order); and one set of 3 points. Prompts
+  // of a shape that two images hold one each decode together, each with its own embedding.
   std::vector<Case> a = golden_cases(g), b = golden_cases(g);
   for (int n = 9; n <= 16; ++n) a.push_back(variation(g, n, image.width, image.height));
   for (int n = 1; n <= 8; ++n) b.push_back(variation(g, n, image.width, image.height));

@@ -155,10 +155,10 @@ MaskDecoder::MaskDecoder(const SamConfig& cfg, const io::TensorMap& w, Backend& 
     hypernetworks_.emplace_back(be, w, p + "output_hypernetworks_mlps." + std::to_string(t), 3);
 }
 
-MaskDecoder::Batch& MaskDecoder::batch(int64_t P, int64_t Ns, bool mask_inputs) {
+MaskDecoder::Batch& MaskDecoder::batch(int64_t P, int64_t Ns, bool mask_inputs, bool own_images) {
   check(P > 0 && Ns >= 0, "mask decoder: a batch of " + std::to_string(P) + " prompts of " + std::to_string(Ns) +
                               " sparse tokens");
-  const auto key = std::make_tuple(P, Ns, mask_inputs);
+  const auto key = std::make_tuple(P, Ns, mask_inputs, own_images);
   auto it = batches_.find(key);
   if (it != batches_.end()) return it->second;
   Backend& be = be_;
@@ -166,8 +166,9 @@ MaskDecoder::Batch& MaskDecoder::batch(int64_t P, int64_t Ns, bool mask_inputs) 
   const int64_t C = cfg_.mask_decoder.transformer_dim, G = cfg_.image_encoder.grid(), HW = G * G;
   const int64_t T = num_mask_tokens_, Tt = 1 + T + Ns, S = 4 * G;
   Batch b;
-  b.P = P, b.Ns = Ns, b.mask_inputs = mask_inputs;
-  b.embedding = be.alloc({1, HW, C}, dt);
+  b.P = P, b.Ns = Ns, b.mask_inputs = mask_inputs, b.own_images = own_images;
+  const int64_t E = own_images ? P : 1;  // image embeddings
+  b.embedding = be.alloc({E, HW, C}, dt);
   b.coords = be.alloc({P, Ns, 2}, DType::F32);
   b.labels = be.alloc({P, Ns}, DType::I32);
   b.low_res = be.alloc({P, T, S, S}, DType::F32);
@@ -184,7 +185,9 @@ MaskDecoder::Batch& MaskDecoder::batch(int64_t P, int64_t Ns, bool mask_inputs) 
     b.dense_p2 = within(be, b.t.keys, prompts_.mask_buffer_shape(P, 2), dt);
     b.dense_b = within(be, b.t.scratch.q, prompts_.mask_buffer_shape(P, 3), dt);
   } else {
-    b.src = be.alloc({1, HW, C}, dt);
+    // src = embedding + no-mask embedding: in place when the embeddings are the prompts' own
+    // (copied in for every run), else a buffer of its own (the one embedding is shared).
+    b.src = own_images ? b.embedding : be.alloc({1, HW, C}, dt);
   }
   // The upscaling runs after the transformer: its buffers take the transformer's place where they fit.
   b.u1 = within(be, b.t.image_attn, {P, HW, C}, dt);
@@ -202,7 +205,7 @@ MaskDecoder::Batch& MaskDecoder::batch(int64_t P, int64_t Ns, bool mask_inputs) 
 
 void MaskDecoder::forward(Batch& b) {
   be_.run_graph("mask_decoder/P=" + std::to_string(b.P) + ",Ns=" + std::to_string(b.Ns) +
-                    (b.mask_inputs ? ",masks" : ""),
+                    (b.mask_inputs ? ",masks" : "") + (b.own_images ? ",own" : ""),
                 [&] { run(b); });
 }
 
@@ -216,7 +219,7 @@ void MaskDecoder::run(Batch& b) {
   be.copy_tokens(output_tokens_, 0, b.tokens, 0, static_cast<int>(1 + T));
   be.copy_tokens(b.sparse, 0, b.tokens, static_cast<int>(1 + T), static_cast<int>(b.Ns));
   // src = image embedding + dense prompt embedding: one image shared by every prompt unless
-  // there are mask inputs.
+  // there are mask inputs or each prompt has an image of its own.
   if (b.mask_inputs) {
     prompts_.embed_masks(b.masks, b.dense_p1, b.dense_a, b.dense_p2, b.dense_b, b.dense);
     be.add(b.dense, b.embedding, b.src);

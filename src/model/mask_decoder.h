@@ -73,9 +73,9 @@ class MaskDecoder {
 
   struct Batch {
     int64_t P = 0, Ns = 0;
-    bool mask_inputs = false;
+    bool mask_inputs = false, own_images = false;
     // Inputs, written by the caller before forward() (Backend::upload_async, copy_tokens):
-    Tensor embedding;  // [1, grid*grid, C]: the image embedding
+    Tensor embedding;  // [1 or P, grid*grid, C]: the image embedding, or each prompt's own
     Tensor coords;     // float32 [P, Ns, 2]: points and box corners in the model's input frame
     Tensor labels;     // int32 [P, Ns]: as Backend::embed_points reads them
     Tensor masks;      // float32 [P, 4*grid, 4*grid]: the mask inputs (mask_inputs only)
@@ -88,8 +88,9 @@ class MaskDecoder {
     TwoWayTransformer::Buffers t;
     Tensor u1, u2, mask_tokens, hyper_in, one, one_out, iou_token, mlp_scratch;
   };
-  // The buffers of a shape, made on first use and kept.
-  Batch& batch(int64_t P, int64_t Ns, bool mask_inputs);
+  // The buffers of a shape, made on first use and kept. own_images: each prompt has an image
+  // embedding of its own (prompts of different images decoded together), else one is shared.
+  Batch& batch(int64_t P, int64_t Ns, bool mask_inputs, bool own_images = false);
   // Enqueues the prompt encoder and the decoder on b's inputs (one backend graph per shape).
   void forward(Batch& b);
 
@@ -108,7 +109,7 @@ class MaskDecoder {
   Norm upscale_norm_;
   std::vector<Mlp> hypernetworks_;
   Mlp iou_head_;
-  std::map<std::tuple<int64_t, int64_t, bool>, Batch> batches_;
+  std::map<std::tuple<int64_t, int64_t, bool, bool>, Batch> batches_;
 };
 
 }  // namespace segany

@@ -208,8 +208,8 @@ void Decoder::enqueue(std::span<const Job> jobs, const MaskOutputs& outputs) {
       Group g;
       g.job = &job;
       g.members = std::move(members);
-      std::tie(g.Ns, g.mask_inputs, g.multimask) = std::tuple<int64_t, bool, bool>(
-          std::get<0>(key), std::get<1>(key), std::get<2>(key));
+      std::tie(g.Ns, g.mask_inputs, g.multimask) =
+          std::tuple<int64_t, bool, bool>(std::get<0>(key), std::get<1>(key), std::get<2>(key));
       // Multimask output skips token 0 (the single-mask token), as the original does.
       g.first = g.multimask ? 1 : 0;
       g.count = g.multimask ? T - 1 : 1;
@@ -219,14 +219,51 @@ void Decoder::enqueue(std::span<const Job> jobs, const MaskOutputs& outputs) {
   }
   if (groups.empty()) return;
 
+  // The decoder's runs: a group alone (its image's embedding shared by its prompts), or groups of
+  // one prompt each from different images that share a shape, decoded together with an embedding
+  // per prompt (each image's once: nothing is repeated), up to kMostImagesPerRun of them.
+  struct Run {
+    std::vector<size_t> groups;  // indices into `groups`, rows in this order
+    int64_t P = 0;
+    bool own_images = false;
+    int64_t coords = 0, labels = 0, masks = 0;  // inputs: offsets (4-byte elements) in the host buffer
+  };
+  std::vector<Run> runs;
+  {
+    std::map<std::tuple<int64_t, bool, bool>, std::vector<size_t>> singles;
+    for (size_t gi = 0; gi < groups.size(); ++gi) {
+      const Group& g = groups[gi];
+      if (g.members.size() == 1)
+        singles[{g.Ns, g.mask_inputs, g.multimask}].push_back(gi);
+      else
+        runs.push_back(Run{{gi}, static_cast<int64_t>(g.members.size()), false});
+    }
+    for (const auto& [key, list] : singles)
+      for (size_t at = 0; at < list.size(); at += kMostImagesPerRun) {
+        Run r;
+        r.groups.assign(list.begin() + at, list.begin() + std::min(list.size(), at + kMostImagesPerRun));
+        r.P = static_cast<int64_t>(r.groups.size());
+        r.own_images = r.P > 1;
+        runs.push_back(std::move(r));
+      }
+  }
+
   // Where everything goes, then the inputs packed into the host buffer.
   Layout in, out, bits_at, offsets_at, runs_at;
   int64_t most_masks = 0;
+  for (Run& r : runs) {
+    const Group& g0 = groups[r.groups[0]];
+    r.coords = in.take(r.P * g0.Ns * 2);
+    r.labels = in.take(r.P * g0.Ns);
+    if (g0.mask_inputs) r.masks = in.take(r.P * plane);
+    int64_t row = 0;
+    for (size_t gi : r.groups) {
+      groups[gi].row = row;
+      row += static_cast<int64_t>(groups[gi].members.size());
+    }
+  }
   for (Group& g : groups) {
     const int64_t P = static_cast<int64_t>(g.members.size()), M = P * g.count;
-    g.coords = in.take(P * g.Ns * 2);
-    g.labels = in.take(P * g.Ns);
-    if (g.mask_inputs) g.masks = in.take(P * plane);
     if (outputs.low_res_logits) g.low = out.take(M * plane);
     g.iou = out.take(M);
     if (post) {
@@ -245,81 +282,101 @@ void Decoder::enqueue(std::span<const Job> jobs, const MaskOutputs& outputs) {
   }
   auto host = [&be](int64_t n) { return be.alloc_host({n}, DType::I32); };
   Tensor& ih = grown(inputs_host_, in.size(), host);
-  Tensor& oh = grown(outputs_host_, out.size(), host);
-  for (const Group& g : groups) {
-    auto* coords = reinterpret_cast<float*>(ih.data_as<int32_t>() + g.coords);
-    int32_t* labels = ih.data_as<int32_t>() + g.labels;
-    for (size_t k = 0; k < g.members.size(); ++k) {
-      const PreparedPrompt& p = g.job->prompts[g.members[k]];
-      PromptEncoder::pack(p.set, coords + k * g.Ns * 2, labels + k * g.Ns);
-      if (g.mask_inputs)
-        std::copy_n(p.mask_input->data_as<const float>(), plane,
-                    reinterpret_cast<float*>(ih.data_as<int32_t>() + g.masks) + k * plane);
+  grown(outputs_host_, out.size(), host);
+  for (const Run& r : runs) {
+    auto* coords = reinterpret_cast<float*>(ih.data_as<int32_t>() + r.coords);
+    int32_t* labels = ih.data_as<int32_t>() + r.labels;
+    for (size_t gi : r.groups) {
+      const Group& g = groups[gi];
+      for (size_t k = 0; k < g.members.size(); ++k) {
+        const PreparedPrompt& p = g.job->prompts[g.members[k]];
+        const int64_t row = g.row + static_cast<int64_t>(k);
+        PromptEncoder::pack(p.set, coords + row * g.Ns * 2, labels + row * g.Ns);
+        if (g.mask_inputs)
+          std::copy_n(p.mask_input->data_as<const float>(), plane,
+                      reinterpret_cast<float*>(ih.data_as<int32_t>() + r.masks) + row * plane);
+      }
     }
   }
   auto device = [&be](int64_t n) { return be.alloc({n}, DType::I32); };
-  Tensor& low_dev = grown(low_dev_, outputs.low_res_logits ? most_masks * plane : 1, [&be](int64_t n) {
-    return be.alloc({n}, DType::F32);
-  });
-  Tensor& iou_dev = grown(iou_dev_, most_masks, [&be](int64_t n) { return be.alloc({n}, DType::F32); });
-  Tensor& stats_dev = grown(stats_dev_, post ? most_masks * 7 : 1, device);
-  Tensor& bits_dev = grown(bits_dev_, std::max<int64_t>(bits_at.size(), 1), device);
-  Tensor& offsets_dev = grown(offsets_dev_, std::max<int64_t>(offsets_at.size(), 1),
-                              [&be](int64_t n) { return be.alloc({n}, DType::I64); });
-  Tensor& runs_dev = grown(runs_dev_, std::max<int64_t>(runs_at.size(), 1), device);
+  grown(low_dev_, outputs.low_res_logits ? most_masks * plane : 1,
+        [&be](int64_t n) { return be.alloc({n}, DType::F32); });
+  grown(iou_dev_, most_masks, [&be](int64_t n) { return be.alloc({n}, DType::F32); });
+  grown(stats_dev_, post ? most_masks * 7 : 1, device);
+  grown(bits_dev_, std::max<int64_t>(bits_at.size(), 1), device);
+  grown(offsets_dev_, std::max<int64_t>(offsets_at.size(), 1), [&be](int64_t n) { return be.alloc({n}, DType::I64); });
+  grown(runs_dev_, std::max<int64_t>(runs_at.size(), 1), device);
 
-  // Queue every group: inputs up, prompt encoder and mask decoder against the image's embedding,
-  // postprocessing, outputs down. Groups that share a shape share its buffers: the stream's
-  // order keeps one group's outputs from being overwritten before they are copied.
+  // Queue every run: inputs up, prompt encoder and mask decoder against the images' embeddings,
+  // then each group's postprocessing and outputs down. Runs that share a shape share its buffers:
+  // the stream's order keeps one run's outputs from being overwritten before they are copied.
   MaskDecoder& decoder = sam_.mask_decoder();
-  for (const Group& g : groups) {
-    const int64_t P = static_cast<int64_t>(g.members.size()), M = P * g.count;
-    MaskDecoder::Batch& b = decoder.batch(P, g.Ns, g.mask_inputs);
-    be.copy_tokens(g.job->embedding->view(b.embedding.shape()), 0, b.embedding, 0,
-                   static_cast<int>(b.embedding.dim(1)));
-    be.upload_async(region(ih, g.coords, b.coords.shape(), DType::F32), b.coords);
-    be.upload_async(region(ih, g.labels, b.labels.shape(), DType::I32), b.labels);
-    if (g.mask_inputs) be.upload_async(region(ih, g.masks, b.masks.shape(), DType::F32), b.masks);
+  for (const Run& r : runs) {
+    const Group& g0 = groups[r.groups[0]];
+    MaskDecoder::Batch& b = decoder.batch(r.P, g0.Ns, g0.mask_inputs, r.own_images);
+    const int64_t HW = b.embedding.dim(1);
+    for (size_t gi : r.groups) {  // own images: row i's; else the one image's, shared
+      const Group& g = groups[gi];
+      Tensor to = b.embedding.slice0(r.own_images ? g.row : 0, r.own_images ? g.row + 1 : 1);
+      be.copy_tokens(g.job->embedding->view(to.shape()), 0, to, 0, static_cast<int>(HW));
+      if (!r.own_images) break;
+    }
+    be.upload_async(region(ih, r.coords, b.coords.shape(), DType::F32), b.coords);
+    be.upload_async(region(ih, r.labels, b.labels.shape(), DType::I32), b.labels);
+    if (g0.mask_inputs) be.upload_async(region(ih, r.masks, b.masks.shape(), DType::F32), b.masks);
     decoder.forward(b);
-
-    // The selected masks' scores and logits, compacted.
-    Tensor iou = iou_dev.view_prefix({P, g.count, 1});
-    be.copy_tokens(b.iou.view({P, T, 1}), static_cast<int>(g.first), iou, 0, static_cast<int>(g.count));
-    Tensor iou_host = region(oh, g.iou, iou.shape(), DType::F32);
-    be.download_async(iou, iou_host);
-    if (outputs.low_res_logits) {
-      Tensor low = low_dev.view_prefix({P, g.count, plane});
-      be.copy_tokens(b.low_res.view({P, T, plane}), static_cast<int>(g.first), low, 0, static_cast<int>(g.count));
-      Tensor low_host = region(oh, g.low, low.shape(), DType::F32);
-      be.download_async(low, low_host);
-    }
-    if (post) {
-      const ImageFrame& f = g.job->frame;
-      const Backend::MaskFrame frame{static_cast<int>(cfg.image_encoder.img_size), f.input_h, f.input_w, f.original_h,
-                                     f.original_w};
-      Tensor stats = stats_dev.view_prefix({M, 7});
-      Tensor bits = region(bits_dev, g.bits_dev, {M, g.words}, DType::I32);
-      be.postprocess_masks(b.low_res, static_cast<int>(g.first), static_cast<int>(g.count), frame, 0.0f, 0.0f,
-                           device_runs, &bits, stats);
-      Tensor stats_host = region(oh, g.stats, stats.shape(), DType::I32);
-      be.download_async(stats, stats_host);
-      if (device_runs) {
-        Tensor offsets = region64(offsets_dev, g.offsets_dev, {M + 1});
-        Tensor runs = region(runs_dev, g.runs_dev, {M * runs_per_mask}, DType::I32);
-        be.encode_runs(bits, int64_t(f.original_h) * f.original_w, offsets, runs);
-        Tensor offsets_host = region(oh, g.offsets, {M + 1}, DType::I64);
-        Tensor runs_host = region(oh, g.runs, runs.shape(), DType::I32);
-        be.download_async(offsets, offsets_host);
-        be.download_async(runs, runs_host);
-      } else {
-        Tensor bits_host = region(oh, g.bits, bits.shape(), DType::I32);
-        be.download_async(bits, bits_host);
-      }
-    }
+    for (size_t gi : r.groups) enqueue_outputs(groups[gi], b, outputs);
   }
   be.record(*done_);
   outputs_ = outputs;
   groups_ = std::move(groups);
+}
+
+void Decoder::enqueue_outputs(const Group& g, const MaskDecoder::Batch& b, const MaskOutputs& outputs) {
+  Backend& be = sam_.backend();
+  const SamConfig& cfg = sam_.config();
+  const int64_t G = cfg.image_encoder.grid(), side = 4 * G, plane = side * side;
+  const int64_t T = sam_.mask_decoder().num_mask_tokens();
+  const bool post = outputs.masks || outputs.rle, device_runs = outputs.rle && !outputs.masks;
+  const int64_t runs_per_mask = runs_per_mask_;
+  const int64_t P = static_cast<int64_t>(g.members.size()), M = P * g.count;
+  const Tensor low_res = b.low_res.slice0(g.row, g.row + P);  // this group's rows of the run
+  const Tensor& oh = outputs_host_;
+  // The selected masks' scores and logits, compacted.
+  Tensor iou = iou_dev_.view_prefix({P, g.count, 1});
+  be.copy_tokens(b.iou.slice0(g.row, g.row + P).view({P, T, 1}), static_cast<int>(g.first), iou, 0,
+                 static_cast<int>(g.count));
+  Tensor iou_host = region(oh, g.iou, iou.shape(), DType::F32);
+  be.download_async(iou, iou_host);
+  if (outputs.low_res_logits) {
+    Tensor low = low_dev_.view_prefix({P, g.count, plane});
+    be.copy_tokens(low_res.view({P, T, plane}), static_cast<int>(g.first), low, 0, static_cast<int>(g.count));
+    Tensor low_host = region(oh, g.low, low.shape(), DType::F32);
+    be.download_async(low, low_host);
+  }
+  if (post) {
+    const ImageFrame& f = g.job->frame;
+    const Backend::MaskFrame frame{static_cast<int>(cfg.image_encoder.img_size), f.input_h, f.input_w, f.original_h,
+                                   f.original_w};
+    Tensor stats = stats_dev_.view_prefix({M, 7});
+    Tensor bits = region(bits_dev_, g.bits_dev, {M, g.words}, DType::I32);
+    be.postprocess_masks(low_res, static_cast<int>(g.first), static_cast<int>(g.count), frame, 0.0f, 0.0f, device_runs,
+                         &bits, stats);
+    Tensor stats_host = region(oh, g.stats, stats.shape(), DType::I32);
+    be.download_async(stats, stats_host);
+    if (device_runs) {
+      Tensor offsets = region64(offsets_dev_, g.offsets_dev, {M + 1});
+      Tensor runs = region(runs_dev_, g.runs_dev, {M * runs_per_mask}, DType::I32);
+      be.encode_runs(bits, int64_t(f.original_h) * f.original_w, offsets, runs);
+      Tensor offsets_host = region(oh, g.offsets, {M + 1}, DType::I64);
+      Tensor runs_host = region(oh, g.runs, runs.shape(), DType::I32);
+      be.download_async(offsets, offsets_host);
+      be.download_async(runs, runs_host);
+    } else {
+      Tensor bits_host = region(oh, g.bits, bits.shape(), DType::I32);
+      be.download_async(bits, bits_host);
+    }
+  }
 }
 
 void Decoder::finish() {

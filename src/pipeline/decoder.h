@@ -95,7 +95,12 @@ class Decoder {
     int64_t low = 0, iou = 0, bits = 0, stats = 0, offsets = 0, runs = 0;  // outputs
     // Offsets into the device buffers of bits, run offsets and runs: each group has its own.
     int64_t bits_dev = 0, offsets_dev = 0, runs_dev = 0;
+    int64_t row = 0;  // its first prompt's row in the decoder run it is part of
   };
+  // Groups of one prompt from different images decoded in one run, at most.
+  static constexpr size_t kMostImagesPerRun = 16;
+  // Queues a group's postprocessing and downloads, from its rows of the run's outputs.
+  void enqueue_outputs(const Group& g, const MaskDecoder::Batch& b, const MaskOutputs& outputs);
 
   Sam& sam_;
   int64_t runs_per_mask_;
