@@ -679,6 +679,23 @@ __device__ __forceinline__ void window_rel_logits(float (&acc)[4][4], const uint
     }
 }
 
+// Scatters window_rel_logits' acc, whose columns are table rows base + 8 nt + 2t + e, into the
+// bias rows of the warp's queries (row g + 8 hr of dst): the query at position pos[hr] along an
+// axis of n keys gets table row j at key k = pos + n - 1 - j, times log2 e; rows that fall outside
+// [0, n) are not stored.
+__device__ __forceinline__ void scatter_rel_logits(const float (&acc)[4][4], const int (&pos)[2], int n, int base,
+                                                   float* dst, int stride, int g, int t) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int k = pos[hr] + n - 1 - (base + nt * 8 + 2 * t + e);
+        if (k >= 0 && k < n) dst[(g + 8 * hr) * stride + k] = acc[nt][2 * hr + e] * kLog2e;
+      }
+}
+
 // Where a window kernel's items come from: item = ((b * n_wy + wy) * n_wx + wx) * heads + h, one
 // (window, head) pair. Token tok of the item's window is grid token (y0 + tok / gw, x0 + tok % gw)
 // of image b; token() gives its index in the image batch, or -1 for a padding token (what it
@@ -768,15 +785,8 @@ __device__ __forceinline__ void window_bias(const uint32_t (&qf)[1][KC][4], cons
     float* const dst = which ? relw_s : relh_s;
     float acc[4][4];
     window_rel_logits<KC, kStride>(acc, qf, which ? tab_w : tab_h, tab_off);
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int k = (which ? qcol[hr] : qrow[hr]) + n - 1 - (nt * 8 + 2 * t + e);
-          if (k >= 0 && k < n) dst[(g + 8 * hr) * kRS + k] = acc[nt][2 * hr + e] * kLog2e;
-        }
+    const int pos[2] = {which ? qcol[0] : qrow[0], which ? qcol[1] : qrow[1]};
+    scatter_rel_logits(acc, pos, n, 0, dst, kRS, g, t);
   }
 }
 
@@ -1345,19 +1355,12 @@ __global__ void __launch_bounds__(Sm90Traits<kHeadDim>::kThreads, 1)
       const int n = which ? GW : gh, stride = which ? Tr::kRelWStride : Tr::kRelHStride;
       const bf16* const tab = which ? tab_w : tab_h;
       float* const dst = which ? relw_smem : relh_smem;
+      const int pos[2] = {which ? qcol[0] : qrow[0], which ? qcol[1] : qrow[1]};
 #pragma unroll 1
       for (int grp = 0; grp < (2 * n - 1 + 31) / 32; ++grp) {  // 32 table rows a group
         float acc[4][4];
         window_rel_logits<KC, Tr::kTabStride>(acc, qf, tab + grp * 32 * Tr::kTabStride, tab_off);
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int k = (which ? qcol[hr] : qrow[hr]) + n - 1 - (grp * 32 + nt * 8 + 2 * t + e);
-              if (k >= 0 && k < n) dst[(row0 + g + 8 * hr) * stride + k] = acc[nt][2 * hr + e] * kLog2e;
-            }
+        scatter_rel_logits(acc, pos, n, grp * 32, dst + row0 * stride, stride, g, t);
       }
     }
     __syncwarp();
