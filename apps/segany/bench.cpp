@@ -121,6 +121,26 @@ void run_bench(BenchOptions o) {
   // The decoder takes milliseconds where the encoder takes seconds: ten times the iterations.
   const double decoder_ms =
       time_ms(std::max(o.warmup, 1), 10 * o.iters, [&] { decoder.decode({&job, 1}, outputs); });
+  // The same calls in three parts: the host queueing the work (enqueue), the device finishing
+  // it after that (device_wait), and the host filling the results (finish).
+  double enqueue_ms = 0, wait_ms = 0, finish_ms = 0;
+  {
+    const int calls = 10 * o.iters;
+    using clock = std::chrono::steady_clock;
+    auto ms = [](clock::time_point a, clock::time_point b) {
+      return std::chrono::duration<double, std::milli>(b - a).count();
+    };
+    for (int i = 0; i < calls; ++i) {
+      const auto t0 = clock::now();
+      decoder.enqueue({&job, 1}, outputs);
+      const auto t1 = clock::now();
+      be->synchronize();
+      const auto t2 = clock::now();
+      decoder.finish();
+      const auto t3 = clock::now();
+      enqueue_ms += ms(t0, t1) / calls, wait_ms += ms(t1, t2) / calls, finish_ms += ms(t2, t3) / calls;
+    }
+  }
   std::map<std::string, double> decoder_profile;
   if (o.profile) decoder_profile = profiled([&] { decoder.decode({&job, 1}, outputs); });
 
@@ -138,6 +158,8 @@ void run_bench(BenchOptions o) {
   }
   j["decoder_ms_per_call"] = rounded3(decoder_ms);
   j["decoder_ms_per_prompt"] = rounded3(decoder_ms / o.prompts);
+  j["decoder_split_ms"] = {
+      {"enqueue", rounded3(enqueue_ms)}, {"device_wait", rounded3(wait_ms)}, {"finish", rounded3(finish_ms)}};
   j["prompts"] = o.prompts;
   j["image"] = std::to_string(o.image_w) + "x" + std::to_string(o.image_h);
   {
