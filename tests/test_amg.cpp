@@ -574,6 +574,18 @@ TEST(PromptRunLengths, FromTheBackendEqualTheMasksRuns) {
   EXPECT_GT(few.runs_per_mask(), 16) << "a second download did not grow the first";
   // Random weights give noise-like masks (~10^5 runs): both grew to what these masks need.
   EXPECT_EQ(few.runs_per_mask(), plenty.runs_per_mask());
+
+  // Masks decoded into a second time hold that call's results alone: nothing of the first is
+  // kept or appended to.
+  std::vector<Masks> reused(prepared.size());
+  const Decoder::Job job{&embedding, frame, prepared, reused};
+  plenty.decode({&job, 1}, {.masks = true, .rle = true, .low_res_logits = false});
+  plenty.decode({&job, 1}, {.masks = false, .rle = true, .low_res_logits = false});
+  for (size_t k = 0; k < reused.size(); ++k) {
+    EXPECT_FALSE(reused[k].masks.defined()) << "prompt " << k;
+    ASSERT_EQ(reused[k].rle.size(), want[k].rle.size()) << "prompt " << k;
+    for (size_t j = 0; j < want[k].rle.size(); ++j) EXPECT_TRUE(reused[k].rle[j] == want[k].rle[j]);
+  }
 }
 
 }  // namespace

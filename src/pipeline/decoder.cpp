@@ -172,6 +172,22 @@ Tensor region64(const Tensor& buffer, int64_t offset, const Shape& shape) {
   return Tensor::wrap(p, shape, DType::I64, buffer.owner(), buffer.device());
 }
 
+// f(0) .. f(n - 1) on the OpenMP threads (inline for a single task); the first exception is
+// rethrown once all have run.
+void parallel_tasks(size_t n, const std::function<void(size_t)>& f) {
+  std::exception_ptr failure;
+#pragma omp parallel for schedule(dynamic) if (n > 1)
+  for (size_t i = 0; i < n; ++i) {
+    try {
+      f(i);
+    } catch (...) {
+#pragma omp critical(segany_decoder_failure)
+      if (!failure) failure = std::current_exception();
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
 // A buffer of at least `numel` 4-byte elements, reused while large enough.
 Tensor& grown(Tensor& buf, int64_t numel, const std::function<Tensor(int64_t)>& make) {
   if (!buf.defined() || buf.numel() < numel)
@@ -428,59 +444,91 @@ void Decoder::finish() {
     }
   }
 
-  // Expand on the host, prompts in parallel: every Masks gets its own tensors.
-  std::vector<std::pair<const Group*, size_t>> items;
+  // Fill the Masks on the host, in parallel: each prompt's scores, boxes, areas, low-res logits and
+  // device-counted run lengths, and its tensors; then the uint8 masks from their bits in chunks
+  // of pixels (one large mask spreads over every thread); then run lengths counted on them.
+  struct Item {
+    const Group* g;
+    size_t k;  // the prompt's index in its group
+  };
+  std::vector<Item> items;
   for (const Group& g : groups)
-    for (size_t k = 0; k < g.members.size(); ++k) items.emplace_back(&g, k);
-  std::exception_ptr failure;
-#pragma omp parallel for schedule(dynamic)
-  for (size_t it = 0; it < items.size(); ++it) {
-    try {
-      const Group& g = *items[it].first;
-      const size_t k = items[it].second;
-      const ImageFrame& f = g.job->frame;
-      const int64_t H = f.original_h, W = f.original_w, pixels = H * W;
-      const float* iou = reinterpret_cast<const float*>(oh.data_as<int32_t>() + g.iou);
-      const float* low = reinterpret_cast<const float*>(oh.data_as<int32_t>() + g.low);
-      const int32_t* stats = oh.data_as<int32_t>() + g.stats;
-      const auto* bits = reinterpret_cast<const uint32_t*>(oh.data_as<int32_t>() + g.bits);
-      Masks& m = g.job->out[g.members[k]];
-      const int64_t n = g.count, at = static_cast<int64_t>(k) * n;  // this prompt's first mask
-      m.scores = Tensor::empty({n});
-      std::copy_n(iou + at, n, m.scores.data_as<float>());
-      if (outputs.low_res_logits) {
-        m.low_res_logits = Tensor::uninitialized({n, side, side});
-        std::copy_n(low + at * plane, n * plane, m.low_res_logits.data_as<float>());
-      }
-      if (!post) continue;
-      m.boxes = Tensor::empty({n, 4}, DType::I32);
-      m.areas = Tensor::empty({n}, DType::I64);
-      if (outputs.masks) m.masks = Tensor::uninitialized({n, H, W}, DType::U8);
-      for (int64_t j = 0; j < n; ++j) {
-        const int32_t* st = stats + (at + j) * 7;
-        m.areas.data_as<int64_t>()[j] = st[0];
-        std::copy_n(st + 1, 4, m.boxes.data_as<int32_t>() + j * 4);
-        const uint32_t* mb = bits + (at + j) * g.words;
-        if (outputs.masks) {
-          uint8_t* u8 = m.masks.data_as<uint8_t>() + j * pixels;
-          unpack_mask_bits(mb, pixels, u8);
-          if (outputs.rle) m.rle.push_back(amg::mask_to_rle(u8, static_cast<int>(H), static_cast<int>(W)));
-        } else {
-          const auto* off = reinterpret_cast<const int64_t*>(oh.data_as<int32_t>() + g.offsets);
-          const auto it_more = more_runs.find(&g);
-          const uint32_t* runs = it_more != more_runs.end()
-                                     ? it_more->second
-                                     : reinterpret_cast<const uint32_t*>(oh.data_as<int32_t>() + g.runs);
-          m.rle.push_back(Rle{static_cast<int>(H), static_cast<int>(W),
-                              std::vector<uint32_t>(runs + off[at + j], runs + off[at + j + 1])});
-        }
-      }
-    } catch (...) {
-#pragma omp critical(segany_decoder_failure)
-      if (!failure) failure = std::current_exception();
+    for (size_t k = 0; k < g.members.size(); ++k) items.push_back({&g, k});
+  auto masks_of = [](const Item& item) -> Masks& { return item.g->job->out[item.g->members[item.k]]; };
+  parallel_tasks(items.size(), [&](size_t it) {
+    const Group& g = *items[it].g;
+    const ImageFrame& f = g.job->frame;
+    const int64_t H = f.original_h, W = f.original_w;
+    const float* iou = reinterpret_cast<const float*>(oh.data_as<int32_t>() + g.iou);
+    const float* low = reinterpret_cast<const float*>(oh.data_as<int32_t>() + g.low);
+    const int32_t* stats = oh.data_as<int32_t>() + g.stats;
+    Masks& m = masks_of(items[it]);
+    m = Masks{};  // whatever it held before goes, rather than being appended to
+    const int64_t n = g.count, at = static_cast<int64_t>(items[it].k) * n;  // this prompt's first mask
+    m.scores = Tensor::empty({n});
+    std::copy_n(iou + at, n, m.scores.data_as<float>());
+    if (outputs.low_res_logits) {
+      m.low_res_logits = Tensor::uninitialized({n, side, side});
+      std::copy_n(low + at * plane, n * plane, m.low_res_logits.data_as<float>());
     }
+    if (!post) return;
+    m.boxes = Tensor::empty({n, 4}, DType::I32);
+    m.areas = Tensor::empty({n}, DType::I64);
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t* st = stats + (at + j) * 7;
+      m.areas.data_as<int64_t>()[j] = st[0];
+      std::copy_n(st + 1, 4, m.boxes.data_as<int32_t>() + j * 4);
+    }
+    if (outputs.masks) {
+      m.masks = Tensor::uninitialized({n, H, W}, DType::U8);
+    } else if (device_runs) {
+      const auto* off = reinterpret_cast<const int64_t*>(oh.data_as<int32_t>() + g.offsets);
+      const auto it_more = more_runs.find(&g);
+      const uint32_t* runs = it_more != more_runs.end()
+                                 ? it_more->second
+                                 : reinterpret_cast<const uint32_t*>(oh.data_as<int32_t>() + g.runs);
+      for (int64_t j = 0; j < n; ++j)
+        m.rle.push_back(Rle{static_cast<int>(H), static_cast<int>(W),
+                            std::vector<uint32_t>(runs + off[at + j], runs + off[at + j + 1])});
+    }
+  });
+  if (!outputs.masks) return;
+
+  // The masks' pixels, kChunk (a multiple of 32: whole words of bits) at a time.
+  constexpr int64_t kChunk = int64_t{1} << 18;
+  struct Chunk {
+    const Item* item;
+    int64_t j, begin, end;  // mask j of the prompt, pixels [begin, end)
+  };
+  std::vector<Chunk> chunks;
+  for (const Item& item : items) {
+    const int64_t pixels = int64_t{item.g->job->frame.original_h} * item.g->job->frame.original_w;
+    for (int64_t j = 0; j < item.g->count; ++j)
+      for (int64_t begin = 0; begin < pixels; begin += kChunk)
+        chunks.push_back({&item, j, begin, std::min(pixels, begin + kChunk)});
   }
-  if (failure) std::rethrow_exception(failure);
+  parallel_tasks(chunks.size(), [&](size_t c) {
+    const Chunk& ch = chunks[c];
+    const Group& g = *ch.item->g;
+    const int64_t pixels = int64_t{g.job->frame.original_h} * g.job->frame.original_w;
+    const int64_t mask = static_cast<int64_t>(ch.item->k) * g.count + ch.j;  // in the group
+    const auto* bits = reinterpret_cast<const uint32_t*>(oh.data_as<int32_t>() + g.bits) + mask * g.words;
+    uint8_t* u8 = masks_of(*ch.item).masks.data_as<uint8_t>() + ch.j * pixels;
+    unpack_mask_bits(bits + ch.begin / 32, ch.end - ch.begin, u8 + ch.begin);
+  });
+  if (!outputs.rle) return;
+  for (const Item& item : items) masks_of(item).rle.resize(static_cast<size_t>(item.g->count));
+  std::vector<std::pair<const Item*, int64_t>> all_masks;
+  for (const Item& item : items)
+    for (int64_t j = 0; j < item.g->count; ++j) all_masks.emplace_back(&item, j);
+  parallel_tasks(all_masks.size(), [&](size_t i) {
+    const auto& [item, j] = all_masks[i];
+    const ImageFrame& f = item->g->job->frame;
+    Masks& m = masks_of(*item);
+    m.rle[static_cast<size_t>(j)] =
+        amg::mask_to_rle(m.masks.data_as<uint8_t>() + j * int64_t{f.original_h} * f.original_w, f.original_h,
+                         f.original_w);
+  });
 }
 
 }  // namespace segany
