@@ -6,7 +6,9 @@
 // sparse tokens, all or none with a mask input, all single- or all multi-mask), queues every
 // group of every image, each followed by its postprocessing and the copy of its outputs to the
 // host, and only then waits, once for all of them. The image embedding
-// [1, G*G, C] is shared by every prompt of its image: MaskDecoder::forward broadcasts it.
+// [1, G*G, C] is shared by every prompt of its image: MaskDecoder::forward broadcasts it. Groups
+// of one prompt from different images that share a shape decode together (up to 16 a run), each
+// with its image's embedding copied into the run's buffer once.
 #pragma once
 
 #include <memory>
