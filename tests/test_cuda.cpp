@@ -21,6 +21,7 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -592,8 +593,9 @@ TEST_F(CudaOps, SelectMasksEqualsTheCpu) {
   }
 }
 
-// Masks of crops placed in a 1200 x 1800 image and run-length encoded: the same bits and runs as
-// the host's, and with too small a runs buffer, the right offsets and runs left alone.
+// Masks of crops placed in a 1200 x 1800 image (33 segments of the run-length kernels each; blobs,
+// all ones and noise) and run-length encoded: the same bits and runs as the host's, and with too
+// small a runs buffer, the right offsets and runs left alone.
 TEST_F(CudaOps, UncropBitsAndEncodeRunsEqualTheCpu) {
   const int H = 1200, W = 1800;
   for (const std::array<int, 4>& crop : {std::array<int, 4>{0, 0, W, H}, std::array<int, 4>{0, 0, 950, 650},
@@ -603,6 +605,10 @@ TEST_F(CudaOps, UncropBitsAndEncodeRunsEqualTheCpu) {
     std::vector<std::vector<uint8_t>> masks;
     for (int k = 0; k < 12; ++k) masks.push_back(test::random_blob_mask(ch, cw, 300 + k));
     masks.push_back(std::vector<uint8_t>(size_t(cw) * ch, 1));
+    std::vector<uint8_t> noise(size_t(cw) * ch);  // a run every other pixel: the scans' worst case
+    std::mt19937 gen(17);
+    for (uint8_t& v : noise) v = static_cast<uint8_t>(gen() & 1u);
+    masks.push_back(std::move(noise));
     const int64_t K = static_cast<int64_t>(masks.size()), words = (int64_t(H) * W + 31) / 32;
     const Tensor bits = test::column_major_bits(masks, ch, cw);
     Tensor want_placed = Tensor::empty({K, words}, DType::I32);

@@ -11,9 +11,11 @@
 //   sweep    one warp walks the rows in order, keeping a row not yet suppressed and or-ing its
 //            row of bits into the suppressed set (torchvision's CUDA NMS, with the host's loop on
 //            the device).
-// encode_runs: a block per mask counts the changes of value (a popcount per word), one thread
-// turns the counts into offsets, and a block per mask writes the runs, each thread its own words,
-// the differences between consecutive changes found by two block scans.
+// encode_runs: a mask's words in segments of 2048, a block each: the blocks count the changes of
+// value (a popcount per word) and note the last; a thread per mask turns its segments' counts
+// into where each segment's runs start, one thread the masks' totals into offsets; the blocks
+// then write the runs, each thread its own words, the differences between consecutive changes
+// found by two block scans started from what the segments before found.
 #include "backend/cuda/amg_ops.h"
 
 #include <cub/block/block_reduce.cuh>
@@ -157,7 +159,9 @@ __global__ void uncrop_bits_kernel(const uint32_t* __restrict__ in, int64_t in_w
 
 // ---- encode_runs ------------------------------------------------------------------------------
 
-constexpr int kRunThreads = 256;
+// A mask's words are cut into segments of kRunSegmentWords, a block each, its threads
+// kRunWordsPerThread consecutive words each (every load of a thread in flight at once).
+constexpr int kRunThreads = 256, kRunWordsPerThread = 8, kRunSegmentWords = kRunThreads * kRunWordsPerThread;
 
 struct Larger {
   __device__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
@@ -172,18 +176,56 @@ __device__ __forceinline__ uint32_t changes(const uint32_t* bits, int64_t w, int
   return d;
 }
 
-// Thread t of a block takes words [t * per, (t + 1) * per) of its mask.
+// Per (mask, segment): its changes of value, where the last of them is (-1: none), where its runs
+// start among the mask's (the changes before it) and where the last change before it is (-1: none).
+struct RunSegments {
+  int64_t *count, *last, *start, *before;
+};
+
+// This thread's words of block b's segment: the changes in each (zero past the mask's end), their
+// number, and the position of the last.
+struct SegmentWords {
+  uint32_t d[kRunWordsPerThread];
+  int64_t first_word = 0, n = 0, last = -1;
+  __device__ SegmentWords(const uint32_t* bits, int64_t words, int64_t pixels, int segments) {
+    const int64_t k = blockIdx.x / segments, s = blockIdx.x % segments;
+    const uint32_t* mask = bits + k * words;
+    first_word = s * kRunSegmentWords + int64_t(threadIdx.x) * kRunWordsPerThread;
+#pragma unroll
+    for (int i = 0; i < kRunWordsPerThread; ++i) {
+      const int64_t w = first_word + i;
+      d[i] = w < words ? changes(mask, w, words, pixels) : 0u;
+    }
+#pragma unroll
+    for (int i = 0; i < kRunWordsPerThread; ++i) {
+      n += __popc(d[i]);
+      if (d[i]) last = (first_word + i) * 32 + 31 - __clz(d[i]);
+    }
+  }
+};
+
 __global__ void __launch_bounds__(kRunThreads) count_runs_kernel(const uint32_t* __restrict__ bits, int64_t words,
-                                                                 int64_t pixels, int64_t* __restrict__ offsets) {
+                                                                 int64_t pixels, int segments, RunSegments seg) {
   using Reduce = cub::BlockReduce<int64_t, kRunThreads>;
-  __shared__ typename Reduce::TempStorage temp;
-  const uint32_t* mask = bits + blockIdx.x * words;
-  const int64_t per = (words + kRunThreads - 1) / kRunThreads;
-  int64_t n = 0;
-  for (int64_t w = threadIdx.x * per; w < min(words, (threadIdx.x + 1) * per); ++w)
-    n += __popc(changes(mask, w, words, pixels));
-  const int64_t total = Reduce(temp).Sum(n);
-  if (threadIdx.x == 0) offsets[blockIdx.x + 1] = total + 1;  // runs = changes + 1
+  __shared__ typename Reduce::TempStorage sum_temp, max_temp;
+  const SegmentWords sw(bits, words, pixels, segments);
+  const int64_t n = Reduce(sum_temp).Sum(sw.n);
+  const int64_t last = Reduce(max_temp).Reduce(sw.last, Larger{});
+  if (threadIdx.x == 0) seg.count[blockIdx.x] = n, seg.last[blockIdx.x] = last;
+}
+
+// A thread per mask: its segments' starts, the last change before each, and its number of runs
+// (changes + 1) into offsets[k + 1].
+__global__ void scan_segments_kernel(int64_t masks, int segments, RunSegments seg, int64_t* offsets) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= masks) return;
+  int64_t run = 0, previous = -1;
+  for (int64_t b = k * segments; b < (k + 1) * segments; ++b) {
+    seg.start[b] = run, seg.before[b] = previous;
+    run += seg.count[b];
+    if (seg.last[b] >= 0) previous = seg.last[b];
+  }
+  offsets[k + 1] = run + 1;
 }
 
 __global__ void scan_runs_kernel(int64_t* offsets, int64_t masks) {
@@ -192,42 +234,34 @@ __global__ void scan_runs_kernel(int64_t* offsets, int64_t masks) {
 }
 
 __global__ void __launch_bounds__(kRunThreads) write_runs_kernel(const uint32_t* __restrict__ bits, int64_t words,
-                                                                 int64_t pixels, const int64_t* __restrict__ offsets,
-                                                                 int64_t masks, int64_t capacity,
-                                                                 uint32_t* __restrict__ runs) {
+                                                                 int64_t pixels, int segments, RunSegments seg,
+                                                                 const int64_t* __restrict__ offsets, int64_t masks,
+                                                                 int64_t capacity, uint32_t* __restrict__ runs) {
   using Sum = cub::BlockScan<int64_t, kRunThreads>;
-  using Max = cub::BlockScan<int64_t, kRunThreads>;
-  __shared__ typename Sum::TempStorage sum_temp;
-  __shared__ typename Max::TempStorage max_temp;
+  __shared__ typename Sum::TempStorage sum_temp, max_temp;
   if (offsets[masks] > capacity) return;
-  const uint32_t* mask = bits + blockIdx.x * words;
-  const int64_t per = (words + kRunThreads - 1) / kRunThreads;
-  const int64_t w_begin = threadIdx.x * per, w_end = min(words, (threadIdx.x + 1) * per);
-  int64_t n = 0, last = -1;
-  for (int64_t w = w_begin; w < w_end; ++w) {
-    const uint32_t d = changes(mask, w, words, pixels);
-    n += __popc(d);
-    if (d) last = w * 32 + 31 - __clz(d);
-  }
-  int64_t first_index, total, before;
-  Sum(sum_temp).ExclusiveSum(n, first_index, total);
-  // The last change before this thread's words (or 0, where the first run starts).
-  Max(max_temp).ExclusiveScan(last, before, int64_t(-1), Larger{});
-  int64_t previous = threadIdx.x == 0 || before < 0 ? 0 : before;
-  uint32_t* out = runs + offsets[blockIdx.x];
-  int64_t index = first_index;
-  for (int64_t w = w_begin; w < w_end; ++w) {
-    uint32_t d = changes(mask, w, words, pixels);
+  const SegmentWords sw(bits, words, pixels, segments);
+  int64_t index, total, before;
+  Sum(sum_temp).ExclusiveSum(sw.n, index, total);
+  // The last change before this thread's words (none: the first run starts at 0).
+  Sum(max_temp).ExclusiveScan(sw.last, before, seg.before[blockIdx.x], Larger{});
+  int64_t previous = before < 0 ? 0 : before;
+  const int64_t k = blockIdx.x / segments;
+  uint32_t* out = runs + offsets[k] + seg.start[blockIdx.x];
+#pragma unroll
+  for (int i = 0; i < kRunWordsPerThread; ++i) {
+    uint32_t d = sw.d[i];
     while (d) {
-      const int64_t at = w * 32 + __ffs(d) - 1;
+      const int64_t at = (sw.first_word + i) * 32 + __ffs(d) - 1;
       out[index++] = static_cast<uint32_t>(at - previous);
       previous = at;
       d &= d - 1;
     }
   }
-  // The last run, to the end of the mask, from the last change of all (thread kRunThreads - 1 has
-  // seen every change before its own words, and its own).
-  if (threadIdx.x == kRunThreads - 1) out[total] = static_cast<uint32_t>(pixels - previous);
+  // The last run, to the end of the mask: the last thread of the last segment has seen every
+  // change before it, and its own.
+  if (blockIdx.x % segments == segments - 1 && threadIdx.x == kRunThreads - 1)
+    out[total] = static_cast<uint32_t>(pixels - previous);
 }
 
 }  // namespace
@@ -294,7 +328,8 @@ void uncrop_bits(const Tensor& bits, const int crop[4], int image_h, int image_w
   CUDA_CHECK_LAUNCH("uncrop_bits kernel");
 }
 
-void encode_runs(const Tensor& bits, int64_t pixels, Tensor& offsets, Tensor& runs, cudaStream_t stream) {
+void encode_runs(const Tensor& bits, int64_t pixels, Tensor& offsets, Tensor& runs, RunScratch& scratch,
+                 const std::function<Tensor(int64_t)>& alloc, cudaStream_t stream) {
   const char* op = "encode_runs";
   require_gpu(bits, DType::I32, op, "bits");
   require_gpu(offsets, DType::I64, op, "offsets");
@@ -307,13 +342,23 @@ void encode_runs(const Tensor& bits, int64_t pixels, Tensor& offsets, Tensor& ru
     CUDA_CHECK(cudaMemsetAsync(offsets.data(), 0, sizeof(int64_t), stream));
     return;
   }
+  const int64_t segments = (words + kRunSegmentWords - 1) / kRunSegmentWords, blocks = K * segments;
+  check(blocks < (int64_t(1) << 31), "cuda encode_runs: " + std::to_string(K) + " masks of " +
+                                         std::to_string(pixels) + " pixels are too many segments for one grid");
+  if (!scratch.buffer.defined() || scratch.buffer.numel() < 4 * blocks) scratch.buffer = alloc(4 * blocks);
+  int64_t* base = scratch.buffer.data_as<int64_t>();
+  const RunSegments seg{base, base + blocks, base + 2 * blocks, base + 3 * blocks};
   const auto* b = static_cast<const uint32_t*>(bits.data());
-  count_runs_kernel<<<static_cast<unsigned>(K), kRunThreads, 0, stream>>>(b, words, pixels, offsets.data_as<int64_t>());
+  const int S = static_cast<int>(segments);
+  count_runs_kernel<<<static_cast<unsigned>(blocks), kRunThreads, 0, stream>>>(b, words, pixels, S, seg);
   CUDA_CHECK_LAUNCH("encode_runs count kernel");
+  scan_segments_kernel<<<static_cast<unsigned>((K + 255) / 256), 256, 0, stream>>>(K, S, seg,
+                                                                                   offsets.data_as<int64_t>());
+  CUDA_CHECK_LAUNCH("encode_runs segment scan kernel");
   scan_runs_kernel<<<1, 1, 0, stream>>>(offsets.data_as<int64_t>(), K);
   CUDA_CHECK_LAUNCH("encode_runs scan kernel");
-  write_runs_kernel<<<static_cast<unsigned>(K), kRunThreads, 0, stream>>>(
-      b, words, pixels, offsets.data_as<const int64_t>(), K, runs.numel(), static_cast<uint32_t*>(runs.data()));
+  write_runs_kernel<<<static_cast<unsigned>(blocks), kRunThreads, 0, stream>>>(
+      b, words, pixels, S, seg, offsets.data_as<const int64_t>(), K, runs.numel(), static_cast<uint32_t*>(runs.data()));
   CUDA_CHECK_LAUNCH("encode_runs write kernel");
 }
 

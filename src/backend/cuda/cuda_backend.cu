@@ -447,7 +447,10 @@ class CudaBackend final : public Backend {
   }
 
   void encode_runs(const Tensor& bits, int64_t pixels, Tensor& offsets, Tensor& runs) override {
-    timed(kOther, [&] { cuda::encode_runs(bits, pixels, offsets, runs, stream()); });
+    timed(kOther, [&] {
+      cuda::encode_runs(bits, pixels, offsets, runs, run_scratch_, [this](int64_t n) { return alloc({n}, DType::I64); },
+                        stream());
+    });
   }
 
   void activation(Tensor& x, Activation act) override {
@@ -697,6 +700,7 @@ class CudaBackend final : public Backend {
   int upload_turn_ = 0;
   std::unique_ptr<cuda::GemmEngine> gemm_;
   cuda::SelectScratch select_scratch_;
+  cuda::RunScratch run_scratch_;
   std::map<std::string, GraphState> graphs_;
   bool profiling_ = false;
   std::vector<UniqueEvent> event_pool_;
