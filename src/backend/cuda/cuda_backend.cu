@@ -115,6 +115,11 @@ class CudaBackend final : public Backend {
           else memory->sub(static_cast<size_t>(-delta));
         });
     memory_->add(options_.gemm_workspace_bytes);  // the engine's one cudaMalloc
+    // Fixed for the backend's life: CUDA graphs captured with it keep its address.
+    void* p = nullptr;
+    CUDA_CHECK(cudaMalloc(&p, kAttentionScratchBytes));
+    attention_scratch_.reset(p);
+    memory_->add(kAttentionScratchBytes);
   }
 
   ~CudaBackend() override {
@@ -122,6 +127,7 @@ class CudaBackend final : public Backend {
     if (upload_stream_) cudaStreamSynchronize(upload_stream_.get());
     if (stream_) cudaStreamSynchronize(stream_.get());
     memory_->sub(options_.gemm_workspace_bytes);
+    memory_->sub(kAttentionScratchBytes);
     for (const Upload& u : uploads_) memory_->sub(u.bytes);
     memory_->pinned.fetch_sub(staging_bytes_);
   }
@@ -411,7 +417,9 @@ class CudaBackend final : public Backend {
   }
 
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Tensor& out) override {
-    timed(kAttention, [&] { cuda::attention(q, k, v, heads, out, stream()); });
+    const cuda::AttentionScratch scratch{static_cast<float*>(attention_scratch_.get()),
+                                         kAttentionScratchBytes / sizeof(float)};
+    timed(kAttention, [&] { cuda::attention(q, k, v, heads, out, stream(), scratch); });
   }
 
   void add(const Tensor& a, const Tensor& b, Tensor& y) override {
@@ -700,6 +708,10 @@ class CudaBackend final : public Backend {
   int upload_turn_ = 0;
   std::unique_ptr<cuda::GemmEngine> gemm_;
   cuda::SelectScratch select_scratch_;
+  // The partial outputs of attention with few queries split over the keys (the decoder's tokens
+  // against the image: 8 blocks for one prompt without it).
+  static constexpr size_t kAttentionScratchBytes = size_t{1} << 20;
+  UniqueDevice attention_scratch_;
   cuda::RunScratch run_scratch_;
   std::map<std::string, GraphState> graphs_;
   bool profiling_ = false;

@@ -640,6 +640,17 @@ __global__ void __launch_bounds__(kFewKeysThreads) few_keys_attention_kernel(Att
 }
 
 constexpr int kFewQueries = 32, kFewQueriesTile = 256, kFewQueriesWarps = kFewQueriesTile / 32;
+// Blocks the few-queries kernel aims for by splitting the keys: four for each SM (of the current
+// device when first asked).
+int64_t split_target_blocks() {
+  static const int64_t blocks = [] {
+    int device = 0, sms = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return 4 * int64_t{sms};
+  }();
+  return blocks;
+}
 
 // Tq <= kQ <= 32 and many keys: one block per (batch, head) walks the keys in tiles of 256. The
 // queries past Tq up to kQ are zero rows, computed like the others and never written (no
@@ -648,8 +659,16 @@ constexpr int kFewQueries = 32, kFewQueriesTile = 256, kFewQueriesWarps = kFewQu
 // of the scores and their sum. Values: thread (d, part) adds, for all kQ queries at once, head dim
 // d of the tile's keys part, part + parts, ... (parts = 256 / kHd): each value read once for every
 // query. The parts are summed at the end.
+// Split across blocks (blockIdx.x of gridDim.x, split.splits > 1: few sequences and heads would
+// leave SMs idle), a block walks keys [x * split.keys, (x + 1) * split.keys) and leaves its
+// unnormalised output, running max and sum in split.partial for combine_splits_kernel.
+struct KeySplit {
+  int splits = 1, keys = 0;  // splits > 1: keys per split, a multiple of kFewQueriesTile
+  float* partial = nullptr;  // [splits][batch][heads][kQ] x (head dim + 2): output, then max and sum
+};
+
 template <class TI, class TO, int kHd, int kQ>
-__global__ void __launch_bounds__(kFewQueriesTile) few_queries_attention_kernel(AttnParams p) {
+__global__ void __launch_bounds__(kFewQueriesTile) few_queries_attention_kernel(AttnParams p, KeySplit split) {
   constexpr int kParts = kFewQueriesTile / kHd;  // threads per head dim, each a share of the keys
   constexpr int kPerWarp = (kQ + kFewQueriesWarps - 1) / kFewQueriesWarps;
   extern __shared__ float smem[];
@@ -658,6 +677,7 @@ __global__ void __launch_bounds__(kFewQueriesTile) few_queries_attention_kernel(
   float* v_s = s_s + kQ * kFewQueriesTile;   // [256][kHd]
   float* corr_s = v_s + kFewQueriesTile * kHd;  // [kQ]: this tile's rescaling of the sums so far
   float* l_s = corr_s + kQ;                  // [kQ]: the softmax denominators, at the end
+  float* m_s = l_s + kQ;                     // [kQ]: the running maxima, at the end (split)
   const int hd = p.head_dim, h = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t b = blockIdx.z;
   const TI* qg = static_cast<const TI*>(p.q) + b * p.q_batch + int64_t(h) * hd;
@@ -673,10 +693,12 @@ __global__ void __launch_bounds__(kFewQueriesTile) few_queries_attention_kernel(
   for (int n = 0; n < kPerWarp; ++n) m[n] = -INFINITY, l[n] = 0.0f;
 #pragma unroll
   for (int t = 0; t < kQ; ++t) acc[t] = 0.0f;
-  for (int j0 = 0; j0 < p.Tk; j0 += kFewQueriesTile) {
+  const int key_begin = split.splits > 1 ? blockIdx.x * split.keys : 0;
+  const int key_end = split.splits > 1 ? min(p.Tk, key_begin + split.keys) : p.Tk;
+  for (int j0 = key_begin; j0 < key_end; j0 += kFewQueriesTile) {
     __syncthreads();  // the previous tile is consumed (and the queries loaded)
     const int j = j0 + tid;
-    const bool valid = j < p.Tk;
+    const bool valid = j < key_end;
     float kr[kHd], vr[kHd];
     if (valid) {
       load_head_row<TI, kHd>(kg + int64_t(j) * p.k_row, hd, kr);
@@ -729,9 +751,26 @@ __global__ void __launch_bounds__(kFewQueriesTile) few_queries_attention_kernel(
 #pragma unroll
   for (int n = 0; n < kPerWarp; ++n) {
     const int t = warp + n * kFewQueriesWarps;
-    if (t < kQ && lane == 0) l_s[t] = l[n];
+    if (t < kQ && lane == 0) l_s[t] = l[n], m_s[t] = m[n];
   }
   __syncthreads();
+  if (split.splits > 1) {
+    // Row (split, b, h, t): the output summed over the parts, unnormalised, then max and sum.
+    const int64_t rows = ((int64_t(blockIdx.x) * gridDim.z + b) * gridDim.y + h) * kQ;
+    for (int i = tid; i < p.Tq * (kHd + 2); i += blockDim.x) {
+      const int t = i / (kHd + 2), d = i % (kHd + 2);
+      float o;
+      if (d < kHd) {
+        o = 0.0f;
+#pragma unroll 4
+        for (int q = 0; q < kParts; ++q) o += s_s[(q * kQ + t) * kHd + d];
+      } else {
+        o = d == kHd ? m_s[t] : l_s[t];
+      }
+      split.partial[(rows + t) * (kHd + 2) + d] = o;
+    }
+    return;
+  }
   for (int i = tid; i < p.Tq * kHd; i += blockDim.x) {
     const int t = i / kHd, d = i % kHd;
     if (d >= hd) continue;
@@ -743,13 +782,39 @@ __global__ void __launch_bounds__(kFewQueriesTile) few_queries_attention_kernel(
 }
 
 size_t few_queries_smem_bytes(int hd, int q) {
-  return (size_t(q) * hd + size_t(q) * kFewQueriesTile + size_t(kFewQueriesTile) * hd + 2 * size_t(q)) * sizeof(float);
+  return (size_t(q) * hd + size_t(q) * kFewQueriesTile + size_t(kFewQueriesTile) * hd + 3 * size_t(q)) * sizeof(float);
+}
+
+// The splits' partial outputs of few_queries_attention_kernel combined: a thread per output value
+// (b, t, h, d), the splits' maxima and sums rescaled to the largest maximum.
+template <class TO, int kHd, int kQ>
+__global__ void combine_splits_kernel(AttnParams p, KeySplit split, int heads, int64_t batch) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int hd = p.head_dim;
+  if (i >= batch * p.Tq * heads * hd) return;
+  const int d = static_cast<int>(i % hd), h = static_cast<int>(i / hd % heads);
+  const int t = static_cast<int>(i / (int64_t(hd) * heads) % p.Tq);
+  const int64_t b = i / (int64_t(hd) * heads * p.Tq);
+  auto row = [&](int s) { return split.partial + (((int64_t(s) * batch + b) * heads + h) * kQ + t) * (kHd + 2); };
+  float m = -INFINITY;
+  for (int s = 0; s < split.splits; ++s) m = fmaxf(m, row(s)[kHd]);
+  float o = 0.0f, l = 0.0f;
+  for (int s = 0; s < split.splits; ++s) {
+    const float* r = row(s);
+    const float c = expf(r[kHd] - m);
+    o += r[d] * c;
+    l += r[kHd + 1] * c;
+  }
+  static_cast<TO*>(p.out)[b * p.o_batch + int64_t(t) * p.o_row + int64_t(h) * hd + d] = from_float<TO>(o / l);
 }
 
 // The instance for head dim kHd and the fewest query slots (8, 16 or 32) that hold Tq; opts in to
-// the shared memory it needs once per instance.
+// the shared memory it needs once per instance. Where batch x heads blocks would leave the SMs
+// short of work (one prompt: 8 blocks for 132 SMs), the keys are split across blocks as far as
+// `scratch` holds their partial outputs, and a second kernel combines them.
 template <class TI, class TO, int kHd>
-void launch_few_queries(const AttnParams& p, int heads, int64_t batch, cudaStream_t stream) {
+void launch_few_queries(const AttnParams& p, int heads, int64_t batch, const AttentionScratch& scratch,
+                        cudaStream_t stream) {
   auto go = [&](auto q_tag) {
     constexpr int kQ = decltype(q_tag)::value;
     auto kernel = few_queries_attention_kernel<TI, TO, kHd, kQ>;
@@ -757,7 +822,25 @@ void launch_few_queries(const AttnParams& p, int heads, int64_t batch, cudaStrea
     static const cudaError_t opt_in =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     CUDA_CHECK(opt_in);
-    kernel<<<dim3(1, static_cast<unsigned>(heads), static_cast<unsigned>(batch)), kFewQueriesTile, smem, stream>>>(p);
+    KeySplit split;
+    const int64_t blocks = batch * heads, tiles = (p.Tk + kFewQueriesTile - 1) / kFewQueriesTile;
+    const int64_t row_floats = batch * heads * kQ * (kHd + 2);
+    const int64_t want = std::min<int64_t>(tiles, (split_target_blocks() + blocks - 1) / blocks);
+    const int64_t fit = row_floats > 0 ? static_cast<int64_t>(scratch.floats) / row_floats : 0;
+    if (std::min(want, fit) > 1) {
+      const int64_t per = (tiles + std::min(want, fit) - 1) / std::min(want, fit);  // tiles per split
+      split.keys = static_cast<int>(per * kFewQueriesTile);
+      split.splits = static_cast<int>((tiles + per - 1) / per);  // every split holds a key
+      split.partial = scratch.data;
+    }
+    kernel<<<dim3(static_cast<unsigned>(split.splits), static_cast<unsigned>(heads), static_cast<unsigned>(batch)),
+             kFewQueriesTile, smem, stream>>>(p, split);
+    if (split.splits > 1) {
+      CUDA_CHECK_LAUNCH("attention kernel (few queries, keys split)");
+      const int64_t n = batch * p.Tq * heads * p.head_dim;
+      combine_splits_kernel<TO, kHd, kQ><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p, split, heads,
+                                                                                                    batch);
+    }
   };
   if (p.Tq <= 8)
     go(std::integral_constant<int, 8>{});
@@ -769,7 +852,7 @@ void launch_few_queries(const AttnParams& p, int heads, int64_t batch, cudaStrea
 
 // The kernel for the shape: few keys, few queries, or the tiled one. True if one was launched.
 bool launch_lopsided_attention(const AttnParams& p, DType in, DType out, int heads, int64_t batch,
-                               cudaStream_t stream) {
+                               const AttentionScratch& scratch, cudaStream_t stream) {
   if (p.head_dim > 64 || p.rel_h != nullptr || p.img_h != 0) return false;
   const int kHd = p.head_dim <= 16 ? 16 : p.head_dim <= 32 ? 32 : 64;
   bool launched = false;
@@ -797,11 +880,11 @@ bool launch_lopsided_attention(const AttnParams& p, DType in, DType out, int hea
         launched = true;
       } else if (p.Tq <= kFewQueries) {
         if (kHd == 16)
-          launch_few_queries<TI, TO, 16>(p, heads, batch, stream);
+          launch_few_queries<TI, TO, 16>(p, heads, batch, scratch, stream);
         else if (kHd == 32)
-          launch_few_queries<TI, TO, 32>(p, heads, batch, stream);
+          launch_few_queries<TI, TO, 32>(p, heads, batch, scratch, stream);
         else
-          launch_few_queries<TI, TO, 64>(p, heads, batch, stream);
+          launch_few_queries<TI, TO, 64>(p, heads, batch, scratch, stream);
         launched = true;
       }
     });
@@ -964,7 +1047,8 @@ void im2col3x3(const Tensor& x, Tensor& y, cudaStream_t stream) {
   launch_runs(x, y, Im2colMap{H, W, C}, B * H * W * 9, C, C % 8 == 0, stream, "im2col3x3 kernel");
 }
 
-void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Tensor& out, cudaStream_t stream) {
+void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Tensor& out, cudaStream_t stream,
+               const AttentionScratch& scratch) {
   require_device(q, "attention", "q");
   require_device(k, "attention", "k");
   require_device(v, "attention", "v");
@@ -990,7 +1074,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Ten
   p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
   check(B <= 65535 && heads <= 65535, "cuda attention: batch " + std::to_string(B) + " or heads " +
                                           std::to_string(heads) + " exceeds the grid's limit of 65535");
-  if (Tq > 0 && Tk > 0 && B > 0 && launch_lopsided_attention(p, q.dtype(), out.dtype(), heads, B, stream)) {
+  if (Tq > 0 && Tk > 0 && B > 0 && launch_lopsided_attention(p, q.dtype(), out.dtype(), heads, B, scratch, stream)) {
     CUDA_CHECK_LAUNCH("attention kernel (few keys or queries)");
     return;
   }

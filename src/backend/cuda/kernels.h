@@ -38,7 +38,14 @@ void im2col3x3(const Tensor& x, Tensor& y, cudaStream_t stream);
 // Plain multi-head attention, q [Bq, Tq, D], k [Bk, Tk, D], v [Bv, Tk, D] (a batch of 1 is
 // shared), out [B, Tq, D]. One block per (query tile of 16, head, batch), keys in tiles of 32 with
 // an online fp32 softmax: simple and exact rather than fast (head_dim <= 128).
-void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Tensor& out, cudaStream_t stream);
+// scratch: device memory the kernel for few queries and many keys may spread its keys over more
+// blocks with (the split's partial outputs); none: no split.
+struct AttentionScratch {
+  float* data = nullptr;
+  size_t floats = 0;
+};
+void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, Tensor& out, cudaStream_t stream,
+               const AttentionScratch& scratch = {});
 
 // The same kernel with SAM's decomposed relative position bias, for the shapes the flash kernel
 // (attention_relpos.h) does not take: qkv [B, T, 3, heads, hd], rel_pos_h [2*gh-1, hd] and
