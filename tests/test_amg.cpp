@@ -237,11 +237,14 @@ TEST(AmgOps, UnpackedBitsAreEachPixelsBit) {
   for (int64_t pixels : {int64_t(1), int64_t(31), int64_t(32), int64_t(33), int64_t(1920) * 1080, int64_t(1000003)}) {
     std::vector<uint32_t> bits((pixels + 31) / 32);
     for (uint32_t& w : bits) w = static_cast<uint32_t>(gen());
-    std::vector<uint8_t> got(pixels + 1, 7);
-    unpack_mask_bits(bits.data(), pixels, got.data());
-    for (int64_t i = 0; i < pixels; ++i)
-      ASSERT_EQ(got[i], (bits[i / 32] >> (i % 32)) & 1u) << "pixel " << i << " of " << pixels;
-    EXPECT_EQ(got[pixels], 7) << "written past the last pixel";
+    for (int64_t shift : {0, 1}) {  // a 16-byte aligned output (streaming stores) and one that is not
+      std::vector<uint8_t> buffer(pixels + 17, 7);
+      uint8_t* got = buffer.data() + (16 - reinterpret_cast<uintptr_t>(buffer.data()) % 16) % 16 + shift;
+      unpack_mask_bits(bits.data(), pixels, got);
+      for (int64_t i = 0; i < pixels; ++i)
+        ASSERT_EQ(got[i], (bits[i / 32] >> (i % 32)) & 1u) << "pixel " << i << " of " << pixels << ", shift " << shift;
+      EXPECT_EQ(got[pixels], 7) << "written past the last pixel";
+    }
   }
 }
 

@@ -7,6 +7,10 @@
 #include <cmath>
 #include <limits>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace segany {
 namespace {
 
@@ -101,7 +105,24 @@ constexpr std::array<uint64_t, 256> kSpreadBits = spread_bits_table();
 void unpack_mask_bits(const uint32_t* bits, int64_t pixels, uint8_t* out) {
   // Whole words a byte of bits at a time (8 pixels from one table entry), the tail bit by bit.
   const int64_t whole = pixels / 32;
-  for (int64_t w = 0; w < whole; ++w) {
+  int64_t w = 0;
+#if defined(__SSE2__)
+  // Where the output is 16-byte aligned, streaming stores: a mask is written once and read later
+  // (often by another thread), so the cache lines it fills need not be read in first. Masks of
+  // many prompts are hundreds of MB; this halves the memory traffic of filling them.
+  if (reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+    for (; w < whole; ++w) {
+      const uint32_t word = bits[w];
+      auto* o = reinterpret_cast<__m128i*>(out + w * 32);
+      _mm_stream_si128(o, _mm_set_epi64x(static_cast<int64_t>(kSpreadBits[(word >> 8) & 0xffu]),
+                                         static_cast<int64_t>(kSpreadBits[word & 0xffu])));
+      _mm_stream_si128(o + 1, _mm_set_epi64x(static_cast<int64_t>(kSpreadBits[word >> 24]),
+                                             static_cast<int64_t>(kSpreadBits[(word >> 16) & 0xffu])));
+    }
+    _mm_sfence();  // the streamed stores are ordered before whatever this thread does next
+  }
+#endif
+  for (; w < whole; ++w) {
     const uint32_t word = bits[w];
     for (int j = 0; j < 4; ++j) std::memcpy(out + w * 32 + j * 8, &kSpreadBits[(word >> (8 * j)) & 0xffu], 8);
   }
