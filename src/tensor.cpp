@@ -1,6 +1,8 @@
 #include "segany/tensor.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -12,7 +14,7 @@ size_t dtype_size(DType t) {
     case DType::F64: case DType::I64: return 8;
     case DType::F32: case DType::I32: return 4;
     case DType::F16: case DType::BF16: case DType::I16: return 2;
-    case DType::I8: case DType::U8: case DType::Bool: return 1;
+    case DType::I8: case DType::U8: case DType::Bool: case DType::F8E4M3: return 1;
   }
   return 0;
 }
@@ -29,13 +31,14 @@ const char* dtype_name(DType t) {
     case DType::I8: return "I8";
     case DType::U8: return "U8";
     case DType::Bool: return "BOOL";
+    case DType::F8E4M3: return "F8_E4M3";
   }
   return "?";
 }
 
 DType dtype_from_name(const std::string& n) {
   for (DType t : {DType::F32, DType::F16, DType::BF16, DType::F64, DType::I64, DType::I32, DType::I16,
-                  DType::I8, DType::U8, DType::Bool})
+                  DType::I8, DType::U8, DType::Bool, DType::F8E4M3})
     if (n == dtype_name(t)) return t;
   throw Error("unknown dtype '" + n + "'");
 }
@@ -141,8 +144,33 @@ Tensor Tensor::to_f32() const {
     case DType::U8: case DType::Bool:
       for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(data_as<const uint8_t>()[i]);
       break;
+    case DType::F8E4M3: for (int64_t i = 0; i < n; ++i) out[i] = e4m3_to_f32(data_as<const uint8_t>()[i]); break;
   }
   return t;
+}
+
+float e4m3_to_f32(uint8_t v) {
+  const float sign = (v & 0x80u) ? -1.0f : 1.0f;
+  const int e = (v >> 3) & 0xf, m = v & 0x7;
+  if (e == 0xf && m == 0x7) return std::numeric_limits<float>::quiet_NaN();
+  if (e == 0) return sign * std::ldexp(static_cast<float>(m), -9);  // subnormal: m x 2^-9
+  return sign * std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7);
+}
+
+uint8_t f32_to_e4m3(float v) {
+  const uint8_t sign = std::signbit(v) ? 0x80u : 0x00u;
+  if (std::isnan(v)) return sign | 0x7fu;
+  const float a = std::min(std::fabs(v), 448.0f);  // saturate: 448 is e4m3's largest finite value
+  if (a < 0.015625f) {
+    // Below 2^-6: subnormals m x 2^-9, m = 0..7 (m = 8 is 2^-6, whose encoding is 8 as well).
+    return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
+  }
+  int e2 = 0;
+  const float f = std::frexp(a, &e2);  // a = f 2^e2, f in [0.5, 1)
+  int exponent = e2 - 1 + 7;           // biased, of 1.m x 2^(e2 - 1)
+  int mant = static_cast<int>(std::nearbyint((2.0f * f - 1.0f) * 8.0f));  // exact product; RNE
+  if (mant == 8) mant = 0, ++exponent;
+  return sign | static_cast<uint8_t>(exponent << 3 | mant);
 }
 
 float bf16_to_f32(uint16_t v) {

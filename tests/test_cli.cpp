@@ -91,7 +91,7 @@ TEST(Cli, HelpOfEverySubcommandListsItsOptions) {
       {"info", {"--config", "--json"}},
       {"convert", {"--dtype"}},
       {"init", {"--arch", "--seed", "--config"}},
-      {"bench", {"--arch", "--device", "--batch", "--iters", "--warmup", "--checkpoint", "--threads", "--prompts"}},
+      {"bench", {"--arch", "--device", "--dtype", "--batch", "--iters", "--warmup", "--checkpoint", "--threads", "--prompts"}},
       {"embed", {"--config", "--device", "--batch", "--out", "--threads", "--workers"}},
       {"everything", {"--points-per-side", "--points-per-batch", "--pred-iou-thresh", "--stability-score-thresh",
                       "--stability-score-offset", "--box-nms-thresh", "--crop-n-layers", "--crop-nms-thresh",
@@ -123,6 +123,8 @@ TEST(Cli, UsageErrorsExitWithTwo) {
   EXPECT_FAILS_WITH(segany("init " + q(dir + "/x.safetensors"), dir), "--arch");                  // neither --arch nor --config
   EXPECT_FAILS_WITH(segany("init --arch vit_q " + q(dir + "/x.safetensors"), dir), "vit_q");
   EXPECT_FAILS_WITH(segany("bench --arch vit_b --device tpu", dir), "tpu");
+  EXPECT_FAILS_WITH(segany("bench --arch vit_b --dtype fp8", dir), "--device cuda");  // fp8 is for the GPU
+  EXPECT_FAILS_WITH(segany("bench --arch vit_b --device cuda --dtype int4", dir), "int4");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -356,6 +358,7 @@ TEST(Cli, BenchPrintsOneJsonLine) {
   const nlohmann::json j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j.at("arch"), "custom");
   EXPECT_EQ(j.at("device"), "cpu");
+  EXPECT_EQ(j.at("dtype"), "f32");
   EXPECT_EQ(j.at("batch"), 1);
   EXPECT_GE(j.at("threads").get<int>(), 1);
   EXPECT_GT(j.at("encoder_ms_per_image").get<double>(), 0);

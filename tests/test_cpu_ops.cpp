@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/quantize.h"
 #include "model/layers.h"
 
 namespace segany {
@@ -277,6 +279,59 @@ TEST_F(CpuOps, AddBroadcastAndCopyTokens) {
   EXPECT_EQ(dst.data_as<float>()[(2 * 6 + 5) * 5 + 3], a.data_as<float>()[(2 * 4 + 2) * 5 + 3]);
   EXPECT_EQ(dst.data_as<float>()[(2 * 6 + 3) * 5 + 3], 0.0f);
   EXPECT_THROW(be->copy_tokens(a, 3, dst, 0, 2), Error);
+}
+
+// e4m3 (the CUDA backend's fp8): every code decodes and encodes back to itself; halfway values round
+// to the even code; out of range saturates at +-448; NaN stays NaN.
+TEST(Fp8, E4m3ConversionsRoundToNearestEvenAndSaturate) {
+  for (int c = 0; c < 256; ++c) {
+    const float v = e4m3_to_f32(static_cast<uint8_t>(c));
+    if ((c & 0x7f) == 0x7f) {
+      EXPECT_TRUE(std::isnan(v)) << c;
+      EXPECT_EQ(f32_to_e4m3(v) & 0x7f, 0x7f) << c;
+      continue;
+    }
+    EXPECT_EQ(f32_to_e4m3(v), c) << "code " << c << " = " << v;
+  }
+  EXPECT_EQ(e4m3_to_f32(0x7e), 448.0f);
+  EXPECT_EQ(e4m3_to_f32(0x01), std::ldexp(1.0f, -9));  // the smallest subnormal
+  EXPECT_EQ(e4m3_to_f32(0x08), std::ldexp(1.0f, -6));  // the smallest normal
+  for (int c = 0; c < 0x7e; ++c) {  // positive finite neighbours c, c + 1
+    const float lo = e4m3_to_f32(static_cast<uint8_t>(c)), hi = e4m3_to_f32(static_cast<uint8_t>(c + 1));
+    const float mid = 0.5f * (lo + hi);
+    EXPECT_EQ(f32_to_e4m3(mid), c % 2 == 0 ? c : c + 1) << "halfway between codes " << c << " and " << c + 1;
+    EXPECT_EQ(f32_to_e4m3(std::nextafter(mid, 0.0f)), c) << c;
+    EXPECT_EQ(f32_to_e4m3(std::nextafter(mid, 1e9f)), c + 1) << c;
+    EXPECT_EQ(f32_to_e4m3(-mid), 0x80 | (c % 2 == 0 ? c : c + 1)) << c;
+  }
+  for (float big : {449.0f, 464.0f, 1e6f, std::numeric_limits<float>::infinity()}) {
+    EXPECT_EQ(f32_to_e4m3(big), 0x7e) << big;
+    EXPECT_EQ(f32_to_e4m3(-big), 0xfe) << -big;
+  }
+  EXPECT_EQ(f32_to_e4m3(std::ldexp(1.0f, -11)), 0x00);  // a quarter of the smallest subnormal
+}
+
+TEST(Fp8, RowsQuantizeToTheirOwnScale) {
+  const int64_t K = 37;
+  std::vector<float> x(3 * K);
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (int64_t k = 0; k < K; ++k) x[k] = 1000.0f * u(gen), x[K + k] = 0.0f, x[2 * K + k] = 1e-3f * u(gen);
+  x[2 * K + 7] = -0.002f;  // the third row's largest magnitude, negative
+  std::vector<uint8_t> q(3 * K);
+  std::vector<float> scale(3);
+  quantize_rows_e4m3(x.data(), 3, K, q.data(), scale.data());
+  EXPECT_EQ(scale[1], 1.0f);  // zeros: scale 1
+  for (int64_t k = 0; k < K; ++k) EXPECT_EQ(q[K + k], 0);
+  EXPECT_EQ(scale[2], 0.002f / 448.0f);
+  EXPECT_EQ(q[2 * K + 7], 0xfe);  // -448
+  for (int r : {0, 2})
+    for (int64_t k = 0; k < K; ++k) {  // within half an e4m3 step (2^-4 relative), or subnormal
+      const float v = x[r * K + k], back = e4m3_to_f32(q[r * K + k]) * scale[r];
+      EXPECT_LE(std::fabs(back - v), std::max(std::fabs(v) / 16.0f, scale[r] * std::ldexp(1.0f, -10))) << r << " " << k;
+    }
+  x[K + 3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(quantize_rows_e4m3(x.data(), 3, K, q.data(), scale.data()), Error);
 }
 
 }  // namespace

@@ -26,11 +26,19 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/quantize.h"
 #include "io/checkpoint.h"
 #include "pipeline/preprocess.h"
 #include "segany/embedder.h"
 #include "segany/predictor.h"
 #include "test_util.h"
+
+#if defined(SEGANY_HAVE_CUDA)
+#include <cuda_runtime.h>
+
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/kernels.h"
+#endif
 
 namespace segany {
 namespace {
@@ -218,6 +226,124 @@ TEST_F(CudaOps, LinearDecoderShapes) {
   run_linear_case(*gpu, *cpu, {3 * 128 * 128, 4, 4, true, Activation::None, false, DType::BF16, dec}, seed += 10);
   run_linear_case(*gpu, *cpu, {64, 256, 4, true, Activation::None, false, DType::F32, dec}, seed += 10);  // iou out
 }
+
+// ---- fp8 linear layers -------------------------------------------------------------------------
+
+#if defined(SEGANY_HAVE_CUDA)
+// The activations' quantization kernel against backend/quantize.h: the same bytes and scales, bit
+// for bit, on rows of magnitudes 1e-6 to 1e6, a row of zeros, bf16 and float32 inputs, and a width
+// that takes the element-wise kernel.
+TEST_F(CudaOps, QuantizeRowsE4m3EqualsTheCpu) {
+  for (const auto& [rows, K, dt] : {std::tuple<int64_t, int64_t, DType>{777, 1280, DType::BF16},
+                                    {300, 5120, DType::BF16}, {129, 768, DType::F32}, {65, 20, DType::BF16}}) {
+    SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(K) + " " + dtype_name(dt));
+    Tensor x = random_bf16({rows, K}, 3000 + K);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        float& v = x.data_as<float>()[r * K + k];
+        v = r == 5 ? 0.0f : bf16_to_f32(f32_to_bf16(v * std::pow(10.0f, float(r % 13) - 6.0f)));
+      }
+    std::vector<uint8_t> want_q(rows * K);
+    std::vector<float> want_s(rows);
+    quantize_rows_e4m3(x.data_as<float>(), rows, K, want_q.data(), want_s.data());
+    const Tensor xg = dev(x, dt);
+    Tensor q = gpu->alloc({rows, K}, DType::F8E4M3), sc = gpu->alloc({rows}, DType::F32);
+    cuda::quantize_rows_e4m3(xg, q.data_as<uint8_t>(), sc.data_as<float>(), cuda_stream(*gpu));
+    std::vector<uint8_t> got_q(rows * K);
+    std::vector<float> got_s(rows);
+    gpu->synchronize();
+    ASSERT_EQ(cudaMemcpy(got_q.data(), q.data(), got_q.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(got_s.data(), sc.data(), got_s.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    int64_t bad = 0;
+    for (size_t i = 0; i < want_q.size(); ++i)
+      if (got_q[i] != want_q[i] && bad++ < 5)
+        ADD_FAILURE() << "element " << i << " (row " << i / K << "): gpu " << int(got_q[i]) << ", cpu "
+                      << int(want_q[i]) << " for " << x.data_as<float>()[i];
+    EXPECT_EQ(bad, 0);
+    for (int64_t r = 0; r < rows; ++r) EXPECT_EQ(got_s[r], want_s[r]) << "row " << r;
+    EXPECT_EQ(want_s[5], 1.0f);  // the row of zeros
+  }
+}
+
+// An fp8 layer (a backend made with EncoderPrecision::FP8; the encoder blocks' qkv and lin1 take
+// it) against its CPU twin: the CPU's fp32 product of the same quantized operands (weights per
+// output channel, activations per row, dequantized), so that the bounds are the bf16 tests' own.
+// Also, as a sanity bound, the fp8 layer within 8% (relative L2) of the unquantized product: e4m3
+// rounds each operand by up to 2^-4 relative, ~3-4% on such products.
+TEST_F(CudaOps, Fp8LinearMatchesItsQuantizedCpuTwin) {
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
+  if (major * 10 + minor < 89) {
+    EXPECT_THROW(make_cuda_backend(0, EncoderPrecision::FP8), Error);
+    GTEST_SKIP() << "fp8 needs compute capability 8.9 or newer";
+  }
+  std::unique_ptr<Backend> gpu8 = make_cuda_backend(0, EncoderPrecision::FP8);
+  uint64_t seed = 3100;
+  const int64_t M = 1000;
+  for (const LinearCase& c : {LinearCase{M, 1280, 3840, true, Activation::None, false},         // qkv
+                              LinearCase{M, 1280, 5120, true, Activation::GELU, false},         // lin1
+                              LinearCase{M, 5120, 1280, true, Activation::None, true},          // lin2 + x
+                              LinearCase{M, 1280, 1280, true, Activation::None, true, DType::F32},  // proj into f32
+                              LinearCase{M, 768, 2304, false, Activation::None, false},
+                              LinearCase{M, 768, 768, true, Activation::GELU, false, DType::F32}}) {
+    SCOPED_TRACE(std::to_string(c.K) + " -> " + std::to_string(c.N));
+    seed += 10;
+    const Tensor x = random_bf16({c.M, c.K}, seed);
+    const Tensor w = random_bf16({c.N, c.K}, seed + 1, 1.0f / std::sqrt(float(c.K)));
+    const Tensor b = random_bf16({c.N}, seed + 2, 0.5f);
+    const Tensor r = random_bf16({c.M, c.N}, seed + 3);
+    auto dequantized = [](const Tensor& t) {
+      const int64_t rows = t.dim(0), K = t.dim(1);
+      std::vector<uint8_t> q(rows * K);
+      std::vector<float> sc(rows);
+      quantize_rows_e4m3(t.data_as<float>(), rows, K, q.data(), sc.data());
+      Tensor d = Tensor::empty(t.shape());
+      for (int64_t i = 0; i < rows * K; ++i) d.data_as<float>()[i] = e4m3_to_f32(q[i]) * sc[i / K];
+      return d;
+    };
+    const Tensor* res = c.residual_in_place ? &r : nullptr;
+    Tensor want = Tensor::empty({c.M, c.N}), exact = Tensor::empty({c.M, c.N});
+    cpu->linear(dequantized(x), *cpu->prepare_linear("twin", dequantized(w), c.bias ? &b : nullptr), want, c.act, res);
+    cpu->linear(x, *cpu->prepare_linear("exact", w, c.bias ? &b : nullptr), exact, c.act, res);
+
+    auto wg = gpu8->prepare_linear("image_encoder.blocks.0.mlp.lin1", w, c.bias ? &b : nullptr);
+    ASSERT_EQ(dynamic_cast<const cuda::CudaLinear&>(*wg).format(), cuda::LinearFormat::FP8_E4M3);
+    Tensor xg = gpu8->alloc(x.shape(), DType::BF16);
+    gpu8->copy_from_host(x, xg);
+    Tensor yg = gpu8->alloc({c.M, c.N}, c.out);
+    if (c.residual_in_place) {
+      gpu8->copy_from_host(r, yg);
+      gpu8->linear(xg, *wg, yg, c.act, &yg);
+    } else {
+      Tensor nan = Tensor::empty({c.M, c.N});
+      std::fill_n(nan.data_as<float>(), nan.numel(), std::numeric_limits<float>::quiet_NaN());
+      gpu8->copy_from_host(nan, yg);
+      gpu8->linear(xg, *wg, yg, c.act, nullptr);
+    }
+    const Tensor got = gpu8->download(yg);
+    EXPECT_CLOSE(got, want, 1e-2, 2e-2);
+    const Diff vs_exact = compare(got, exact);
+    EXPECT_LE(vs_exact.rel, 0.08) << show(vs_exact);
+    std::printf("    fp8 against the unquantized product: %s\n", show(vs_exact).c_str());
+  }
+  // The other layers keep bf16 (and the prompt path fp16), as do qkv and lin1 with sizes that are
+  // not multiples of 16; they still run on the fp8 backend.
+  auto format_of = [&](const std::string& name, int64_t n, int64_t k) {
+    return dynamic_cast<const cuda::CudaLinear&>(*gpu8->prepare_linear(name, random_bf16({n, k}, 3999), nullptr)).format();
+  };
+  EXPECT_EQ(format_of("image_encoder.blocks.3.attn.qkv", 48, 32), cuda::LinearFormat::FP8_E4M3);
+  EXPECT_EQ(format_of("image_encoder.blocks.3.attn.proj", 48, 32), cuda::LinearFormat::BF16);
+  EXPECT_EQ(format_of("image_encoder.blocks.3.mlp.lin2", 48, 32), cuda::LinearFormat::BF16);
+  EXPECT_EQ(format_of("image_encoder.neck.0", 48, 32), cuda::LinearFormat::BF16);
+  EXPECT_EQ(format_of("image_encoder.blocks.3.mlp.lin1", 24, 20), cuda::LinearFormat::BF16);
+  EXPECT_EQ(format_of("mask_decoder.transformer.layers.0.mlp.lin1", 48, 32), cuda::LinearFormat::FP16);
+  const Tensor w = random_bf16({24, 20}, 3997);
+  Tensor x = gpu8->alloc({4, 20}, DType::BF16), y = gpu8->alloc({4, 24}, DType::BF16);
+  gpu8->copy_from_host(random_bf16({4, 20}, 3998), x);
+  EXPECT_NO_THROW(gpu8->linear(x, *gpu8->prepare_linear("image_encoder.blocks.0.mlp.lin1", w, nullptr), y));
+}
+#endif
 
 // ---- norms and windows -------------------------------------------------------------------------
 

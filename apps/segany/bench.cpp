@@ -32,7 +32,7 @@ namespace {
 struct BenchOptions {
   std::string arch, config, checkpoint, device = "cpu";
   int batch = 1, iters = 0, warmup = -1, threads = 0, prompts = 1;
-  std::string image_size = "1920x1080";
+  std::string image_size = "1920x1080", dtype = "bf16";
   int image_w = 1920, image_h = 1080;
   std::vector<std::string> outputs{"masks", "low-res"};
   bool profile = false, decoder = false;
@@ -64,7 +64,8 @@ void run_bench(BenchOptions o) {
     cfg = o.config.empty() ? SamConfig::from_arch(o.arch) : SamConfig::from_json_file(o.config);
     weights = random_sam_weights(cfg, 0);
   }
-  std::unique_ptr<Backend> be = cuda ? make_cuda_backend(0) : make_cpu_backend(o.threads);
+  const EncoderPrecision precision = o.dtype == "fp8" ? EncoderPrecision::FP8 : EncoderPrecision::BF16;
+  std::unique_ptr<Backend> be = cuda ? make_cuda_backend(0, precision) : make_cpu_backend(o.threads);
   Sam sam(cfg, weights, *be);
   weights = io::TensorMap();  // the backend holds its own prepared copy
   const Backend::MemoryStats after_load = be->memory_stats();  // the weights (and fixed workspaces)
@@ -149,6 +150,7 @@ void run_bench(BenchOptions o) {
   nlohmann::ordered_json j;
   j["arch"] = cfg.arch;
   j["device"] = o.device;
+  j["dtype"] = cuda ? o.dtype : "f32";
   j["threads"] = cuda ? o.threads : (o.threads > 0 ? o.threads : omp_get_max_threads());
   j["batch"] = B;
   if (!o.decoder) {
@@ -213,6 +215,11 @@ Command add_bench(CLI::App& parent) {
   app->add_option("--device", o->device, "cpu, or cuda (needs a CUDA build and a GPU)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
+  app->add_option("--dtype", o->dtype,
+                  "the encoder's linear layers on cuda: bf16, or fp8 (e4m3, compute capability 8.9+; the "
+                  "transformer blocks' layers, weights scaled per channel and activations per row)")
+      ->check(CLI::IsMember({"bf16", "fp8"}))
+      ->capture_default_str();
   app->add_option("--batch", o->batch, "images per encoder call")->check(CLI::PositiveNumber)->capture_default_str();
   app->add_option("--iters", o->iters, "timed encoder calls (default 3 on cpu, 20 on cuda; the decoder runs 10x as many)")
       ->check(CLI::PositiveNumber);
@@ -239,6 +246,8 @@ Command add_bench(CLI::App& parent) {
   app->callback([o, arch, config, checkpoint] {
     if (arch->count() == 0 && config->count() == 0 && checkpoint->count() == 0)
       throw CLI::RequiredError("--arch, --config or --checkpoint");
+    if (o->dtype != "bf16" && o->device != "cuda")
+      throw CLI::ValidationError("--dtype", "'" + o->dtype + "' is for --device cuda (the cpu path is float32)");
     char x = 0, rest = 0;
     if (std::sscanf(o->image_size.c_str(), "%d%c%d%c", &o->image_w, &x, &o->image_h, &rest) != 3 || x != 'x' ||
         o->image_w <= 0 || o->image_h <= 0 || int64_t(o->image_w) * o->image_h > (int64_t(1) << 28))

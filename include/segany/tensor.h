@@ -13,7 +13,7 @@
 
 namespace segany {
 
-enum class DType : uint8_t { F32, F16, BF16, F64, I64, I32, I16, I8, U8, Bool };
+enum class DType : uint8_t { F32, F16, BF16, F64, I64, I32, I16, I8, U8, Bool, F8E4M3 };  // F8E4M3: OCP e4m3fn
 enum class Device : uint8_t { CPU, CUDA };
 
 size_t dtype_size(DType t);
@@ -76,5 +76,9 @@ float bf16_to_f32(uint16_t v);
 uint16_t f32_to_bf16(float v);
 float f16_to_f32(uint16_t v);
 uint16_t f32_to_f16(float v);
+// e4m3 (OCP fp8 "e4m3fn": no infinities, +-448 the largest finite) <-> f32: round to nearest even,
+// anything beyond +-448 saturating to it (CUDA's __NV_SATFINITE), NaN staying NaN (0x7f / 0xff).
+float e4m3_to_f32(uint8_t v);
+uint8_t f32_to_e4m3(float v);
 
 }  // namespace segany

@@ -251,7 +251,11 @@ class Backend {
 // The backend of a device named as users name it: "cpu" or "cuda" (throws on anything else).
 std::unique_ptr<Backend> make_backend(const std::string& device, int threads = 0);
 std::unique_ptr<Backend> make_cpu_backend(int threads = 0);  // 0: OpenMP's default
-std::unique_ptr<Backend> make_cuda_backend(int device = 0);   // throws where CUDA is unavailable
+// The image encoder's linear layers on the GPU: bf16 (the default), or fp8 (e4m3 with a scale per
+// weight channel and per activation row; compute capability 8.9 or newer). The prompt path is fp16
+// either way.
+enum class EncoderPrecision { BF16, FP8 };
+std::unique_ptr<Backend> make_cuda_backend(int device = 0, EncoderPrecision precision = EncoderPrecision::BF16);  // throws where CUDA is unavailable
 bool cuda_available();
 
 }  // namespace segany

@@ -17,8 +17,9 @@
 namespace segany {
 
 struct CudaOptions {
-  // How prepare_linear stores weights. Only BF16 is implemented; FP8_E4M3 and Sparse24 are
-  // refused with a message until their CudaLinear subclasses exist.
+  // How prepare_linear stores the image encoder's weights: BF16, or FP8_E4M3 (the transformer
+  // blocks' layers; compute capability 8.9 or newer, checked at construction). Sparse24 is refused
+  // with a message until its CudaLinear subclass exists.
   cuda::LinearFormat linear_format = cuda::LinearFormat::BF16;
   size_t gemm_workspace_bytes = size_t(32) << 20;  // cuBLASLt's workspace, allocated once
   // Time the heuristic's candidates on the first product of each shape and keep the fastest

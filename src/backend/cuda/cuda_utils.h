@@ -56,6 +56,7 @@ inline cudaDataType_t cuda_dtype(DType t) {
     case DType::F32: return CUDA_R_32F;
     case DType::BF16: return CUDA_R_16BF;
     case DType::F16: return CUDA_R_16F;
+    case DType::F8E4M3: return CUDA_R_8F_E4M3;
     default: throw Error(std::string("cuda backend: no CUDA data type for ") + dtype_name(t));
   }
 }

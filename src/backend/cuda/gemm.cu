@@ -64,6 +64,11 @@ GemmEngine::GemmEngine(cudaStream_t stream, size_t workspace_bytes, bool tune, M
 
 GemmEngine::~GemmEngine() {
   plans_.clear();
+  if (scratch_) {
+    cudaStreamSynchronize(stream_);
+    cudaFree(scratch_);
+    if (memory_) memory_(-static_cast<std::ptrdiff_t>(scratch_bytes_));
+  }
   if (workspace_) cudaFree(workspace_);
   if (handle_) cublasLtDestroy(handle_);
 }
@@ -149,8 +154,21 @@ GemmEngine::Plan& GemmEngine::plan(const Key& key, const GemmArgs& g) {
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_x, sizeof(trans_x)));
   p->epilogue = epilogue_for(g.act, g.bias != nullptr);
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &p->epilogue, sizeof(p->epilogue)));
+  const bool fp8 = g.a_type == DType::F8E4M3;
+  if (fp8) {
+    // Outer-vector scales: cuBLASLt's A is our weight (a scale per output channel, b_scale), its B
+    // our activations (a scale per row, a_scale). The pointers are set again by every launch.
+    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)));
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g.b_scale, sizeof(g.b_scale)));
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g.a_scale, sizeof(g.a_scale)));
+  }
   if (g.bias) {
-    const int32_t bias_type = td;
+    // fp8 products take a bf16 bias whatever D is (cuBLASLt's exception for fp8 kernels).
+    const int32_t bias_type = fp8 ? CUDA_R_16BF : td;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
                                                 sizeof(bias_type)));
     // The heuristic reads the bias pointer's alignment; run() sets the pointer of each call.
@@ -194,18 +212,15 @@ GemmEngine::Plan& GemmEngine::plan(const Key& key, const GemmArgs& g) {
     p->algo = results[0].algo;
     for (int i = 0; i < found; ++i)
       if (results[i].state == CUBLAS_STATUS_SUCCESS) p->candidates[p->candidate_count++] = results[i].algo;
-  } else if (st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED)
-    p->fallback = true;  // no kernel for this shape and alignment: a slow, exact one
+  } else if (st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED || fp8)
+    p->fallback = true;  // no kernel for this shape and alignment (or fp8 combination): see run()
   else
     throw_cublas_error(st, ("cublasLtMatmulAlgoGetHeuristic for " + describe(g)).c_str(), __FILE__, __LINE__);
   return *plans_.emplace(key, std::move(p)).first->second;
 }
 
-void GemmEngine::run(const GemmArgs& g) {
-  if (g.M == 0 || g.N == 0 || g.batch == 0) return;
-  check(g.K > 0, "gemm: K must be positive (" + describe(g) + ")");
-  check(g.M <= INT32_MAX && g.N <= INT32_MAX && g.K <= INT32_MAX, "gemm: dimensions beyond 32 bits: " + describe(g));
-  const Key key{g.M,
+GemmEngine::Key GemmEngine::key_of(const GemmArgs& g) {
+  return Key{g.M,
                 g.N,
                 g.K,
                 g.batch,
@@ -222,8 +237,55 @@ void GemmEngine::run(const GemmArgs& g) {
                 pointer_alignment(g.b),
                 pointer_alignment(g.c ? g.c : g.d),
                 pointer_alignment(g.d)};
-  Plan& p = plan(key, g);
+}
+
+namespace {
+
+void check_args(const GemmArgs& g) {
+  check(g.K > 0, "gemm: K must be positive (" + describe(g) + ")");
+  check(g.M <= INT32_MAX && g.N <= INT32_MAX && g.K <= INT32_MAX, "gemm: dimensions beyond 32 bits: " + describe(g));
+  const bool fp8 = g.a_type == DType::F8E4M3 || g.b_type == DType::F8E4M3;
+  if (fp8)
+    check(g.a_type == g.b_type && g.a_scale && g.b_scale && g.batch == 1,
+          "gemm: e4m3 products take e4m3 A and B, both scale vectors and no batch (" + describe(g) + ")");
+  else
+    check(!g.a_scale && !g.b_scale, "gemm: scale vectors are for e4m3 products only (" + describe(g) + ")");
+}
+
+}  // namespace
+
+bool GemmEngine::supports(const GemmArgs& g) {
+  if (g.M == 0 || g.N == 0 || g.batch == 0) return true;
+  check_args(g);
+  return !plan(key_of(g), g).fallback;
+}
+
+void* GemmEngine::scratch(size_t bytes) {
+  if (bytes <= scratch_bytes_) return scratch_;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
+  check(capture == cudaStreamCaptureStatusNone,
+        "gemm scratch: " + std::to_string(bytes) + " bytes wanted during a graph capture, " +
+            std::to_string(scratch_bytes_) + " held (the eager run before a capture sizes it)");
+  if (scratch_) {
+    CUDA_CHECK(cudaStreamSynchronize(stream_));  // work already queued may still read it
+    CUDA_CHECK(cudaFree(scratch_));
+    if (memory_) memory_(-static_cast<std::ptrdiff_t>(scratch_bytes_));
+    scratch_ = nullptr, scratch_bytes_ = 0;
+  }
+  CUDA_CHECK(cudaMalloc(&scratch_, bytes));
+  scratch_bytes_ = bytes;
+  if (memory_) memory_(static_cast<std::ptrdiff_t>(bytes));
+  return scratch_;
+}
+
+void GemmEngine::run(const GemmArgs& g) {
+  if (g.M == 0 || g.N == 0 || g.batch == 0) return;
+  check_args(g);
+  Plan& p = plan(key_of(g), g);
   if (p.fallback) {
+    check(g.a_type != DType::F8E4M3, "gemm: cuBLASLt has no e4m3 kernel for " + describe(g) +
+                                         " on this device (fp8 needs compute capability 8.9 or newer)");
     gemm_reference(g, stream_);
     return;
   }
@@ -237,6 +299,13 @@ cublasStatus_t GemmEngine::launch(const Plan& p, const cublasLtMatmulAlgo_t& alg
   if (g.bias) {
     const cublasStatus_t s =
         cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias));
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+  }
+  if (g.a_scale) {
+    cublasStatus_t s =
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g.b_scale, sizeof(g.b_scale));
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g.a_scale, sizeof(g.a_scale));
     if (s != CUBLAS_STATUS_SUCCESS) return s;
   }
   const float alpha = 1.0f, beta = g.c ? 1.0f : 0.0f;
@@ -300,6 +369,27 @@ void GemmEngine::tune(Plan& p, const GemmArgs& g) {
 
 // ---- linear layers ------------------------------------------------------------------------------
 
+namespace {
+
+// The output and residual of a layer of `K` inputs and `N` outputs: shapes, dtypes, and no
+// activated output accumulating in place. Returns M, the rows of x.
+int64_t check_linear_io(const char* format, int64_t K, int64_t N, const Tensor& x, const Tensor& y, Activation act,
+                        const Tensor* residual) {
+  const int64_t M = x.dim(-1) == 0 ? 0 : x.numel() / x.dim(-1);
+  check(x.dim(-1) == K && y.dim(-1) == N && y.numel() == M * N,
+        std::string("cuda linear (") + format + "): input " + shape_str(x.shape()) + ", output " + shape_str(y.shape()) +
+            " for weight [" + std::to_string(N) + ", " + std::to_string(K) + "]");
+  check(!(residual && act != Activation::None && residual->data() == y.data()),
+        "cuda linear: an activated output cannot accumulate into its residual in place");
+  if (residual)
+    check(residual->device() == Device::CUDA && residual->dtype() == y.dtype() && residual->numel() == y.numel(),
+          "cuda linear: residual " + shape_str(residual->shape()) + " " + dtype_name(residual->dtype()) +
+              " does not match the output " + shape_str(y.shape()) + " " + dtype_name(y.dtype()));
+  return M;
+}
+
+}  // namespace
+
 DenseLinear::DenseLinear(Tensor weight, Tensor bias, Tensor bias_f32)
     : weight_(std::move(weight)), bias_(std::move(bias)), bias_f32_(std::move(bias_f32)) {
   out_features = weight_.dim(0);
@@ -316,17 +406,7 @@ void DenseLinear::run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation a
   check(y.device() == Device::CUDA && (y.dtype() == DType::F32 || y.dtype() == wt),
         std::string("cuda linear: output must be ") + dtype_name(wt) + " or float32 on the GPU, found " +
             dtype_name(y.dtype()));
-  const int64_t M = x.dim(-1) == 0 ? 0 : x.numel() / x.dim(-1);
-  check(x.dim(-1) == K && y.dim(-1) == N && y.numel() == M * N,
-        "cuda linear: input " + shape_str(x.shape()) + ", output " + shape_str(y.shape()) + " for weight [" +
-            std::to_string(N) + ", " + std::to_string(K) + "]");
-  const bool residual_in_y = residual && residual->data() == y.data();
-  check(!(residual && act != Activation::None && residual_in_y),
-        "cuda linear: an activated output cannot accumulate into its residual in place");
-  if (residual)
-    check(residual->device() == Device::CUDA && residual->dtype() == y.dtype() && residual->numel() == y.numel(),
-          "cuda linear: residual " + shape_str(residual->shape()) + " " + dtype_name(residual->dtype()) +
-              " does not match the output " + shape_str(y.shape()) + " " + dtype_name(y.dtype()));
+  const int64_t M = check_linear_io(linear_format_name(format()), K, N, x, y, act, residual);
 
   GemmArgs g;
   g.M = M, g.N = N, g.K = K;
@@ -340,6 +420,57 @@ void DenseLinear::run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation a
   if (residual && act == Activation::None) g.c = residual->data();
   gemm.run(g);
   if (residual && act != Activation::None) cuda::add(y, *residual, y, gemm.stream());
+}
+
+Fp8Linear::Fp8Linear(Tensor weight, Tensor scale, Tensor bias, Tensor bias_f32)
+    : weight_(std::move(weight)), scale_(std::move(scale)), bias_(std::move(bias)), bias_f32_(std::move(bias_f32)) {
+  out_features = weight_.dim(0);
+  in_features = weight_.dim(1);
+  has_bias = bias_f32_.defined();
+}
+
+void Fp8Linear::run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation act, const Tensor* residual) const {
+  const int64_t K = in_features, N = out_features;
+  check(x.device() == Device::CUDA && (x.dtype() == DType::BF16 || x.dtype() == DType::F32),
+        std::string("cuda linear (fp8_e4m3): input must be bf16 or float32 on the GPU, found ") + dtype_name(x.dtype()) +
+            (x.device() == Device::CUDA ? "" : " on the host"));
+  check(y.device() == Device::CUDA && (y.dtype() == DType::F32 || y.dtype() == DType::BF16),
+        std::string("cuda linear (fp8_e4m3): output must be bf16 or float32 on the GPU, found ") + dtype_name(y.dtype()));
+  const int64_t M = check_linear_io("fp8_e4m3", K, N, x, y, act, residual);
+  const bool residual_in_y = residual && residual->data() == y.data();
+  if (M == 0) return;
+
+  // Scratch: the quantized rows, their scales, and (unfused, in-place residual only) the product.
+  auto round_up = [](size_t n) { return (n + 255) / 256 * 256; };
+  const size_t q_bytes = round_up(static_cast<size_t>(M * K)), s_bytes = round_up(static_cast<size_t>(M) * 4);
+  GemmArgs g;
+  g.M = M, g.N = N, g.K = K;
+  g.a_type = g.b_type = DType::F8E4M3;
+  g.b = weight_.data(), g.b_scale = scale_.data_as<const float>();
+  g.d = y.data(), g.d_type = y.dtype();
+  g.bias = has_bias ? bias_.data() : nullptr;
+  g.act = act;
+  if (residual && act == Activation::None) g.c = residual->data();
+  // Plan lookups read the pointers' alignment only; the scratch is 256-byte aligned.
+  char* base = static_cast<char*>(gemm.scratch(q_bytes + s_bytes));
+  g.a = base, g.a_scale = reinterpret_cast<const float*>(base + q_bytes);
+  const bool fused = gemm.supports(g);
+  if (!fused && residual_in_y) base = static_cast<char*>(gemm.scratch(q_bytes + s_bytes + y.nbytes()));
+  g.a = base, g.a_scale = reinterpret_cast<const float*>(base + q_bytes);
+  quantize_rows_e4m3(x, reinterpret_cast<uint8_t*>(base), reinterpret_cast<float*>(base + q_bytes), gemm.stream());
+  if (fused) {
+    gemm.run(g);
+    if (residual && act != Activation::None) cuda::add(y, *residual, y, gemm.stream());
+    return;
+  }
+  // No fused kernel: the scaled product alone, then bias, activation and residual as passes.
+  Tensor d = residual_in_y ? Tensor::wrap(base + q_bytes + s_bytes, y.shape(), y.dtype(), nullptr, Device::CUDA) : y;
+  GemmArgs plain = g;
+  plain.bias = nullptr, plain.act = Activation::None, plain.c = nullptr, plain.d = d.data();
+  gemm.run(plain);  // throws if there is no e4m3 kernel at all
+  if (has_bias) cuda::add(d, bias_f32_, d, gemm.stream());
+  cuda::activation(d, act, gemm.stream());
+  if (residual) cuda::add(d, *residual, y, gemm.stream());
 }
 
 }  // namespace segany::cuda

@@ -9,10 +9,10 @@
 // the bias (one value per output feature) runs along D^T's rows, as cuBLASLt's epilogue wants.
 //
 // A linear layer's weights live in a CudaLinear chosen by prepare_linear from the backend's
-// LinearFormat (and FP16 for the mask decoder and prompt encoder). BF16 and FP16 exist yet; FP8
-// (e4m3 weights with per-output-channel scales, cuBLASLt's scale pointers) and 2:4 sparse
-// (cuSPARSELt compressed weights) are further subclasses with their own run(); the model never
-// sees the difference.
+// LinearFormat (and FP16 for the mask decoder and prompt encoder): DenseLinear (BF16, FP16) and
+// Fp8Linear (FP8_E4M3: e4m3 weights with a scale per output channel, activations quantized per
+// row on the fly, cuBLASLt's outer-vector scales). 2:4 sparse (cuSPARSELt compressed weights)
+// would be one more subclass with its own run(); the model never sees the difference.
 #pragma once
 
 #include <cublasLt.h>
@@ -34,7 +34,7 @@ namespace segany::cuda {
 enum class LinearFormat {
   BF16,      // bf16 weights, bf16 activations, fp32 accumulation (implemented)
   FP16,      // fp16 weights, fp16 activations, fp32 accumulation (implemented; the prompt path's)
-  FP8_E4M3,  // e4m3 weights with per-output-channel scales (planned)
+  FP8_E4M3,  // e4m3 weights with per-output-channel scales, e4m3 activations with per-row scales (implemented)
   Sparse24,  // 2:4 structured-sparse bf16 weights through cuSPARSELt (planned)
 };
 const char* linear_format_name(LinearFormat f);
@@ -53,8 +53,13 @@ struct GemmArgs {
   DType d_type = DType::BF16;
   int64_t stride_d = 0;
   const void* c = nullptr;  // the residual added with beta = 1: D's type and layout, may equal d
-  const void* bias = nullptr;  // [N] in D's type (cuBLASLt's bias type follows D for bf16 and fp32)
+  const void* bias = nullptr;  // [N] in D's type (cuBLASLt's bias type follows D for bf16 and fp32);
+                               // bf16 whatever D is when A and B are e4m3
   Activation act = Activation::None;  // GELU is cuBLASLt's tanh approximation (see gemm.cu)
+  // e4m3 A and B only (and then both required): D = (a_scale[m] b_scale[n] sum_k A[m,k] B[n,k]) + ...
+  // (cuBLASLt's outer-vector scaling, Hopper and newer); batch 1.
+  const float* a_scale = nullptr;  // [M]
+  const float* b_scale = nullptr;  // [N]
 };
 
 // The cuBLASLt handle, workspace and plan cache of one backend; all products go to its stream.
@@ -80,6 +85,13 @@ class GemmEngine {
   GemmEngine& operator=(const GemmEngine&) = delete;
 
   void run(const GemmArgs& args);
+  // Whether cuBLASLt has a kernel for the product (its plan is made, and kept, to find out).
+  // Products of bf16/fp16 without one still run (gemm_reference); fp8 ones throw.
+  bool supports(const GemmArgs& args);
+  // Device memory of at least `bytes` for the caller's temporaries (fp8 layers' quantized
+  // activations), 256-byte aligned, valid until the next call. It grows outside stream capture
+  // only (a graph keeps the address it recorded): growing during a capture throws.
+  void* scratch(size_t bytes);
   cudaStream_t stream() const { return stream_; }
   size_t plan_count() const { return plans_.size(); }
 
@@ -89,6 +101,7 @@ class GemmEngine {
   // (the heuristic picks kernels that assume it).
   using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, int, bool, bool,
                          int, int, int, int>;
+  static Key key_of(const GemmArgs& args);
   Plan& plan(const Key& key, const GemmArgs& args);
   void tune(Plan& p, const GemmArgs& args);
   // One product with `algo` and the given layouts of the activation, C and D (the plan's own, or
@@ -104,6 +117,8 @@ class GemmEngine {
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   std::map<Key, std::unique_ptr<Plan>> plans_;
+  void* scratch_ = nullptr;
+  size_t scratch_bytes_ = 0;
 };
 
 // A linear layer prepared for the CUDA backend.
@@ -130,6 +145,24 @@ class DenseLinear final : public CudaLinear {
   Tensor weight_;    // [out, in] bf16 or fp16
   Tensor bias_;      // [out] in the weight's dtype, or undefined
   Tensor bias_f32_;  // [out] or undefined
+};
+
+// e4m3 weights [out, in] with a float32 scale per output channel (quantized once at load from the
+// checkpoint's values, backend/quantize.h); a bf16 bias (the fp8 epilogue's bias type) and an fp32
+// one. run() quantizes the bf16 input per row into the engine's scratch (kernels.h), then one
+// product with both scale vectors, the bias, GELU and the residual fused by cuBLASLt where it has
+// a kernel for that; where it has none, the plain scaled product and separate passes for the rest.
+class Fp8Linear final : public CudaLinear {
+ public:
+  Fp8Linear(Tensor weight, Tensor scale, Tensor bias, Tensor bias_f32);
+  LinearFormat format() const override { return LinearFormat::FP8_E4M3; }
+  void run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation act, const Tensor* residual) const override;
+
+ private:
+  Tensor weight_;    // [out, in] e4m3
+  Tensor scale_;     // [out] float32
+  Tensor bias_;      // [out] bf16, or undefined
+  Tensor bias_f32_;  // [out] float32, or undefined
 };
 
 }  // namespace segany::cuda

@@ -6,6 +6,7 @@
 // arithmetic is fp32. Where the sizes and pointers allow, a thread moves 8 elements with 16-byte
 // accesses (elements.cuh); otherwise one element at a time.
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,6 +16,7 @@
 #include "backend/cuda/elements.cuh"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/kernels.h"
+#include "backend/quantize.h"
 
 namespace segany::cuda {
 namespace {
@@ -1024,6 +1026,72 @@ void activation(Tensor& x, Activation act, cudaStream_t stream) {
       activation_kernel<T, 1><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(p, n, gelu);
   });
   CUDA_CHECK_LAUNCH("activation kernel");
+}
+
+// ---- fp8 quantization: one warp per row ---------------------------------------------------------
+
+__device__ __forceinline__ uint16_t e4m3x2(float lo, float hi) {
+  return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3));
+}
+
+// kVec = 8: K % 8 == 0 and x 16-byte, q 8-byte aligned (8 values a load, one 8-byte store); 1: any.
+// The row is read twice (its maximum, then the values), the second time from L1/L2.
+template <class T, int kVec>
+__global__ void quantize_rows_e4m3_kernel(const T* x, int64_t rows, int K, uint8_t* q, float* scale) {
+  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const T* xr = x + row * K;
+  uint8_t* qr = q + row * K;
+  float amax = 0.0f;
+  for (int k = lane * kVec; k < K; k += 32 * kVec) {
+    float v[kVec];
+    if constexpr (kVec == 8) load_vec<8>(xr + k, v); else v[0] = to_float(xr[k]);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fabsf(v[j]));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float inv = e4m3_row_inverse(amax);
+  for (int k = lane * kVec; k < K; k += 32 * kVec) {
+    if constexpr (kVec == 8) {
+      float v[8];
+      load_vec<8>(xr + k, v);
+      uint64_t packed = 0;
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) packed |= uint64_t{e4m3x2(v[j] * inv, v[j + 1] * inv)} << (8 * j);
+      *reinterpret_cast<uint64_t*>(qr + k) = packed;
+    } else {
+      qr[k] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(to_float(xr[k]) * inv, __NV_SATFINITE, __NV_E4M3));
+    }
+  }
+  if (lane == 0) scale[row] = e4m3_row_scale(amax);
+}
+
+void quantize_rows_e4m3(const Tensor& x, uint8_t* q, float* scale, cudaStream_t stream) {
+  require_device(x, "quantize_rows_e4m3", "input");
+  check(x.ndim() >= 1 && x.dim(-1) > 0 && x.dim(-1) <= INT32_MAX,
+        "cuda quantize_rows_e4m3: input " + shape_str(x.shape()) + " has no rows to quantize");
+  const int K = static_cast<int>(x.dim(-1));
+  const int64_t rows = x.numel() / K;
+  if (rows == 0) return;
+  const bool v8 = K % 8 == 0 && aligned16(x.data()) && reinterpret_cast<uintptr_t>(q) % 8 == 0;
+  const unsigned blocks = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    const auto* xs = static_cast<const T*>(x.data());
+    if (v8)
+      quantize_rows_e4m3_kernel<T, 8><<<blocks, kThreads, 0, stream>>>(xs, rows, K, q, scale);
+    else
+      quantize_rows_e4m3_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(xs, rows, K, q, scale);
+  };
+  if (x.dtype() == DType::BF16)
+    go(__nv_bfloat16{});
+  else if (x.dtype() == DType::F32)
+    go(float{});
+  else
+    throw Error(std::string("cuda quantize_rows_e4m3: input must be bf16 or float32, found ") + dtype_name(x.dtype()));
+  CUDA_CHECK_LAUNCH("quantize_rows_e4m3 kernel");
 }
 
 void patchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream) {

@@ -31,6 +31,11 @@ void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, i
 // x = act(x) in place (GELU: exact erf form).
 void activation(Tensor& x, Activation act, cudaStream_t stream);
 
+// Each row of x [rows, K] (bf16 or fp32, on the device) to e4m3 with its own scale, as
+// quantize_rows_e4m3 (backend/quantize.h) does on the host, bit for bit: q [rows, K] bytes and
+// scale [rows] float32, both device memory of at least that size.
+void quantize_rows_e4m3(const Tensor& x, uint8_t* q, float* scale, cudaStream_t stream);
+
 // Space-to-depth and 3x3 im2col, channels-last, feature order (ky, kx, c).
 void patchify(const Tensor& x, int p, Tensor& y, cudaStream_t stream);
 void im2col3x3(const Tensor& x, Tensor& y, cudaStream_t stream);
