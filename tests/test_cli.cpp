@@ -87,16 +87,16 @@ TEST(Cli, HelpOfEverySubcommandListsItsOptions) {
   const std::string dir = test::temp_dir("cli_help");
   const std::vector<std::pair<std::string, std::vector<std::string>>> commands = {
       {"segment", {"--point", "--box", "--mask-input", "--multimask", "--out", "--dump", "--device", "--threads", "--config",
-                   "--prompts", "--png", "--batch", "--workers"}},
+                   "--prompts", "--png", "--batch", "--workers", "--dtype"}},
       {"info", {"--config", "--json"}},
       {"convert", {"--dtype"}},
       {"init", {"--arch", "--seed", "--config"}},
       {"bench", {"--arch", "--device", "--dtype", "--batch", "--iters", "--warmup", "--checkpoint", "--threads", "--prompts"}},
-      {"embed", {"--config", "--device", "--batch", "--out", "--threads", "--workers"}},
+      {"embed", {"--config", "--device", "--dtype", "--batch", "--out", "--threads", "--workers"}},
       {"everything", {"--points-per-side", "--points-per-batch", "--pred-iou-thresh", "--stability-score-thresh",
                       "--stability-score-offset", "--box-nms-thresh", "--crop-n-layers", "--crop-nms-thresh",
                       "--crop-overlap-ratio", "--crop-n-points-downscale-factor", "--min-mask-region-area",
-                      "--output-mode", "--overlay", "--out", "--device", "--config"}},
+                      "--output-mode", "--overlay", "--out", "--device", "--config", "--dtype"}},
   };
   const CliRun top = segany("--help", dir);
   EXPECT_EQ(top.code, 0) << top.err;
@@ -124,6 +124,9 @@ TEST(Cli, UsageErrorsExitWithTwo) {
   EXPECT_FAILS_WITH(segany("init --arch vit_q " + q(dir + "/x.safetensors"), dir), "vit_q");
   EXPECT_FAILS_WITH(segany("bench --arch vit_b --device tpu", dir), "tpu");
   EXPECT_FAILS_WITH(segany("bench --arch vit_b --dtype fp8", dir), "--device cuda");  // fp8 is for the GPU
+  if (test::have_golden())
+    EXPECT_FAILS_WITH(segany("embed " + q(checkpoint()) + " " + q(dog()) + " --dtype fp8 --out " + q(dir + "/e"), dir),
+                      "device cuda");
   EXPECT_FAILS_WITH(segany("bench --arch vit_b --device cuda --dtype int4", dir), "int4");
 }
 

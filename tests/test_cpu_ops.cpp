@@ -311,6 +311,13 @@ TEST(Fp8, E4m3ConversionsRoundToNearestEvenAndSaturate) {
   EXPECT_EQ(f32_to_e4m3(std::ldexp(1.0f, -11)), 0x00);  // a quarter of the smallest subnormal
 }
 
+// fp8 is a GPU dtype: the CPU backend refuses it, and anything but bf16 / fp8 is refused everywhere.
+TEST(Fp8, OnlyTheCudaBackendTakesIt) {
+  EXPECT_NO_THROW(make_backend("cpu", 1, "bf16"));
+  EXPECT_THROW(make_backend("cpu", 1, "fp8"), Error);
+  EXPECT_THROW(make_backend("cuda", 1, "int4"), Error);
+}
+
 TEST(Fp8, RowsQuantizeToTheirOwnScale) {
   const int64_t K = 37;
   std::vector<float> x(3 * K);

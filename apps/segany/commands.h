@@ -29,13 +29,14 @@ Command add_bench(CLI::App& parent);
 Command add_embed(CLI::App& parent);
 
 // What every subcommand that runs the model takes: the checkpoint (the first positional argument),
-// --config, --device and --threads.
+// --config, --device, --dtype and --threads.
 struct ModelArgs {
-  std::string checkpoint, config, device = "cpu";
+  std::string checkpoint, config, device = "cpu", dtype = "bf16";
   int threads = 0;
   PredictorOptions predictor_options() const {
     PredictorOptions p;
     p.device = device;
+    p.dtype = dtype;
     p.config = config;
     p.threads = threads;
     return p;

@@ -86,6 +86,11 @@ void add_model_args(CLI::App* app, ModelArgs& m) {
   app->add_option("--device", m.device, "cpu, or cuda (needs a CUDA build and a GPU)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
+  app->add_option("--dtype", m.dtype,
+                  "on cuda, the image encoder's linear layers: bf16, or fp8 (each block's qkv and lin1 in e4m3; "
+                  "compute capability 8.9 or newer)")
+      ->check(CLI::IsMember({"bf16", "fp8"}))
+      ->capture_default_str();
   app->add_option("--threads", m.threads, "CPU threads; 0: all cores")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();

@@ -46,6 +46,7 @@ void run_embed(const EmbedOptions& o) {
   }
   EmbedderOptions eo;
   eo.device = o.model.device;
+  eo.dtype = o.model.dtype;
   eo.config = o.model.config;
   eo.threads = o.model.threads;
   eo.batch = o.batch;

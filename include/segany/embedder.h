@@ -24,6 +24,7 @@ struct EmbedderOptions {
   int threads = 0;             // CPU threads for the CPU backend; 0: all
   int batch = 1;               // images per encoder call
   int workers = 0;             // decoding threads; 0: min(4, hardware threads)
+  std::string dtype = "bf16";  // on cuda: "bf16" or "fp8", as PredictorOptions::dtype
 };
 
 // One image's result.

@@ -61,6 +61,9 @@ struct PredictorOptions {
   std::string device = "cpu";  // "cpu" or "cuda"
   std::string config;          // config.json for checkpoints whose shapes don't say it all
   int threads = 0;             // CPU threads; 0: all
+  // On cuda, the image encoder's linear layers: "bf16", or "fp8" (each block's qkv and lin1 in
+  // e4m3; compute capability 8.9 or newer; README, Performance). Only "bf16" on cpu (which is fp32).
+  std::string dtype = "bf16";
 };
 
 class Predictor {

@@ -248,8 +248,9 @@ class Backend {
   virtual std::map<std::string, double> profile() { return {}; }
 };
 
-// The backend of a device named as users name it: "cpu" or "cuda" (throws on anything else).
-std::unique_ptr<Backend> make_backend(const std::string& device, int threads = 0);
+// The backend of a device named as users name it: "cpu" or "cuda", with the encoder's dtype
+// "bf16" (the GPU's default; the CPU computes in fp32) or "fp8" (cuda only). Throws on anything else.
+std::unique_ptr<Backend> make_backend(const std::string& device, int threads = 0, const std::string& dtype = "bf16");
 std::unique_ptr<Backend> make_cpu_backend(int threads = 0);  // 0: OpenMP's default
 // The image encoder's linear layers on the GPU: bf16 (the default), or fp8 (e4m3 with a scale per
 // weight channel and per activation row; compute capability 8.9 or newer). The prompt path is fp16

@@ -69,7 +69,7 @@ struct BatchPredictor::Impl {
 
 BatchPredictor::BatchPredictor(const std::string& checkpoint, const PredictorOptions& options)
     : impl_(std::make_unique<Impl>()) {
-  impl_->backend = make_backend(options.device, options.threads);
+  impl_->backend = make_backend(options.device, options.threads, options.dtype);
   impl_->sam = Sam::load(checkpoint, options.config, *impl_->backend);
   impl_->decoder = std::make_unique<Decoder>(*impl_->sam);
   impl_->pixels_read = impl_->backend->make_fence();

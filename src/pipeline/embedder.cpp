@@ -57,7 +57,7 @@ Embedder::Embedder(const std::string& checkpoint, const EmbedderOptions& options
   check(options.batch > 0, "embedder: batch must be positive, found " + std::to_string(options.batch));
   check(options.workers >= 0, "embedder: workers must be 0 (automatic) or more");
   impl_->options = options;
-  impl_->backend = make_backend(options.device, options.threads);
+  impl_->backend = make_backend(options.device, options.threads, options.dtype);
   impl_->sam = Sam::load(checkpoint, options.config, *impl_->backend);
   for (Impl::Slot& s : impl_->slots) s.fence = impl_->backend->make_fence();
 }
