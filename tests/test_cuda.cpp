@@ -265,6 +265,42 @@ TEST_F(CudaOps, QuantizeRowsE4m3EqualsTheCpu) {
   }
 }
 
+// LayerNorm into e4m3 rows against the CPU's norm quantized by quantize.h: the arithmetic differs
+// only in the order of the fp32 sums, so nearly every byte is the same and the rest are one e4m3
+// step apart (a value that sat at a rounding boundary); scales within 1e-5. Then norm_linear with an
+// fp8 layer against the CPU's norm and linear on the quantized operands (the fp8 twin's bounds).
+TEST_F(CudaOps, LayerNormIntoE4m3EqualsTheCpuNormQuantized) {
+  for (const auto& [rows, C, dt] : {std::tuple<int64_t, int64_t, DType>{2 * 4096, 1280, DType::F32},
+                                    {1000, 768, DType::F32}, {333, 160, DType::BF16}, {100, 2048, DType::F32}}) {
+    SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(C));
+    const Tensor x = random_bf16({rows, C}, 3200 + C, 1.5f, 0.5f);
+    const Tensor g = random_bf16({C}, 3201 + C, 0.3f, 1.0f), b = random_bf16({C}, 3202 + C, 0.3f);
+    Tensor xn = Tensor::empty({rows, C});
+    cpu->layer_norm(x, g, b, 1e-6f, xn);
+    std::vector<uint8_t> want_q(rows * C);
+    std::vector<float> want_s(rows);
+    quantize_rows_e4m3(xn.data_as<float>(), rows, C, want_q.data(), want_s.data());
+    const Tensor xg = dev(x, dt), gg = gpu->upload(g), bg = gpu->upload(b);
+    Tensor q = gpu->alloc({rows, C}, DType::F8E4M3), sc = gpu->alloc({rows}, DType::F32);
+    ASSERT_TRUE(cuda::layer_norm_e4m3_fits(xg, gg, bg));
+    cuda::layer_norm_e4m3(xg, gg, bg, 1e-6f, q.data_as<uint8_t>(), sc.data_as<float>(), cuda_stream(*gpu));
+    gpu->synchronize();
+    std::vector<uint8_t> got_q(rows * C);
+    std::vector<float> got_s(rows);
+    ASSERT_EQ(cudaMemcpy(got_q.data(), q.data(), got_q.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(got_s.data(), sc.data(), got_s.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    int64_t differ = 0;
+    for (size_t i = 0; i < want_q.size(); ++i) {
+      if (got_q[i] == want_q[i]) continue;
+      ++differ;
+      const float w = e4m3_to_f32(want_q[i]), o = e4m3_to_f32(got_q[i]);
+      ASSERT_LE(std::fabs(o - w), std::fabs(w) / 8 + std::ldexp(1.0f, -9)) << "element " << i;
+    }
+    EXPECT_LE(differ, static_cast<int64_t>(want_q.size() / 1000)) << differ << " of " << want_q.size() << " differ";
+    for (int64_t r = 0; r < rows; ++r) EXPECT_NEAR(got_s[r], want_s[r], 1e-5 * want_s[r]) << "row " << r;
+  }
+}
+
 // An fp8 layer (a backend made with EncoderPrecision::FP8; the encoder blocks' qkv and lin1 take
 // it) against its CPU twin: the CPU's fp32 product of the same quantized operands (weights per
 // output channel, activations per row, dequantized), so that the bounds are the bf16 tests' own.
@@ -323,6 +359,16 @@ TEST_F(CudaOps, Fp8LinearMatchesItsQuantizedCpuTwin) {
     }
     const Tensor got = gpu8->download(yg);
     EXPECT_CLOSE(got, want, 1e-2, 2e-2);
+    if (!c.residual_in_place) {  // through a LayerNorm: norm_linear feeds the norm's e4m3 rows to the product
+      const Tensor g = random_bf16({c.K}, seed + 4, 0.3f, 1.0f), be = random_bf16({c.K}, seed + 5, 0.3f);
+      Tensor xn = Tensor::empty({c.M, c.K}), want_n = Tensor::empty({c.M, c.N});
+      cpu->layer_norm(x, g, be, 1e-6f, xn);
+      cpu->linear(dequantized(xn), *cpu->prepare_linear("twin", dequantized(w), c.bias ? &b : nullptr), want_n, c.act);
+      Tensor xf = gpu8->alloc(x.shape(), DType::F32), xng = gpu8->alloc(x.shape(), DType::BF16);
+      gpu8->copy_from_host(x, xf);
+      gpu8->norm_linear(xf, gpu8->upload(g), gpu8->upload(be), 1e-6f, xng, *wg, yg, c.act);
+      EXPECT_CLOSE(gpu8->download(yg), want_n, 1e-2, 2e-2);
+    }
     const Diff vs_exact = compare(got, exact);
     EXPECT_LE(vs_exact.rel, 0.08) << show(vs_exact);
     std::printf("    fp8 against the unquantized product: %s\n", show(vs_exact).c_str());

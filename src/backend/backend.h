@@ -110,6 +110,15 @@ class Backend {
   // The default composes add and layer_norm.
   virtual void add_layer_norm(const Tensor& x, const Tensor& r, const Tensor& gamma, const Tensor& beta, float eps,
                               Tensor& y, const Tensor* pe = nullptr, Tensor* y_pe = nullptr);
+  // y = act(LayerNorm(x) W^T + b), through xn (the activation dtype, x's shape): afterwards xn
+  // holds LayerNorm(x), unless the backend feeds the norm straight into the product (the CUDA
+  // backend's fp8 layers take the norm's rows already quantized), when its contents are
+  // unspecified. The default is layer_norm, then linear.
+  virtual void norm_linear(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& xn,
+                           const LinearWeights& w, Tensor& y, Activation act = Activation::None) {
+    layer_norm(x, gamma, beta, eps, xn);
+    linear(xn, w, y, act);
+  }
 
   // Multi-head self-attention with SAM's decomposed relative position bias, over a grid of
   // grid_h x grid_w tokens per sequence:

@@ -101,15 +101,13 @@ void ImageEncoder::run(Workspace& ws, int64_t B) {
   // Every block works on the [B, 64, 64, C] grid; windowed attention reads its windows from the
   // grid (padding tokens from pad_qkv) and writes back to it, so the padding costs no GEMM work.
   for (const Block& blk : blocks_) {
-    blk.norm1(be_, ws.x, ws.xn);
-    be_.linear(ws.xn, *blk.qkv, ws.qkv);
+    blk.norm1.then(be_, ws.x, ws.xn, *blk.qkv, ws.qkv);
     if (blk.global)
       be_.attention_relpos(ws.qkv, blk.rel_pos_h, blk.rel_pos_w, cfg_.num_heads, G, G, ws.attn);
     else
       be_.window_attention_relpos(ws.qkv, blk.pad_qkv, blk.rel_pos_h, blk.rel_pos_w, cfg_.num_heads, win, ws.attn);
     be_.linear(ws.attn, *blk.proj, ws.x, Activation::None, &ws.x);
-    blk.norm2(be_, ws.x, ws.xn);
-    be_.linear(ws.xn, *blk.lin1, ws.hidden, Activation::GELU);
+    blk.norm2.then(be_, ws.x, ws.xn, *blk.lin1, ws.hidden, Activation::GELU);
     be_.linear(ws.hidden, *blk.lin2, ws.x, Activation::None, &ws.x);
   }
 

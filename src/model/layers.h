@@ -23,6 +23,11 @@ struct Norm {
   void operator()(Backend& be, const Tensor& x, Tensor& y, Activation act = Activation::None) const {
     be.layer_norm(x, gamma, beta, eps, y, act);
   }
+  // y = act(linear(LayerNorm(x))), the norm through xn (Backend::norm_linear).
+  void then(Backend& be, const Tensor& x, Tensor& xn, const LinearWeights& w, Tensor& y,
+            Activation act = Activation::None) const {
+    be.norm_linear(x, gamma, beta, eps, xn, w, y, act);
+  }
 };
 
 // SAM's MLP (ReLU between layers, none after the last), as in the mask decoder's heads.

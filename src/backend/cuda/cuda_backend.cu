@@ -337,6 +337,22 @@ class CudaBackend final : public Backend {
     timed(kNorm, [&] { cuda::layer_norm(x, gamma, beta, eps, y, act, stream()); });
   }
 
+  // An fp8 layer takes the norm's rows in e4m3 from the norm kernel itself: no bf16 xn is written
+  // and no quantization pass runs. Anything else: norm, then linear.
+  void norm_linear(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, Tensor& xn,
+                   const LinearWeights& lw, Tensor& y, Activation act) override {
+    const auto* f8 = dynamic_cast<const cuda::Fp8Linear*>(&lw);
+    if (!f8 || x.device() != Device::CUDA || x.dim(-1) != f8->in_features ||
+        !cuda::layer_norm_e4m3_fits(x, gamma, beta)) {
+      Backend::norm_linear(x, gamma, beta, eps, xn, lw, y, act);
+      return;
+    }
+    const int64_t M = x.numel() / x.dim(-1);
+    const cuda::Fp8Linear::Input in = f8->input_buffer(*gemm_, M);
+    timed(kNorm, [&] { cuda::layer_norm_e4m3(x, gamma, beta, eps, in.q, in.scale, stream()); });
+    timed(kGemm, [&] { f8->run_quantized(*gemm_, in, M, y, act, nullptr); });
+  }
+
   void add_layer_norm(const Tensor& x, const Tensor& r, const Tensor& gamma, const Tensor& beta, float eps, Tensor& y,
                       const Tensor* pe, Tensor* y_pe) override {
     timed(kNorm, [&] { cuda::add_layer_norm(x, &r, gamma, beta, eps, y, pe, y_pe, Activation::None, stream()); });

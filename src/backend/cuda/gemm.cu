@@ -429,42 +429,61 @@ Fp8Linear::Fp8Linear(Tensor weight, Tensor scale, Tensor bias, Tensor bias_f32)
   has_bias = bias_f32_.defined();
 }
 
+namespace {
+size_t round_up256(size_t n) { return (n + 255) / 256 * 256; }
+}  // namespace
+
+// Scratch layout: the quantized rows, their scales, the spare bytes.
+Fp8Linear::Input Fp8Linear::input_buffer(GemmEngine& gemm, int64_t M, size_t spare_bytes) const {
+  const size_t q_bytes = round_up256(static_cast<size_t>(M * in_features));
+  const size_t s_bytes = round_up256(static_cast<size_t>(M) * 4);
+  char* base = static_cast<char*>(gemm.scratch(q_bytes + s_bytes + spare_bytes));
+  return {reinterpret_cast<uint8_t*>(base), reinterpret_cast<float*>(base + q_bytes),
+          spare_bytes > 0 ? base + q_bytes + s_bytes : nullptr};
+}
+
 void Fp8Linear::run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation act, const Tensor* residual) const {
-  const int64_t K = in_features, N = out_features;
   check(x.device() == Device::CUDA && (x.dtype() == DType::BF16 || x.dtype() == DType::F32),
         std::string("cuda linear (fp8_e4m3): input must be bf16 or float32 on the GPU, found ") + dtype_name(x.dtype()) +
             (x.device() == Device::CUDA ? "" : " on the host"));
+  const int64_t M = check_linear_io("fp8_e4m3", in_features, out_features, x, y, act, residual);
+  if (M == 0) return;
+  const bool residual_in_y = residual && residual->data() == y.data();
+  const Input in = input_buffer(gemm, M, residual_in_y ? y.nbytes() : 0);
+  quantize_rows_e4m3(x, in.q, in.scale, gemm.stream());
+  run_quantized(gemm, in, M, y, act, residual);
+}
+
+void Fp8Linear::run_quantized(GemmEngine& gemm, const Input& in, int64_t M, Tensor& y, Activation act,
+                              const Tensor* residual) const {
+  const int64_t K = in_features, N = out_features;
   check(y.device() == Device::CUDA && (y.dtype() == DType::F32 || y.dtype() == DType::BF16),
         std::string("cuda linear (fp8_e4m3): output must be bf16 or float32 on the GPU, found ") + dtype_name(y.dtype()));
-  const int64_t M = check_linear_io("fp8_e4m3", K, N, x, y, act, residual);
+  check(y.numel() == M * N && y.dim(-1) == N, "cuda linear (fp8_e4m3): output " + shape_str(y.shape()) + " for " +
+                                                  std::to_string(M) + " rows of weight [" + std::to_string(N) + ", " +
+                                                  std::to_string(K) + "]");
   const bool residual_in_y = residual && residual->data() == y.data();
-  if (M == 0) return;
-
-  // Scratch: the quantized rows, their scales, and (unfused, in-place residual only) the product.
-  auto round_up = [](size_t n) { return (n + 255) / 256 * 256; };
-  const size_t q_bytes = round_up(static_cast<size_t>(M * K)), s_bytes = round_up(static_cast<size_t>(M) * 4);
   GemmArgs g;
   g.M = M, g.N = N, g.K = K;
   g.a_type = g.b_type = DType::F8E4M3;
+  g.a = in.q, g.a_scale = in.scale;
   g.b = weight_.data(), g.b_scale = scale_.data_as<const float>();
   g.d = y.data(), g.d_type = y.dtype();
   g.bias = has_bias ? bias_.data() : nullptr;
   g.act = act;
   if (residual && act == Activation::None) g.c = residual->data();
-  // Plan lookups read the pointers' alignment only; the scratch is 256-byte aligned.
-  char* base = static_cast<char*>(gemm.scratch(q_bytes + s_bytes));
-  g.a = base, g.a_scale = reinterpret_cast<const float*>(base + q_bytes);
-  const bool fused = gemm.supports(g);
-  if (!fused && residual_in_y) base = static_cast<char*>(gemm.scratch(q_bytes + s_bytes + y.nbytes()));
-  g.a = base, g.a_scale = reinterpret_cast<const float*>(base + q_bytes);
-  quantize_rows_e4m3(x, reinterpret_cast<uint8_t*>(base), reinterpret_cast<float*>(base + q_bytes), gemm.stream());
-  if (fused) {
+  if (gemm.supports(g)) {
     gemm.run(g);
     if (residual && act != Activation::None) cuda::add(y, *residual, y, gemm.stream());
     return;
   }
-  // No fused kernel: the scaled product alone, then bias, activation and residual as passes.
-  Tensor d = residual_in_y ? Tensor::wrap(base + q_bytes + s_bytes, y.shape(), y.dtype(), nullptr, Device::CUDA) : y;
+  // No fused kernel: the scaled product alone, then bias, activation and residual as passes (an
+  // in-place residual: the product goes to the input's spare bytes first).
+  Tensor d = y;
+  if (residual_in_y) {
+    check(in.spare != nullptr, "cuda linear (fp8_e4m3): an in-place residual needs the input's spare bytes");
+    d = Tensor::wrap(in.spare, y.shape(), y.dtype(), nullptr, Device::CUDA);
+  }
   GemmArgs plain = g;
   plain.bias = nullptr, plain.act = Activation::None, plain.c = nullptr, plain.d = d.data();
   gemm.run(plain);  // throws if there is no e4m3 kernel at all

@@ -158,6 +158,19 @@ class Fp8Linear final : public CudaLinear {
   LinearFormat format() const override { return LinearFormat::FP8_E4M3; }
   void run(GemmEngine& gemm, const Tensor& x, Tensor& y, Activation act, const Tensor* residual) const override;
 
+  // The input's M rows already in e4m3 with a scale each (quantize_rows_e4m3's layout), in the
+  // engine's scratch as input_buffer() hands it out: run() in two steps, for producers that write
+  // the quantized rows themselves (the fp8 LayerNorm, kernels.h). `spare_bytes` more are set
+  // aside for run_quantized's temporary where the residual is the output itself.
+  struct Input {
+    uint8_t* q;    // [M, in_features]
+    float* scale;  // [M]
+    void* spare;   // spare_bytes, or null
+  };
+  Input input_buffer(GemmEngine& gemm, int64_t M, size_t spare_bytes = 0) const;
+  void run_quantized(GemmEngine& gemm, const Input& in, int64_t M, Tensor& y, Activation act,
+                     const Tensor* residual) const;
+
  private:
   Tensor weight_;    // [out, in] e4m3
   Tensor scale_;     // [out] float32

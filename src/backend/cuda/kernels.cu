@@ -170,6 +170,11 @@ __global__ void activation_kernel(T* x, int64_t n, bool gelu) {
 
 // ---- LayerNorm: one warp, or a group of 8 or 16 of its lanes, per output row --------------------
 
+// Two floats to two e4m3 bytes (round to nearest even, saturating), the first in the low byte.
+__device__ __forceinline__ uint16_t e4m3x2(float lo, float hi) {
+  return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3));
+}
+
 // What a norm reads and writes: y = act(LayerNorm(x + r)) and y_pe = y + pe, where r and pe (each
 // optional) repeat every r_rows / pe_rows rows (one image's rows added to every prompt's).
 struct NormArgs {
@@ -199,17 +204,14 @@ __device__ __forceinline__ float group_sum(float v) {
 // C % 8 == 0 and C <= kLanes * 8 * VPT: each lane holds VPT vectors of 8 in registers, statistics by
 // two passes over the registers (mean, then the centred sum of squares), all fp32. Narrow rows
 // (C <= 64, 128) share a warp: kLanes lanes per row, 32 / kLanes rows per warp.
-template <int VPT, int kLanes, class TX, class TY>
-__global__ void layer_norm_vec_kernel(NormArgs a) {
-  constexpr int kRowsPerWarp = 32 / kLanes;
-  const int lane = threadIdx.x % kLanes;
-  const int64_t row = (blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32) * kRowsPerWarp +
-                      (threadIdx.x % 32) / kLanes;
-  const bool live = row < a.rows;  // lanes past the last row still take part in the shuffles
+// Row `row` of x (+ r) into registers v, and its mean and 1 / std: the statistics of both vector
+// norms below. Lanes past the last row (live false) read row 0 and still take part in the shuffles.
+template <int VPT, int kLanes, class TX>
+__device__ __forceinline__ void norm_row_stats(const NormArgs& a, int64_t row, bool live, int lane, float (&v)[VPT][8],
+                                               float& mean_out, float& rstd_out) {
   const int C = a.C, nvec = C / 8;
   const TX* xr = static_cast<const TX*>(a.x) + (live ? row : 0) * C;
   const TX* rr = a.r ? static_cast<const TX*>(a.r) + (live ? row % a.r_rows : 0) * C : nullptr;
-  float v[VPT][8];
   float sum = 0.0f;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
@@ -238,7 +240,20 @@ __global__ void layer_norm_vec_kernel(NormArgs a) {
       }
     }
   }
-  const float rstd = rsqrtf(group_sum<kLanes>(sq) / C + a.eps);
+  mean_out = mean;
+  rstd_out = rsqrtf(group_sum<kLanes>(sq) / C + a.eps);
+}
+
+template <int VPT, int kLanes, class TX, class TY>
+__global__ void layer_norm_vec_kernel(NormArgs a) {
+  constexpr int kRowsPerWarp = 32 / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const int64_t row = (blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32) * kRowsPerWarp +
+                      (threadIdx.x % 32) / kLanes;
+  const bool live = row < a.rows;
+  const int C = a.C, nvec = C / 8;
+  float v[VPT][8], mean, rstd;
+  norm_row_stats<VPT, kLanes, TX>(a, row, live, lane, v, mean, rstd);
   if (!live) return;
   TY* yr = static_cast<TY*>(a.y) + row * C;
   const TY* per = a.pe ? static_cast<const TY*>(a.pe) + (row % a.pe_rows) * C : nullptr;
@@ -265,6 +280,49 @@ __global__ void layer_norm_vec_kernel(NormArgs a) {
       }
     }
   }
+}
+
+// LayerNorm straight into e4m3 rows with a scale each (the fp8 layers' input, quantize.h's
+// layout): the normalised row stays in registers, its largest magnitude is a warp maximum, and the
+// bf16 output and the separate quantization pass are skipped. A warp per row, C % 8 == 0.
+template <int VPT, class TX>
+__global__ void layer_norm_e4m3_kernel(NormArgs a, uint8_t* q, float* scale) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const bool live = row < a.rows;
+  const int C = a.C, nvec = C / 8;
+  float v[VPT][8], mean, rstd;
+  norm_row_stats<VPT, 32, TX>(a, row, live, lane, v, mean, rstd);
+  float amax = 0.0f;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int vi = lane + 32 * k;
+    if (vi < nvec) {
+      float g[8], b[8];
+      load_vec<8>(a.gamma + vi * 8, g);
+      load_vec<8>(a.beta + vi * 8, b);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        v[k][j] = (v[k][j] - mean) * rstd * g[j] + b[j];
+        amax = fmaxf(amax, fabsf(v[k][j]));
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (!live) return;
+  const float inv = e4m3_row_inverse(amax);
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int vi = lane + 32 * k;
+    if (vi < nvec) {
+      uint64_t packed = 0;
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) packed |= uint64_t{e4m3x2(v[k][j] * inv, v[k][j + 1] * inv)} << (8 * j);
+      *reinterpret_cast<uint64_t*>(q + row * C + vi * 8) = packed;
+    }
+  }
+  if (lane == 0) scale[row] = e4m3_row_scale(amax);
 }
 
 // Any C and alignment: three passes over the row in memory (it stays in L1).
@@ -343,6 +401,49 @@ void launch_layer_norm(const Tensor& x, const Tensor* r, const Tensor& gamma, co
   });
   CUDA_CHECK_LAUNCH("layer_norm kernel");
 }
+
+}  // namespace
+
+bool layer_norm_e4m3_fits(const Tensor& x, const Tensor& gamma, const Tensor& beta) {
+  const int64_t C = x.ndim() > 0 ? x.dim(-1) : 0;
+  return (x.dtype() == DType::F32 || x.dtype() == DType::BF16) && C > 0 && C % 8 == 0 && C / 8 <= 32 * 8 &&
+         aligned16(x.data()) && aligned16(gamma.data()) && aligned16(beta.data()) &&
+         gamma.dtype() == DType::F32 && beta.dtype() == DType::F32 && gamma.numel() == C && beta.numel() == C;
+}
+
+void layer_norm_e4m3(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, uint8_t* q, float* scale,
+                     cudaStream_t stream) {
+  require_device(x, "layer_norm_e4m3", "input");
+  check(layer_norm_e4m3_fits(x, gamma, beta) && reinterpret_cast<uintptr_t>(q) % 8 == 0,
+        "cuda layer_norm_e4m3: input " + shape_str(x.shape()) + " " + dtype_name(x.dtype()) +
+            " needs C % 8 == 0, C <= 2048, float32 weights of C values and aligned buffers");
+  NormArgs a{};
+  a.x = x.data(), a.gamma = gamma.data_as<const float>(), a.beta = beta.data_as<const float>();
+  a.C = static_cast<int>(x.dim(-1)), a.rows = x.numel() / x.dim(-1), a.eps = eps;
+  if (a.rows == 0) return;
+  const unsigned blocks = static_cast<unsigned>((a.rows + kThreads / 32 - 1) / (kThreads / 32));
+  const int vpt = (a.C / 8 + 31) / 32;
+  auto go = [&](auto tag) {
+    using TX = decltype(tag);
+    switch (vpt) {
+      case 1: layer_norm_e4m3_kernel<1, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
+      case 2: layer_norm_e4m3_kernel<2, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
+      case 3: layer_norm_e4m3_kernel<3, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
+      case 4: layer_norm_e4m3_kernel<4, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
+      case 5: layer_norm_e4m3_kernel<5, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
+      case 6: layer_norm_e4m3_kernel<6, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
+      case 7: layer_norm_e4m3_kernel<7, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
+      default: layer_norm_e4m3_kernel<8, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
+    }
+  };
+  if (x.dtype() == DType::F32)
+    go(float{});
+  else
+    go(__nv_bfloat16{});
+  CUDA_CHECK_LAUNCH("layer_norm_e4m3 kernel");
+}
+
+namespace {
 
 // ---- attention: exact, simple ------------------------------------------------------------------
 //
@@ -1029,10 +1130,6 @@ void activation(Tensor& x, Activation act, cudaStream_t stream) {
 }
 
 // ---- fp8 quantization: one warp per row ---------------------------------------------------------
-
-__device__ __forceinline__ uint16_t e4m3x2(float lo, float hi) {
-  return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3));
-}
 
 // kVec = 8: K % 8 == 0 and x 16-byte, q 8-byte aligned (8 values a load, one 8-byte store); 1: any.
 // The row is read twice (its maximum, then the values), the second time from L1/L2.

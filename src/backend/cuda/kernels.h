@@ -31,6 +31,13 @@ void copy_tokens(const Tensor& src, int src_begin, Tensor& dst, int dst_begin, i
 // x = act(x) in place (GELU: exact erf form).
 void activation(Tensor& x, Activation act, cudaStream_t stream);
 
+// y = LayerNorm(x) straight into e4m3 rows with a scale each (quantize_rows_e4m3's layout and
+// arithmetic on the fp32 normalised values; x bf16 or fp32, gamma and beta fp32). Only where
+// layer_norm_e4m3_fits (C % 8 == 0, C <= 2048, 16-byte aligned); q 8-byte aligned.
+bool layer_norm_e4m3_fits(const Tensor& x, const Tensor& gamma, const Tensor& beta);
+void layer_norm_e4m3(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, uint8_t* q, float* scale,
+                     cudaStream_t stream);
+
 // Each row of x [rows, K] (bf16 or fp32, on the device) to e4m3 with its own scale, as
 // quantize_rows_e4m3 (backend/quantize.h) does on the host, bit for bit: q [rows, K] bytes and
 // scale [rows] float32, both device memory of at least that size.
