@@ -165,6 +165,11 @@ GemmEngine::Plan& GemmEngine::plan(const Key& key, const GemmArgs& g) {
         cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g.b_scale, sizeof(g.b_scale)));
     CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g.a_scale, sizeof(g.a_scale)));
+    // The tensor cores' own accumulation, without the periodic promotion to fp32 registers: the
+    // products here are short (K = 768 to 1280) and their operands carry 3 mantissa bits. Measured
+    // on the encoders: 6% faster for vit_h, the embedding's error unchanged (README, Performance).
+    const int8_t fast_accum = 1;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum, sizeof(fast_accum)));
   }
   if (g.bias) {
     // fp8 products take a bf16 bias whatever D is (cuBLASLt's exception for fp8 kernels).
