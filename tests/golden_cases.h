@@ -2,6 +2,7 @@
 // checked against their outputs with the tolerances of golden/README.md.
 #pragma once
 
+#include <map>
 #include <string>
 
 #include "io/tensor_map.h"
@@ -9,6 +10,13 @@
 #include "test_util.h"
 
 namespace segany::test {
+
+// The image each golden model's cases were made on (golden/README.md); the model's folder is
+// golden_dir()/<model>.
+inline const std::string& golden_image(const std::string& model) {
+  static const std::map<std::string, std::string> images = {{"micro_h80", "truck.jpg"}, {"micro_h64", "dog.jpg"}};
+  return images.at(model);
+}
 
 // `got` against the golden tensors under `prefix` (prefix.iou [M], prefix.low_res_logits
 // [M, 256, 256], prefix.masks_packed [M, H, W/8]); `index` picks one element of a batch case.

@@ -22,19 +22,7 @@ namespace {
 using test::mask_iou;
 using test::max_abs_diff;
 
-struct Model {
-  std::string dir, image;
-};
-
-const std::map<std::string, Model>& models() {
-  static const std::map<std::string, Model> m = {
-      {"micro_h80", {"micro_h80", "truck.jpg"}},
-      {"micro_h64", {"micro_h64", "dog.jpg"}},
-  };
-  return m;
-}
-
-std::string model_dir(const std::string& name) { return test::golden_dir() + "/" + models().at(name).dir; }
+std::string model_dir(const std::string& name) { return test::golden_dir() + "/" + name; }
 
 PredictorOptions options_for(const std::string& name) {
   PredictorOptions opt;
@@ -116,7 +104,7 @@ TEST_P(BatchGolden, EveryPromptSetAsAloneAndAsGolden) {
   SEGANY_REQUIRE_GOLDEN();
   const std::string name = GetParam();
   const io::TensorMap g = io::load_safetensors(model_dir(name) + "/golden.safetensors");
-  const Image image = load_image(test::shared_dir() + "/images/" + models().at(name).image);
+  const Image image = load_image(test::shared_dir() + "/images/" + test::golden_image(name));
   Predictor predictor(model_dir(name) + "/checkpoint.pth", options_for(name));
   predictor.set_image(image);
   const Tensor embedding = predictor.image_embedding();

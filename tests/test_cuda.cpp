@@ -944,20 +944,7 @@ TEST_F(CudaOps, ErrorsAreExceptions) {
 // ---- preprocessing, memory, the Embedder -------------------------------------------------------
 
 Tensor u8_tensor(Backend& be, const Image& im, bool pinned) {
-  Tensor t = pinned ? be.alloc_host({im.height, im.width, 3}, DType::U8) : Tensor::empty({im.height, im.width, 3}, DType::U8);
-  std::copy(im.rgb.begin(), im.rgb.end(), t.data_as<uint8_t>());
-  return t;
-}
-
-Image test_pattern(int w, int h) {
-  Image im;
-  im.width = w;
-  im.height = h;
-  im.rgb.resize(static_cast<size_t>(w) * h * 3);
-  for (int y = 0; y < h; ++y)
-    for (int x = 0; x < w; ++x)
-      for (int c = 0; c < 3; ++c) im.pixel(x, y)[c] = static_cast<uint8_t>((x * 7 + y * 13 + c * 101 + x * y) % 256);
-  return im;
+  return pinned ? test::u8_pixels(im, be.alloc_host({im.height, im.width, 3}, DType::U8)) : test::u8_pixels(im);
 }
 
 // The GPU's resize + normalise + pad against preprocess() on the CPU: float32 identical to the bit,
@@ -993,9 +980,11 @@ void expect_gpu_preprocess_matches(Backend& gpu, const std::vector<Image>& image
 }
 
 TEST_F(CudaOps, PreprocessImagesEqualsTheCpuBitForBit) {
-  expect_gpu_preprocess_matches(*gpu, {test_pattern(300, 200), test_pattern(128, 97), test_pattern(40, 128),
-                                       test_pattern(37, 23), test_pattern(128, 128)},
-                                128);
+  expect_gpu_preprocess_matches(
+      *gpu,
+      {test::pattern_image(300, 200), test::pattern_image(128, 97), test::pattern_image(40, 128),
+       test::pattern_image(37, 23), test::pattern_image(128, 128)},
+      128);
   if (!std::filesystem::exists(test::shared_dir() + "/images/truck.jpg")) GTEST_SKIP() << "no sample images";
   expect_gpu_preprocess_matches(*gpu, {load_image(test::shared_dir() + "/images/truck.jpg"),
                                        load_image(test::shared_dir() + "/images/dog.jpg")},

@@ -27,29 +27,11 @@ using test::max_abs_diff;
 std::string micro() { return test::golden_dir() + "/micro_h64"; }
 std::string image_path(const std::string& name) { return test::shared_dir() + "/images/" + name; }
 
-Tensor as_tensor(const Image& im) {
-  Tensor t = Tensor::empty({im.height, im.width, 3}, DType::U8);
-  std::copy(im.rgb.begin(), im.rgb.end(), t.data_as<uint8_t>());
-  return t;
-}
-
-// A deterministic image with detail at every scale, so that a wrong tap shows.
-Image pattern(int w, int h) {
-  Image im;
-  im.width = w;
-  im.height = h;
-  im.rgb.resize(static_cast<size_t>(w) * h * 3);
-  for (int y = 0; y < h; ++y)
-    for (int x = 0; x < w; ++x)
-      for (int c = 0; c < 3; ++c) im.pixel(x, y)[c] = static_cast<uint8_t>((x * 7 + y * 13 + c * 101 + x * y) % 256);
-  return im;
-}
-
 // preprocess_images on the CPU backend against preprocess(), bit for bit, float32 and bf16.
 void expect_host_preprocess_matches(const std::vector<Image>& images, int S) {
   auto be = make_cpu_backend(1);
   std::vector<Tensor> in;
-  for (const Image& im : images) in.push_back(as_tensor(im));
+  for (const Image& im : images) in.push_back(test::u8_pixels(im));
   const int64_t B = static_cast<int64_t>(images.size());
   Tensor f32 = Tensor::empty({B, S, S, 3}), bf16 = Tensor::empty({B, S, S, 3}, DType::BF16);
   for (int64_t i = 0; i < f32.numel(); ++i) f32.data_as<float>()[i] = NAN;  // every value must be written
@@ -72,8 +54,10 @@ void expect_host_preprocess_matches(const std::vector<Image>& images, int S) {
 
 TEST(PreprocessImages, HostMatchesPreprocessOnPatterns) {
   // Shrinking both sides, one side unchanged (a pass Pillow skips), enlarging, a square.
-  expect_host_preprocess_matches({pattern(300, 200), pattern(128, 97), pattern(40, 128), pattern(37, 23), pattern(128, 128)},
-                                 128);
+  expect_host_preprocess_matches(
+      {test::pattern_image(300, 200), test::pattern_image(128, 97), test::pattern_image(40, 128),
+       test::pattern_image(37, 23), test::pattern_image(128, 128)},
+      128);
 }
 
 TEST(PreprocessImages, HostMatchesPreprocessOnPhotos) {
@@ -88,7 +72,9 @@ TEST(PreprocessImages, RejectsWhatItCannotResize) {
   EXPECT_THROW(be->preprocess_images({thin}, input), Error);
   Tensor gray = Tensor::empty({10, 10, 1}, DType::U8);
   EXPECT_THROW(be->preprocess_images({gray}, input), Error);
-  EXPECT_THROW(be->preprocess_images({as_tensor(pattern(10, 10)), as_tensor(pattern(10, 10))}, input), Error);
+  EXPECT_THROW(be->preprocess_images(
+                   {test::u8_pixels(test::pattern_image(10, 10)), test::u8_pixels(test::pattern_image(10, 10))}, input),
+               Error);
 }
 
 // ---- the Embedder on the golden model --------------------------------------------------------

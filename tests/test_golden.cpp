@@ -19,18 +19,6 @@ using test::expect_matches;
 using test::max_abs_diff;
 using test::prompt_of;
 
-struct Model {
-  std::string dir, image;
-};
-
-const std::map<std::string, Model>& models() {
-  static const std::map<std::string, Model> m = {
-      {"micro_h80", {"micro_h80", "truck.jpg"}},
-      {"micro_h64", {"micro_h64", "dog.jpg"}},
-  };
-  return m;
-}
-
 // One predictor per model with its image set, shared by the cases (the encoder is the slow part).
 struct Loaded {
   std::unique_ptr<Predictor> predictor;
@@ -41,12 +29,12 @@ Loaded& loaded(const std::string& name) {
   static std::map<std::string, Loaded> cache;
   auto it = cache.find(name);
   if (it != cache.end()) return it->second;
-  const std::string dir = test::golden_dir() + "/" + models().at(name).dir;
+  const std::string dir = test::golden_dir() + "/" + name;
   Loaded l;
   PredictorOptions opt;
   opt.config = dir + "/config.json";
   l.predictor = std::make_unique<Predictor>(dir + "/checkpoint.pth", opt);
-  l.predictor->set_image(load_image(test::shared_dir() + "/images/" + models().at(name).image));
+  l.predictor->set_image(load_image(test::shared_dir() + "/images/" + test::golden_image(name)));
   l.golden = io::load_safetensors(dir + "/golden.safetensors");
   return cache.emplace(name, std::move(l)).first->second;
 }

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "segany/image.h"
 #include "segany/tensor.h"
 
 namespace segany::test {
@@ -33,6 +34,25 @@ inline std::string temp_dir(const std::string& name) {
 }
 
 // Largest |a - b| over two tensors of any float dtype; a NaN anywhere gives NaN (a failure).
+// A deterministic w x h image with detail at every scale, so that a wrong resize tap shows.
+inline Image pattern_image(int w, int h) {
+  Image im;
+  im.width = w;
+  im.height = h;
+  im.rgb.resize(static_cast<size_t>(w) * h * 3);
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x)
+      for (int c = 0; c < 3; ++c) im.pixel(x, y)[c] = static_cast<uint8_t>((x * 7 + y * 13 + c * 101 + x * y) % 256);
+  return im;
+}
+
+// The image's pixels copied into t, a [height, width, 3] U8 tensor in host memory (pinned or not).
+inline Tensor u8_pixels(const Image& im, Tensor t) {
+  std::copy(im.rgb.begin(), im.rgb.end(), t.data_as<uint8_t>());
+  return t;
+}
+inline Tensor u8_pixels(const Image& im) { return u8_pixels(im, Tensor::empty({im.height, im.width, 3}, DType::U8)); }
+
 inline float max_abs_diff(const Tensor& a, const Tensor& b) {
   EXPECT_EQ(a.numel(), b.numel());
   const Tensor fa = a.to_f32(), fb = b.to_f32();

@@ -358,6 +358,39 @@ class CudaBackend final : public Backend {
     timed(kNorm, [&] { cuda::add_layer_norm(x, &r, gamma, beta, eps, y, pe, y_pe, Activation::None, stream()); });
   }
 
+  // The fused rel-pos kernels (attention_relpos.h) take bf16 qkv and out, 16-byte aligned, and
+  // tables of one dtype, float32 or bf16; anything else runs the reference kernels.
+  static bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; }
+  bool flash_attention_takes(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, const Tensor& out,
+                             int64_t batch) const {
+    const bool tables_ok = rel_pos_h.dtype() == rel_pos_w.dtype() &&
+                           (rel_pos_h.dtype() == DType::F32 || rel_pos_h.dtype() == DType::BF16);
+    return !options_.reference_attention && qkv.dtype() == DType::BF16 && out.dtype() == DType::BF16 && tables_ok &&
+           aligned16(qkv) && aligned16(out) && batch <= INT32_MAX;
+  }
+  static cuda::RelPosAttentionParams flash_params(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w,
+                                                  Tensor& out, int64_t batch, int heads, int64_t head_dim) {
+    cuda::RelPosAttentionParams p;
+    p.qkv = static_cast<const __nv_bfloat16*>(qkv.data());
+    p.rel_pos_h = rel_pos_h.data();
+    p.rel_pos_w = rel_pos_w.data();
+    p.rel_pos_fp32 = rel_pos_h.dtype() == DType::F32;
+    p.out = static_cast<__nv_bfloat16*>(out.data());
+    p.batch = static_cast<int>(batch);
+    p.heads = heads;
+    p.head_dim = static_cast<int>(head_dim);
+    return p;
+  }
+  void run_flash(const char* op, const cuda::RelPosAttentionParams& p) {
+    try {
+      cuda::attention_relpos(p, stream());
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw Error(std::string("cuda ") + op + ": " + e.what());
+    }
+  }
+
   void attention_relpos(const Tensor& qkv, const Tensor& rel_pos_h, const Tensor& rel_pos_w, int heads, int gh, int gw,
                         Tensor& out) override {
     require_cuda(qkv, "attention_relpos qkv");
@@ -376,35 +409,17 @@ class CudaBackend final : public Backend {
           "attention_relpos: rel_pos tables " + shape_str(rel_pos_h.shape()) + ", " + shape_str(rel_pos_w.shape()) +
               " for a " + std::to_string(gh) + "x" + std::to_string(gw) + " grid of head dim " + std::to_string(D));
     check(out.numel() == B * T * heads * D, "attention_relpos: output " + shape_str(out.shape()));
-    const bool tables_ok = rel_pos_h.dtype() == rel_pos_w.dtype() &&
-                           (rel_pos_h.dtype() == DType::F32 || rel_pos_h.dtype() == DType::BF16);
-    const bool flash = !options_.reference_attention && qkv.dtype() == DType::BF16 && out.dtype() == DType::BF16 &&
-                       tables_ok && reinterpret_cast<uintptr_t>(qkv.data()) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(out.data()) % 16 == 0 && B <= INT32_MAX &&
+    const bool flash = flash_attention_takes(qkv, rel_pos_h, rel_pos_w, out, B) &&
                        cuda::attention_relpos_supported(static_cast<int>(D), gh, gw);
     timed(kAttention, [&] {
       if (!flash) {
         cuda::attention_relpos_reference(qkv, rel_pos_h, rel_pos_w, heads, gh, gw, out, stream());
         return;
       }
-      cuda::RelPosAttentionParams p;
-      p.qkv = static_cast<const __nv_bfloat16*>(qkv.data());
-      p.rel_pos_h = rel_pos_h.data();
-      p.rel_pos_w = rel_pos_w.data();
-      p.rel_pos_fp32 = rel_pos_h.dtype() == DType::F32;
-      p.out = static_cast<__nv_bfloat16*>(out.data());
-      p.batch = static_cast<int>(B);
-      p.heads = heads;
-      p.head_dim = static_cast<int>(D);
+      cuda::RelPosAttentionParams p = flash_params(qkv, rel_pos_h, rel_pos_w, out, B, heads, D);
       p.grid_h = gh;
       p.grid_w = gw;
-      try {
-        cuda::attention_relpos(p, stream());
-      } catch (const Error&) {
-        throw;
-      } catch (const std::exception& e) {
-        throw Error(std::string("cuda attention_relpos: ") + e.what());
-      }
+      run_flash("attention_relpos", p);
     });
   }
 
@@ -428,11 +443,7 @@ class CudaBackend final : public Backend {
               std::to_string(D));
     check(out.numel() == B * H * W * C, "window_attention_relpos: output " + shape_str(out.shape()) + " for qkv " +
                                             shape_str(qkv.shape()));
-    const bool tables_ok = rel_pos_h.dtype() == rel_pos_w.dtype() &&
-                           (rel_pos_h.dtype() == DType::F32 || rel_pos_h.dtype() == DType::BF16);
-    auto aligned16 = [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; };
-    const bool flash = !options_.reference_attention && qkv.dtype() == DType::BF16 && out.dtype() == DType::BF16 &&
-                       tables_ok && aligned16(qkv) && aligned16(out) && aligned16(pad_qkv) && B <= INT32_MAX &&
+    const bool flash = flash_attention_takes(qkv, rel_pos_h, rel_pos_w, out, B) && aligned16(pad_qkv) &&
                        H <= 4096 && W <= 4096 && window <= 16 &&
                        cuda::attention_relpos_supported(static_cast<int>(D), window, window);
     timed(kAttention, [&] {
@@ -440,26 +451,12 @@ class CudaBackend final : public Backend {
         cuda::window_attention_relpos_reference(qkv, pad_qkv, rel_pos_h, rel_pos_w, heads, window, out, stream());
         return;
       }
-      cuda::RelPosAttentionParams p;
-      p.qkv = static_cast<const __nv_bfloat16*>(qkv.data());
+      cuda::RelPosAttentionParams p = flash_params(qkv, rel_pos_h, rel_pos_w, out, B, heads, D);
       p.pad_qkv = static_cast<const __nv_bfloat16*>(pad_qkv.data());
-      p.rel_pos_h = rel_pos_h.data();
-      p.rel_pos_w = rel_pos_w.data();
-      p.rel_pos_fp32 = rel_pos_h.dtype() == DType::F32;
-      p.out = static_cast<__nv_bfloat16*>(out.data());
-      p.batch = static_cast<int>(B);
-      p.heads = heads;
-      p.head_dim = static_cast<int>(D);
       p.grid_h = p.grid_w = window;
       p.image_h = static_cast<int>(H);
       p.image_w = static_cast<int>(W);
-      try {
-        cuda::attention_relpos(p, stream());
-      } catch (const Error&) {
-        throw;
-      } catch (const std::exception& e) {
-        throw Error(std::string("cuda window_attention_relpos: ") + e.what());
-      }
+      run_flash("window_attention_relpos", p);
     });
   }
 
