@@ -315,6 +315,9 @@ TEST_F(CudaOps, Fp8LinearMatchesItsQuantizedCpuTwin) {
     GTEST_SKIP() << "fp8 needs compute capability 8.9 or newer";
   }
   std::unique_ptr<Backend> gpu8 = make_cuda_backend(0, EncoderPrecision::FP8);
+  // The fp8 encoder's residual stream is bf16; the bf16 encoder's stays float32.
+  EXPECT_EQ(gpu8->residual_dtype(), DType::BF16);
+  EXPECT_EQ(gpu->residual_dtype(), DType::F32);
   uint64_t seed = 3100;
   const int64_t M = 1000;
   for (const LinearCase& c : {LinearCase{M, 1280, 3840, true, Activation::None, false},         // qkv

@@ -43,6 +43,10 @@ class Backend {
   // low-confidence masks hold wide areas of logits near the threshold: bf16's 8-bit significand
   // moves a few percent of their pixels, fp16's 11 bits about as few as fp32 on TF32 tensor cores.
   virtual DType prompt_dtype() const { return activation_dtype(); }
+  // The dtype of the image encoder's residual stream, which every block adds into: float32 (a bf16
+  // stream rounded after each of 2 x depth adds would be a bf16 encoder's largest error), unless
+  // the backend runs a lower-precision encoder whose quantization error dwarfs that rounding.
+  virtual DType residual_dtype() const { return DType::F32; }
   // An activation buffer on the device, owned by the returned tensor. Not for the hot path:
   // the model allocates its workspace once per batch size.
   virtual Tensor alloc(const Shape& shape, DType dtype) = 0;

@@ -62,11 +62,10 @@ ImageEncoder::Workspace& ImageEncoder::workspace(int64_t B) {
   const int64_t tokens = B * G * G;
   // Buffers whose lifetimes do not overlap share memory: the input lives in the qkv buffer (read
   // once, before the first block), the patches and the neck's im2col in the MLP's hidden buffer.
-  // The residual stream and the output embedding stay in float32 whatever the backend computes
-  // in: every block adds into the stream, and rounding it to bf16 after each of 2 x depth adds
-  // is the largest error a bf16 encoder would otherwise make.
+  // The residual stream in the backend's residual_dtype() (float32 but for low-precision
+  // encoders), the output embedding in float32.
   Workspace ws;
-  ws.x = be_.alloc({B, G, G, C}, DType::F32);
+  ws.x = be_.alloc({B, G, G, C}, be_.residual_dtype());
   ws.xn = be_.alloc({tokens, C});
   const int64_t input_numel = B * cfg_.img_size * cfg_.img_size * 3;
   ws.qkv = be_.alloc({std::max(tokens * 3 * C, input_numel), 1});

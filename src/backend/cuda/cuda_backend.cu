@@ -150,6 +150,11 @@ class CudaBackend final : public Backend {
 
   DType activation_dtype() const override { return DType::BF16; }
   DType prompt_dtype() const override { return DType::F16; }
+  // The fp8 encoder keeps its residual stream in bf16: half the bytes that the attention
+  // projection, lin2 and both norms of every block move through it.
+  DType residual_dtype() const override {
+    return options_.linear_format == cuda::LinearFormat::FP8_E4M3 ? DType::BF16 : DType::F32;
+  }
 
   Tensor alloc(const Shape& shape, DType dtype) override {
     const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
