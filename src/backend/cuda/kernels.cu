@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <string>
 
 #include "backend/cuda/cuda_utils.h"
@@ -170,9 +171,31 @@ __global__ void activation_kernel(T* x, int64_t n, bool gelu) {
 
 // ---- LayerNorm: one warp, or a group of 8 or 16 of its lanes, per output row --------------------
 
-// Two floats to two e4m3 bytes (round to nearest even, saturating), the first in the low byte.
-__device__ __forceinline__ uint16_t e4m3x2(float lo, float hi) {
-  return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3));
+// Eight floats times `inv` to eight e4m3 bytes (round to nearest even, saturating), the first in
+// the low byte: one 8-byte store.
+__device__ __forceinline__ uint64_t e4m3x8(const float (&v)[8], float inv) {
+  uint64_t packed = 0;
+#pragma unroll
+  for (int j = 0; j < 8; j += 2)
+    packed |= uint64_t{static_cast<uint16_t>(
+                  __nv_cvt_float2_to_fp8x2(make_float2(v[j] * inv, v[j + 1] * inv), __NV_SATFINITE, __NV_E4M3))}
+              << (8 * j);
+  return packed;
+}
+
+// f(std::integral_constant<int, V>{}) with V = vpt, 1 to 8 (the vectors of 8 a lane holds).
+template <class F>
+void with_vpt(int vpt, F&& f) {
+  switch (vpt) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 // What a norm reads and writes: y = act(LayerNorm(x + r)) and y_pe = y + pe, where r and pe (each
@@ -315,12 +338,7 @@ __global__ void layer_norm_e4m3_kernel(NormArgs a, uint8_t* q, float* scale) {
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
     const int vi = lane + 32 * k;
-    if (vi < nvec) {
-      uint64_t packed = 0;
-#pragma unroll
-      for (int j = 0; j < 8; j += 2) packed |= uint64_t{e4m3x2(v[k][j] * inv, v[k][j + 1] * inv)} << (8 * j);
-      *reinterpret_cast<uint64_t*>(q + row * C + vi * 8) = packed;
-    }
+    if (vi < nvec) *reinterpret_cast<uint64_t*>(q + row * C + vi * 8) = e4m3x8(v[k], inv);
   }
   if (lane == 0) scale[row] = e4m3_row_scale(amax);
 }
@@ -387,16 +405,7 @@ void launch_layer_norm(const Tensor& x, const Tensor* r, const Tensor& gamma, co
       }
       if (C <= 64) return launch_layer_norm_vec<1, 8, TX, TY>(a, stream);
       if (C <= 128) return launch_layer_norm_vec<1, 16, TX, TY>(a, stream);
-      switch (vpt) {
-        case 1: launch_layer_norm_vec<1, 32, TX, TY>(a, stream); break;
-        case 2: launch_layer_norm_vec<2, 32, TX, TY>(a, stream); break;
-        case 3: launch_layer_norm_vec<3, 32, TX, TY>(a, stream); break;
-        case 4: launch_layer_norm_vec<4, 32, TX, TY>(a, stream); break;
-        case 5: launch_layer_norm_vec<5, 32, TX, TY>(a, stream); break;
-        case 6: launch_layer_norm_vec<6, 32, TX, TY>(a, stream); break;
-        case 7: launch_layer_norm_vec<7, 32, TX, TY>(a, stream); break;
-        default: launch_layer_norm_vec<8, 32, TX, TY>(a, stream); break;
-      }
+      with_vpt(vpt, [&](auto V) { launch_layer_norm_vec<decltype(V)::value, 32, TX, TY>(a, stream); });
     });
   });
   CUDA_CHECK_LAUNCH("layer_norm kernel");
@@ -425,16 +434,9 @@ void layer_norm_e4m3(const Tensor& x, const Tensor& gamma, const Tensor& beta, f
   const int vpt = (a.C / 8 + 31) / 32;
   auto go = [&](auto tag) {
     using TX = decltype(tag);
-    switch (vpt) {
-      case 1: layer_norm_e4m3_kernel<1, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
-      case 2: layer_norm_e4m3_kernel<2, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
-      case 3: layer_norm_e4m3_kernel<3, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
-      case 4: layer_norm_e4m3_kernel<4, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
-      case 5: layer_norm_e4m3_kernel<5, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
-      case 6: layer_norm_e4m3_kernel<6, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
-      case 7: layer_norm_e4m3_kernel<7, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
-      default: layer_norm_e4m3_kernel<8, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale); break;
-    }
+    with_vpt(vpt, [&](auto V) {
+      layer_norm_e4m3_kernel<decltype(V)::value, TX><<<blocks, kThreads, 0, stream>>>(a, q, scale);
+    });
   };
   if (x.dtype() == DType::F32)
     go(float{});
@@ -1154,10 +1156,7 @@ __global__ void quantize_rows_e4m3_kernel(const T* x, int64_t rows, int K, uint8
     if constexpr (kVec == 8) {
       float v[8];
       load_vec<8>(xr + k, v);
-      uint64_t packed = 0;
-#pragma unroll
-      for (int j = 0; j < 8; j += 2) packed |= uint64_t{e4m3x2(v[j] * inv, v[j + 1] * inv)} << (8 * j);
-      *reinterpret_cast<uint64_t*>(qr + k) = packed;
+      *reinterpret_cast<uint64_t*>(qr + k) = e4m3x8(v, inv);
     } else {
       qr[k] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(to_float(xr[k]) * inv, __NV_SATFINITE, __NV_E4M3));
     }
